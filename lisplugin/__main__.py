@@ -1,0 +1,3 @@
+from lisplugin.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""Site settings: embedded defaults < YAML file (``--config``) < ``LISPLUGIN_<SECTION>__<KEY>``.
+
+The defaults run everything on one machine: SQLite and local folders under ``./var``, the LIS
+simulator on loopback, the models shipped in ``models/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_DIR = REPO_ROOT / "config"
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+
+
+class DicomSettings(BaseModel):
+    ae_title: str = "LISPLUGIN"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    max_pdu: int = 0  # 0 = unlimited
+    #: Calling AE titles allowed to store; empty allows any.
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+
+
+class Hl7Settings(BaseModel):
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 2575
+    lis_host: str = "127.0.0.1"
+    lis_port: int = 2576
+    sending_application: str = "LISPLUGIN"
+    sending_facility: str = "LAB"
+    receiving_application: str = "LIS"
+    receiving_facility: str = "LAB"
+    ack_timeout_seconds: float = 10.0
+    retry_initial_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+
+
+class HttpSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+class DatabaseSettings(BaseModel):
+    #: Any SQLAlchemy URL; empty means SQLite at ``<storage.path>/lisplugin.db``.
+    url: str = ""
+
+
+class StorageSettings(BaseModel):
+    path: Path = Path("var")
+
+
+class CaseSettings(BaseModel):
+    #: A case is analysed once no new instance arrived for this many seconds.
+    stable_seconds: float = 10.0
+
+
+class AnalysisSettings(BaseModel):
+    models_dir: Path = DEFAULT_MODELS_DIR
+    detector: str = "cell-detector"
+    classifier: str = "leukocyte-classifier"
+    #: A leukocyte whose calibrated top probability is under this is reported "unidentified".
+    min_class_probability: float = 0.6
+    min_wbc_classified: int = 100
+    #: Minimum variance of the Laplacian for a field to count as in focus.
+    min_focus: float = 20.0
+    exposure_range: tuple[float, float] = (0.25, 0.92)
+    max_clipped_fraction: float = 0.2
+    #: Relative disagreement between detector counts and the count regression that raises a flag.
+    count_tolerance: float = 0.35
+
+
+class PacsSettings(BaseModel):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 4242
+    ae_title: str = "ORTHANC"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LISPLUGIN_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    dicom: DicomSettings = DicomSettings()
+    hl7: Hl7Settings = Hl7Settings()
+    http: HttpSettings = HttpSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    cases: CaseSettings = CaseSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+    pacs: PacsSettings = PacsSettings()
+    config_dir: Path = DEFAULT_CONFIG_DIR
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the YAML file, which is passed as init values.
+        return env_settings, init_settings
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.storage.path / 'lisplugin.db').resolve()}"
+
+    def load_yaml(self, name: str) -> Any:
+        """Read one of the site-editable YAML files (LOINC map, ranges, rules) from config_dir."""
+        return yaml.safe_load((self.config_dir / name).read_text(encoding="utf-8"))
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: settings file must hold a mapping")
+    return Settings(**values)
