@@ -1,0 +1,35 @@
+# The two commands of the README:
+#   make demo   set up and run the daemon on embedded defaults with the LIS simulator
+#   make test   set up and run the whole test suite (CI runs exactly this)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_TOOLS := storescu dciodvfy Orthanc chromium chromedriver pdftoppm
+APT_PACKAGES := dcmtk dicom3tools orthanc chromium chromium-driver poppler-utils
+
+.PHONY: demo test setup system-deps lint
+
+$(BIN)/lisplugin: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[train,test]"
+	touch $@
+
+setup: $(BIN)/lisplugin
+
+# Real peers for the tests: DCMTK, dicom3tools, Orthanc, Chromium, poppler (Debian packages).
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+demo: setup
+	$(BIN)/lisplugin demo $(if $(IMAGE),--image $(IMAGE),)
+
+lint: setup
+	$(BIN)/ruff check lisplugin tests
+
+test: setup system-deps lint
+	$(BIN)/python -m pytest -q

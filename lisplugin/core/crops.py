@@ -1,0 +1,101 @@
+"""Scale-normalised leukocyte crops: field pixels -> the PBC (CellaVision) scale.
+
+The leukocyte classifier is trained on PBC crops: 160 x 160 px windows centred on one
+leukocyte, where a red cell (about 7.5 um) is about 25 px across, i.e. about 0.3 um per pixel.
+Fields from other microscopes have other magnifications (in BCCD a red cell is about 100 px
+across), so a crop is taken from a window of ``160 / scale`` field pixels around the leukocyte
+and resampled to 160 px, where ``scale`` (field px -> PBC px) comes from :func:`pbc_scale`.
+Everything here is plain numpy so it runs the same in training, evaluation and the daemon.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Side of a PBC crop in pixels: the window the classifier sees.
+PBC_CROP_PX = 160
+#: Diameter of a red cell in PBC pixels (25 px of about 0.3 um).
+PBC_RBC_PX = 25.0
+#: Typical diameter of a normal red cell in micrometres.
+RBC_DIAMETER_UM = 7.5
+#: Physical size of one PBC pixel.
+PBC_UM_PER_PX = RBC_DIAMETER_UM / PBC_RBC_PX
+#: Assumed leukocyte box width in PBC pixels when nothing else tells the scale.
+PBC_WBC_BOX_PX = 60.0
+
+
+def pbc_scale(
+    pixel_spacing_um: float | None,
+    median_rbc_diameter_px: float | None,
+    wbc_box: tuple[float, float, float, float],
+) -> float:
+    """Factor that maps field pixels to PBC pixels, from the best evidence available.
+
+    The physical pixel spacing (DICOM Pixel Spacing) is exact when present; otherwise the
+    median red-cell diameter in the field calibrates the magnification (red cells vary far less
+    than leukocytes); as a last resort the leukocyte box itself is assumed to be 60 PBC px wide.
+    """
+    if pixel_spacing_um is not None and pixel_spacing_um > 0:
+        return float(pixel_spacing_um) / PBC_UM_PER_PX
+    if median_rbc_diameter_px is not None and median_rbc_diameter_px > 0:
+        return PBC_RBC_PX / float(median_rbc_diameter_px)
+    x0, y0, x1, y1 = wbc_box
+    side = max((x1 - x0 + y1 - y0) / 2.0, 1.0)
+    return PBC_WBC_BOX_PX / side
+
+
+def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of a triangle (linear) filter widened when shrinking (antialias)."""
+    factor = n_in / n_out
+    support = max(factor, 1.0)
+    centres = (np.arange(n_out) + 0.5) * factor - 0.5
+    taps = np.arange(n_in)
+    weights = np.clip(1.0 - np.abs(taps[None, :] - centres[:, None]) / support, 0.0, None)
+    sums = weights.sum(axis=1, keepdims=True)
+    return (weights / np.where(sums > 0, sums, 1.0)).astype(np.float32)
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize an H x W x C uint8 image to size x size with antialiased linear filtering."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    rows = _resample_matrix(image.shape[0], size)
+    cols = _resample_matrix(image.shape[1], size)
+    out = np.einsum("oh,hwc->owc", rows, image.astype(np.float32))
+    out = np.einsum("pw,owc->opc", cols, out)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def background_colour(image: np.ndarray) -> np.ndarray:
+    """Median colour of the image border: the slide background used to pad crops at edges."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]], axis=0).reshape(
+        -1, image.shape[2]
+    )
+    return np.median(border, axis=0).astype(image.dtype)
+
+
+def leukocyte_crop(
+    image: np.ndarray,
+    box: tuple[float, float, float, float],
+    scale: float,
+    out_size: int = PBC_CROP_PX,
+) -> np.ndarray:
+    """Cut the PBC-scale window around a leukocyte and resample it to ``out_size`` pixels.
+
+    ``box`` is (x0, y0, x1, y1) in field pixels, ``scale`` the field -> PBC factor from
+    :func:`pbc_scale`. The window is ``160 / scale`` field pixels wide, centred on the box;
+    parts outside the field are filled with the background colour so the cell stays centred.
+    """
+    if scale <= 0:
+        raise ValueError("scale must be positive")
+    h, w = image.shape[:2]
+    window = max(round(PBC_CROP_PX / scale), 1)
+    cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+    left, top = round(cx - window / 2.0), round(cy - window / 2.0)
+    canvas = np.empty((window, window, image.shape[2]), dtype=image.dtype)
+    canvas[:] = background_colour(image)
+    sx0, sy0 = max(left, 0), max(top, 0)
+    sx1, sy1 = min(left + window, w), min(top + window, h)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
+    return resize_rgb(canvas, out_size)

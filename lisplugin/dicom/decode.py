@@ -1,0 +1,183 @@
+"""DICOM instances and plain image files -> analysis fields (RGB uint8).
+
+Everything an analysis stage needs to know about DICOM pixel encodings stops here: callers get
+``Field`` objects or an ``UnusableInstance`` whose reason is short enough to send back to the
+modality in a C-STORE Error Comment.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset
+from pydicom.pixels import apply_color_lut, iter_pixels
+from pydicom.uid import JPEG2000TransferSyntaxes
+
+from lisplugin.core.types import Field
+
+#: Photometric interpretations turned into RGB; the others (CMYK, ARGB, HSV, YBR_PARTIAL_*)
+#: are retired or never produced by microscopes and are refused rather than guessed at.
+SUPPORTED_PHOTOMETRIC: frozenset[str] = frozenset(
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "RGB",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_ICT",
+        "YBR_RCT",
+        "PALETTE COLOR",
+    }
+)
+#: Only meaningful for JPEG 2000 codestreams, whose decoder undoes the colour transform.
+_J2K_ONLY_PHOTOMETRIC = frozenset({"YBR_ICT", "YBR_RCT"})
+#: UIDs are used as keys and file names downstream, so only the UI character set is allowed.
+_UID_RE = re.compile(r"[0-9.]{1,64}")
+
+
+class UnusableInstance(Exception):
+    """An instance (or image file) that can never yield fields.
+
+    ``identity`` tells the SCP whether the instance is unidentifiable (it cannot be filed into
+    a case) or only its pixels are unusable; the two get different C-STORE statuses.
+    """
+
+    def __init__(self, reason: str, *, identity: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.identity = identity
+
+
+def validate_identity(ds: Dataset) -> None:
+    """Refuse an instance that cannot be filed: no usable Study or SOP Instance UID."""
+    for keyword, label in (("StudyInstanceUID", "Study"), ("SOPInstanceUID", "SOP Instance")):
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value:
+            raise UnusableInstance(f"missing {label} UID", identity=True)
+        if not _UID_RE.fullmatch(value):
+            raise UnusableInstance(f"malformed {label} UID", identity=True)
+
+
+def fields_from_dataset(ds: Dataset) -> list[Field]:
+    """All fields of an instance: one per frame, decoded and converted to RGB uint8."""
+    return list(iter_fields(ds))
+
+
+def iter_fields(ds: Dataset) -> Iterator[Field]:
+    """Like ``fields_from_dataset`` one frame at a time, for large multi-frame (WSI) instances.
+
+    Single-frame IODs get the SOP Instance UID as source; instances with Number of Frames get
+    ``"<SOPInstanceUID>#frame=<n>"`` with n counted from 1 as DICOM frame numbers are.
+    """
+    validate_identity(ds)
+    if "PixelData" not in ds:
+        raise UnusableInstance("no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnusableInstance(f"unsupported photometric {photometric or '(none)'}")
+    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if photometric in _J2K_ONLY_PHOTOMETRIC and transfer_syntax not in JPEG2000TransferSyntaxes:
+        raise UnusableInstance(f"{photometric} outside a JPEG 2000 syntax")
+
+    uid = str(ds.SOPInstanceUID).strip()
+    multi_frame = "NumberOfFrames" in ds
+    shared_spacing = _spacing_um(ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    frames = iter_pixels(ds)
+    for number in itertools.count(1):
+        try:
+            array = next(frames)
+            image = _to_rgb8(array, ds, photometric)
+        except StopIteration:
+            return
+        except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
+            raise UnusableInstance(f"frame {number} undecodable: {exc}") from exc
+        spacing = shared_spacing
+        if number <= len(per_frame):
+            spacing = _spacing_from_groups(per_frame[number - 1]) or spacing
+        yield Field(
+            image=image,
+            source=f"{uid}#frame={number}" if multi_frame else uid,
+            pixel_spacing_um=spacing,
+        )
+
+
+def field_from_image_file(path: Path | str) -> Field:
+    """A plain JPEG/PNG capture as a field (no spacing: image files carry no calibration)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith("I;16") or image.mode == "I":
+                grey = np.asarray(image, dtype=np.int64)
+                array = _replicate(np.clip(grey >> 8, 0, 255).astype(np.uint8))
+            else:
+                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except OSError as exc:  # includes UnidentifiedImageError
+        raise UnusableInstance(f"unreadable image file: {exc}") from exc
+    return Field(image=np.ascontiguousarray(array), source=str(path))
+
+
+def _to_rgb8(array: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """A decoded frame (after pydicom's YBR->RGB conversion) as H x W x 3 uint8."""
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(array, ds)[..., :3]
+        lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return np.ascontiguousarray((rgb >> (lut_bits - 8)).astype(np.uint8))
+    scaled = _scale_to_uint8(array, ds)
+    if scaled.ndim == 2:
+        if photometric == "MONOCHROME1":
+            scaled = 255 - scaled
+        return _replicate(scaled)
+    return np.ascontiguousarray(scaled[..., :3])
+
+
+def _scale_to_uint8(array: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map the stored value range (Bits Stored, signed or not) linearly onto 0..255."""
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    if array.dtype == np.uint8 and bits == 8:
+        return array
+    values = array.astype(np.float64)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        values += 2.0 ** (bits - 1)
+    values *= 255.0 / (2.0**bits - 1.0)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _replicate(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., np.newaxis], 3, axis=2)
+
+
+def _spacing_um(ds: Dataset) -> float | None:
+    """Pixel spacing in µm from the Image Plane attribute or the shared functional groups."""
+    spacing = _spacing_from_value(ds.get("PixelSpacing"))
+    if spacing is None:
+        for group in ds.get("SharedFunctionalGroupsSequence") or []:
+            spacing = _spacing_from_groups(group)
+    return spacing
+
+
+def _spacing_from_groups(group: Dataset) -> float | None:
+    for measures in group.get("PixelMeasuresSequence") or []:
+        spacing = _spacing_from_value(measures.get("PixelSpacing"))
+        if spacing is not None:
+            return spacing
+    return None
+
+
+def _spacing_from_value(value: object) -> float | None:
+    """DICOM Pixel Spacing (row, column) in mm -> mean µm; None when absent or nonsense."""
+    if value is None:
+        return None
+    try:
+        row, column = (float(v) for v in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    if row <= 0 or column <= 0:
+        return None
+    return (row + column) / 2.0 * 1000.0

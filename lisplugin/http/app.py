@@ -1,0 +1,175 @@
+"""HTTP API (FastAPI): health, metrics and the case API for LIS vendors and IT."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from lisplugin import __version__
+from lisplugin.service.metrics import OUTBOX_PENDING, REGISTRY
+from lisplugin.service.runtime import Runtime
+from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
+
+
+class CaseSummary(BaseModel):
+    id: int
+    case_key: str
+    accession_number: str | None
+    study_instance_uid: str | None
+    status: CaseStatus
+    patient_id: str | None
+    instances: int
+    needs_review: bool | None
+    last_instance_at: datetime | None
+    analysed_at: datetime | None
+
+
+class OutboxEntry(BaseModel):
+    channel: str
+    control_id: str
+    result_status: str
+    status: OutboxStatus
+    attempts: int
+    ack_code: str | None
+    last_error: str | None
+    delivered_at: datetime | None
+
+
+class CaseDetail(CaseSummary):
+    patient: dict[str, Any]
+    order: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+    version: int
+    messages: list[OutboxEntry]
+
+
+class AnalyzeAccepted(BaseModel):
+    id: int
+    status: CaseStatus
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_session(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Iterator[Session]:
+    with runtime.db.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _summary(case: Case) -> dict[str, Any]:
+    return {
+        "id": case.id,
+        "case_key": case.case_key,
+        "accession_number": case.accession_number,
+        "study_instance_uid": case.study_instance_uid,
+        "status": case.status,
+        "patient_id": (case.patient or {}).get("id"),
+        "instances": len(case.instances),
+        "needs_review": None if case.result is None else bool(case.result.get("needs_review")),
+        "last_instance_at": case.last_instance_at,
+        "analysed_at": case.analysed_at,
+    }
+
+
+def _case_or_404(session: Session, case_id: int) -> Case:
+    case = session.get(Case, case_id)
+    if case is None:
+        raise HTTPException(status_code=404, detail=f"no case {case_id}")
+    return case
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(
+        title="lisplugin",
+        version=__version__,
+        description="Digital-morphology plugin: blood-smear captures in, differential out.",
+    )
+    app.state.runtime = runtime
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    def readyz(runtime: RuntimeDep, response: Response) -> dict[str, Any]:
+        """Every part needed to accept and report work is up."""
+        checks = dict(runtime.readiness())
+        try:
+            with runtime.db.session() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = True
+        except Exception:
+            checks["database"] = False
+        ready = all(checks.values())
+        response.status_code = 200 if ready else 503
+        return {"ready": ready, "checks": checks}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    def metrics(session: SessionDep) -> Response:
+        """Prometheus text exposition."""
+        pending = session.execute(
+            select(OutboxMessage.channel, func.count())
+            .where(OutboxMessage.status == OutboxStatus.PENDING)
+            .group_by(OutboxMessage.channel)
+        ).all()
+        OUTBOX_PENDING.clear()
+        for channel in ("hl7", "dicom"):
+            OUTBOX_PENDING.labels(channel).set(dict(pending).get(channel, 0))
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/cases", response_model=list[CaseSummary], tags=["cases"])
+    def list_cases(
+        session: SessionDep,
+        status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict[str, Any]]:
+        query = select(Case).order_by(Case.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(Case.status == status)
+        return [_summary(case) for case in session.scalars(query)]
+
+    @app.get("/api/cases/{case_id}", response_model=CaseDetail, tags=["cases"])
+    def get_case(case_id: int, session: SessionDep) -> dict[str, Any]:
+        case = _case_or_404(session, case_id)
+        messages = session.scalars(
+            select(OutboxMessage).where(OutboxMessage.case_id == case.id).order_by(OutboxMessage.id)
+        )
+        return {
+            **_summary(case),
+            "patient": case.patient or {},
+            "order": case.order,
+            "result": case.result,
+            "error": case.error,
+            "version": case.version,
+            "messages": [OutboxEntry.model_validate(m, from_attributes=True) for m in messages],
+        }
+
+    @app.post(
+        "/api/cases/{case_id}/analyze", response_model=AnalyzeAccepted, status_code=202,
+        tags=["cases"],
+    )
+    def analyze_case(case_id: int, runtime: RuntimeDep, session: SessionDep) -> dict[str, Any]:
+        """Analyse now, without waiting for the case to be stable."""
+        case = _case_or_404(session, case_id)
+        if not case.instances:
+            raise HTTPException(status_code=409, detail=f"case {case_id} has no captures yet")
+        case.status = CaseStatus.QUEUED
+        session.flush()
+        runtime.wake_scheduler()
+        return {"id": case.id, "status": case.status}
+
+    return app

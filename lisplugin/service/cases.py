@@ -1,0 +1,205 @@
+"""When a case is stable (or asked for), analyse it and put its result message in the outbox.
+
+The result, the case state and the outbox row are committed in one transaction, so a restart
+either re-analyses a queued case or finds its message already waiting: never both, never none.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pydicom
+from sqlalchemy import func, select
+from sqlalchemy.orm.exc import StaleDataError
+
+from lisplugin.config import Settings
+from lisplugin.core.types import Field
+from lisplugin.dicom.decode import fields_from_dataset
+from lisplugin.hl7.orders import parse_order
+from lisplugin.hl7.oru import build_oru
+from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
+from lisplugin.service.outbox import as_utc
+from lisplugin.service.pipeline import Pipeline, PreviousResult
+from lisplugin.storage.db import Database
+from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
+
+log = logging.getLogger(__name__)
+
+DELTA_WINDOW = timedelta(hours=72)
+
+
+def result_status(needs_review: bool, final_already_sent: bool) -> str:
+    """OBX-11/OBR-25: P while review is pending, F when verified, C for a changed final."""
+    if needs_review:
+        return "P"
+    return "C" if final_already_sent else "F"
+
+
+class CaseScheduler:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        pipeline: Callable[[], Pipeline],
+        on_outbox: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self._pipeline = pipeline  # built lazily: loading models is slow
+        self.on_outbox = on_outbox
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def queue_stable(self, now: datetime | None = None) -> list[int]:
+        """Mark cases whose last capture is older than the stability delay as queued."""
+        now = now or datetime.now(UTC)
+        limit = now - timedelta(seconds=self.settings.cases.stable_seconds)
+        with self.db.session() as session:
+            cases = session.scalars(select(Case).where(Case.status == CaseStatus.RECEIVING)).all()
+            stable = [c for c in cases if c.last_instance_at and as_utc(c.last_instance_at) <= limit]
+            for case in stable:
+                case.status = CaseStatus.QUEUED
+            return [c.id for c in stable]
+
+    def run_once(self) -> list[int]:
+        self.queue_stable()
+        with self.db.session() as session:
+            queued = session.scalars(
+                select(Case.id).where(Case.status == CaseStatus.QUEUED).order_by(Case.id)
+            ).all()
+        for case_id in queued:
+            self.analyse_case(case_id)
+        return list(queued)
+
+    def analyse_case(self, case_id: int) -> None:
+        started = time.perf_counter()
+        with self.db.session() as session:
+            case = session.get(Case, case_id)
+            if case is None or case.status != CaseStatus.QUEUED:
+                return
+            version = case.version
+            paths = [i.path for i in case.instances]
+            patient = dict(case.patient or {})
+            final_sent = case.final_sent
+            order_text = session.scalar(
+                select(OrderMessage.message)
+                .where(OrderMessage.case_id == case_id)
+                .order_by(OrderMessage.id.desc())
+                .limit(1)
+            )
+            previous = self._previous_result(session, case)
+        try:
+            fields = load_fields(paths)
+            pipeline = self._pipeline()
+            result = pipeline.analyse(fields, patient, previous)
+            values = pipeline.values(result, patient)
+        except Exception as exc:
+            log.exception("analysis of case %s failed", case_id)
+            self._fail(case_id, f"analysis failed: {exc}")
+            return
+        status = result_status(result.needs_review, final_sent)
+        order = parse_order(order_text) if order_text else None
+        try:
+            with self.db.session() as session:
+                case = session.get(Case, case_id)
+                assert case is not None
+                if case.version != version:
+                    raise StaleDataError("case changed while it was analysed")
+                sequence = 1 + (
+                    session.scalar(
+                        select(func.count()).where(OutboxMessage.case_id == case_id)
+                    )
+                    or 0
+                )
+                control_id = f"LP{case_id}-{sequence}"
+                now = datetime.now(UTC)
+                message = build_oru(
+                    result_values=values,
+                    flags=list(result.flags),
+                    status=status,
+                    order=order,
+                    patient_from_dicom=None if order else patient,
+                    loinc_map=pipeline.loinc_map,
+                    control_id=control_id,
+                    settings=self.settings.hl7,
+                    observed_at=now,
+                )
+                case.result = pipeline.to_json(result)
+                case.status = CaseStatus.REVIEW if result.needs_review else CaseStatus.VERIFIED
+                case.analysed_at = now
+                case.error = None
+                case.final_sent = final_sent or status in ("F", "C")
+                session.add(
+                    OutboxMessage(
+                        case_id=case_id,
+                        channel="hl7",
+                        control_id=control_id,
+                        result_status=status,
+                        payload=message,
+                        status=OutboxStatus.PENDING,
+                    )
+                )
+        except StaleDataError:
+            log.info("case %s received new captures during analysis; it will be redone", case_id)
+            return
+        CASES_ANALYSED.labels("review" if result.needs_review else "verified").inc()
+        ANALYSIS_SECONDS.observe(time.perf_counter() - started)
+        log.info("case %s analysed: %s, ORU %s queued", case_id, status, control_id)
+        self.on_outbox()
+
+    def _previous_result(self, session, case: Case) -> PreviousResult | None:  # type: ignore[no-untyped-def]
+        """The same patient's latest other result within the delta-check window."""
+        patient_id = (case.patient or {}).get("id")
+        if not patient_id:
+            return None
+        since = datetime.now(UTC) - DELTA_WINDOW
+        candidates = session.scalars(
+            select(Case)
+            .where(Case.id != case.id)
+            .where(Case.result.is_not(None))
+            .where(Case.analysed_at >= since)
+            .order_by(Case.analysed_at.desc())
+        )
+        for other in candidates:
+            if (other.patient or {}).get("id") == patient_id and other.analysed_at:
+                return PreviousResult(
+                    analysed_at=as_utc(other.analysed_at),
+                    differential=dict(other.result.get("differential", {})),
+                )
+        return None
+
+    def _fail(self, case_id: int, error: str) -> None:
+        with self.db.session() as session:
+            case = session.get(Case, case_id)
+            if case is not None:
+                case.status = CaseStatus.FAILED
+                case.error = error[:2000]
+        CASES_ANALYSED.labels("failed").inc()
+
+    def run_forever(self, poll_seconds: float = 1.0) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("scheduler pass failed")
+            self._wake.wait(poll_seconds)
+            self._wake.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+
+def load_fields(paths: list[str]) -> list[Field]:
+    """Every frame of every stored instance of a case, in arrival order."""
+    fields: list[Field] = []
+    for path in paths:
+        fields.extend(fields_from_dataset(pydicom.dcmread(path)))
+    return fields

@@ -1,0 +1,172 @@
+"""What arrives: DICOM instances (from the SCP) and orders (from the MLLP listener) become cases.
+
+A capture and its order meet in one case keyed by accession number (falling back to the Study
+Instance UID), whichever arrives first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from lisplugin.dicom.decode import UnusableInstance, fields_from_dataset, validate_identity
+from lisplugin.storage.db import Database
+from lisplugin.storage.files import safe_name, write_durably
+from lisplugin.storage.orm import Case, CaseStatus, Instance, OrderMessage, QuarantinedInstance
+
+log = logging.getLogger(__name__)
+
+#: Case states in which a new capture re-opens the case for analysis.
+REOPENABLE = {
+    CaseStatus.AWAITING_IMAGES,
+    CaseStatus.RECEIVING,
+    CaseStatus.REVIEW,
+    CaseStatus.VERIFIED,
+    CaseStatus.FAILED,
+}
+
+
+def case_key(accession_number: str | None, study_instance_uid: str | None) -> str:
+    if accession_number:
+        return f"acc:{accession_number}"
+    if study_instance_uid:
+        return f"study:{study_instance_uid}"
+    raise UnusableInstance("neither Accession Number nor Study Instance UID")
+
+
+def patient_from_dicom(ds: Dataset) -> dict[str, str]:
+    name = ds.get("PatientName")
+    return {
+        "id": str(ds.get("PatientID", "") or ""),
+        "name_family": str(getattr(name, "family_name", "") or ""),
+        "name_given": str(getattr(name, "given_name", "") or ""),
+        "birth_date": str(ds.get("PatientBirthDate", "") or ""),
+        "sex": str(ds.get("PatientSex", "") or ""),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def get_or_create_case(
+    session: Session, accession_number: str | None, study_instance_uid: str | None
+) -> Case:
+    key = case_key(accession_number, study_instance_uid)
+    case = session.scalar(select(Case).where(Case.case_key == key).with_for_update())
+    if case is None:
+        case = Case(
+            case_key=key,
+            accession_number=accession_number,
+            study_instance_uid=study_instance_uid,
+            status=CaseStatus.AWAITING_IMAGES,
+            patient={},
+        )
+        session.add(case)
+        session.flush()
+    return case
+
+
+class InstanceStore:
+    """The SCP's storage callback: validate, keep durably, group into a case - or quarantine."""
+
+    def __init__(self, db: Database, storage_path: Path) -> None:
+        self.db = db
+        self.instances_dir = storage_path / "instances"
+        self.quarantine_dir = storage_path / "quarantine"
+
+    def store(self, ds: Dataset, raw: bytes, calling_ae_title: str | None = None) -> Case:
+        try:
+            validate_identity(ds)
+            frames = len(fields_from_dataset(ds))
+            return self._keep(ds, raw, frames, calling_ae_title)
+        except UnusableInstance as exc:
+            self.quarantine(raw, str(exc), ds.get("SOPInstanceUID"), calling_ae_title)
+            raise
+
+    def _keep(self, ds: Dataset, raw: bytes, frames: int, calling_ae_title: str | None) -> Case:
+        study_uid = str(ds.StudyInstanceUID)
+        sop_uid = str(ds.SOPInstanceUID)
+        path = self.instances_dir / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
+        write_durably(path, raw)
+        accession = str(ds.get("AccessionNumber", "") or "") or None
+        with self.db.session() as session:
+            case = get_or_create_case(session, accession, study_uid)
+            if not case.patient:
+                case.patient = patient_from_dicom(ds)
+            case.study_instance_uid = case.study_instance_uid or study_uid
+            existing = session.scalar(
+                select(Instance).where(Instance.sop_instance_uid == sop_uid)
+            )
+            if existing is None:
+                session.add(
+                    Instance(
+                        case_id=case.id,
+                        sop_instance_uid=sop_uid,
+                        sop_class_uid=str(ds.SOPClassUID),
+                        series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
+                        path=str(path),
+                        frames=frames,
+                        calling_ae_title=calling_ae_title,
+                    )
+                )
+            if case.status in REOPENABLE:
+                case.status = CaseStatus.RECEIVING
+            case.last_instance_at = datetime.now(UTC)
+            log.info("stored %s in case %s (%d frames)", sop_uid, case.case_key, frames)
+            return case
+
+    def quarantine(
+        self, raw: bytes, reason: str, sop_uid: object, calling_ae_title: str | None
+    ) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        path = self.quarantine_dir / f"{stamp}_{safe_name(str(sop_uid or 'unknown'))}.dcm"
+        write_durably(path, raw)
+        write_durably(
+            path.with_suffix(".json"),
+            json.dumps({"reason": reason, "calling_ae_title": calling_ae_title}).encode(),
+        )
+        with self.db.session() as session:
+            session.add(
+                QuarantinedInstance(
+                    path=str(path),
+                    reason=reason,
+                    sop_instance_uid=str(sop_uid) if sop_uid else None,
+                    calling_ae_title=calling_ae_title,
+                )
+            )
+        log.warning("quarantined %s: %s", path.name, reason)
+        return path
+
+
+def apply_order(db: Database, order: Any, message: str) -> Case:
+    """Create or update the case an order names; captures already received are kept."""
+    order_json = _jsonable(dataclasses.asdict(order))
+    with db.session() as session:
+        case = get_or_create_case(session, order.accession_number, None)
+        case.order = order_json
+        case.patient = {
+            "id": order.patient_id or "",
+            "name_family": order.patient_family_name or "",
+            "name_given": order.patient_given_name or "",
+            "birth_date": order.patient_birth_date.strftime("%Y%m%d")
+            if order.patient_birth_date
+            else "",
+            "sex": order.patient_sex or "",
+        }
+        session.add(OrderMessage(case_id=case.id, control_id=order.control_id, message=message))
+        return case

@@ -1,0 +1,31 @@
+"""Durable files: an instance is on disk (fsync'd file and directory) before it is acknowledged."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(text: str, limit: int = 96) -> str:
+    """A file-name-safe form of a UID or reason (never empty)."""
+    return (_UNSAFE.sub("_", text) or "_")[:limit]
+
+
+def write_durably(path: Path, data: bytes) -> Path:
+    """Write ``data`` atomically: temp file, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path

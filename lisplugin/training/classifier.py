@@ -1,0 +1,498 @@
+"""Train the leukocyte classifier on PBC, calibrate it, export ONNX and write its model card.
+
+``lisplugin train classifier --data ../shared/data/pbc --out models/`` reproduces the shipped
+model: a small ResNet trained from scratch on the ``train`` split with geometric and
+photometric augmentation, the epoch with the best ``val`` accuracy kept, a temperature fitted
+on ``val``, and the ``test`` split scored once at the end for the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.training.augment import photometric
+
+MODEL_NAME = "leukocyte-classifier"
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convolutions with an identity (or 1x1) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class LeukocyteNet(nn.Module):
+    """Small ResNet: stride-2 stem, four stages of basic blocks, global pooling, linear head."""
+
+    def __init__(
+        self,
+        n_classes: int,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        blocks: Sequence[int] = (1, 1, 2, 1),
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, widths[0], 3, 2, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        ]
+        cin = widths[0]
+        for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+            for j in range(count):
+                layers.append(BasicBlock(cin, width, 2 if stage > 0 and j == 0 else 1))
+                cin = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def geometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Any rotation, mirror, +-10 % scale and a few pixels of shift: cells have no orientation."""
+    b = x.shape[0]
+    angle = 2 * math.pi * torch.rand(b, generator=generator)
+    scale = 0.9 + 0.2 * torch.rand(b, generator=generator)
+    mirror = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    shift = 0.08 * (torch.rand(b, 2, generator=generator) - 0.5)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * mirror, -sin, shift[:, 0]], dim=1),
+            torch.stack([sin * mirror, cos, shift[:, 1]], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+) -> np.ndarray:
+    model.eval()
+    out = [
+        model(normalise(to_tensor(images[i : i + batch_size]), mean, std))
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out).numpy()
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature that minimises the validation negative log-likelihood (Guo et al. 2017)."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return float(log_t.exp())
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def train(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    max_steps: int | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """AdamW with warm-up and cosine decay; returns the weight-averaged (EMA) model of the epoch
+    with the best validation accuracy, and the per-epoch history."""
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = max(len(images) // batch_size, 1)
+    total = (
+        epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    )
+    warmup = min(steps_per_epoch, max(total // 10, 1))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda s: (
+            (s + 1) / warmup
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))
+        ),
+    )
+    # The EMA of the weights generalises better than the last iterate of a short schedule.
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True
+    )
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
+    y_all = torch.as_tensor(labels, dtype=torch.long)
+    best: tuple[float, dict[str, Any]] = (-1.0, copy.deepcopy(ema.module.state_dict()))
+    history = []
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(len(images), generator=generator)
+        loss_sum, done = 0.0, 0
+        for i in range(steps_per_epoch):
+            if step >= total:
+                break
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            x = geometric(x_all[idx].float().div_(255.0), generator)
+            x = normalise(photometric(x, generator, strength=0.8), mean, std)
+            loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=0.05)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            ema.update_parameters(model)
+            loss_sum += float(loss.detach())
+            step += 1
+            done += 1
+        seconds = time.perf_counter() - started
+        val_pred = predict_logits(ema.module, val_images, mean, std).argmax(axis=1)
+        val_acc = float((val_pred == val_labels).mean()) if len(val_labels) else 0.0
+        row = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(done, 1),
+            "val_accuracy": val_acc,
+            "seconds": seconds,
+            "images_per_second": done * batch_size / seconds,
+        }
+        history.append(row)
+        log(json.dumps(row))
+        if val_acc > best[0]:
+            best = (val_acc, copy.deepcopy(ema.module.state_dict()))
+        if step >= total:
+            break
+    final = copy.deepcopy(ema.module)
+    final.load_state_dict(best[1])
+    return final.eval(), history
+
+
+def export_onnx(model: nn.Module, path: Path, input_size: int) -> None:
+    """ONNX graph with a dynamic batch axis; input ``input`` (N,3,S,S) normalised, output logits."""
+    model.eval()
+    dummy = torch.zeros(1, 3, input_size, input_size)
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+def _balanced_subset(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of at most ``limit`` samples spread over all classes (for quick runs and tests)."""
+    per_class = max(limit // max(len(np.unique(labels)), 1), 1)
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+    return np.sort(keep)
+
+
+def _markdown_table(result: dict[str, Any]) -> str:
+    lines = ["| class | recall | precision | F1 | n |", "|---|---|---|---|---|"]
+    for name, row in result["per_class"].items():
+        lines.append(
+            f"| {name} | {row['recall']:.3f} | {row['precision']:.3f} | {row['f1']:.3f} "
+            f"| {row['support']} |"
+        )
+    labels = result["confusion"]["labels"]
+    lines += ["", "Confusion (rows: true, columns: predicted):", ""]
+    lines.append("| | " + " | ".join(labels) + " |")
+    lines.append("|---" * (len(labels) + 1) + "|")
+    for name, row in zip(labels, result["confusion"]["matrix"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_card(path: Path, meta: dict[str, Any], body: str) -> None:
+    import yaml
+
+    front = yaml.safe_dump(meta, sort_keys=False, default_flow_style=None, width=100)
+    path.write_text(f"---\n{front}---\n{body}", encoding="utf-8")
+
+
+def time_inference(card_dir: Path, crops: np.ndarray) -> dict[str, float]:
+    """Milliseconds per crop through the shipped adapter: batched and one crop at a time."""
+    from lisplugin.inference.classifier import OnnxLeukocyteClassifier
+    from lisplugin.inference.registry import load_card
+
+    classifier = OnnxLeukocyteClassifier(load_card(card_dir, MODEL_NAME))
+    batch = list(crops[:256])
+    classifier.classify(batch[:8])  # warm-up
+    started = time.perf_counter()
+    classifier.classify(batch)
+    batched = (time.perf_counter() - started) / len(batch) * 1000
+    started = time.perf_counter()
+    for crop in batch[:64]:
+        classifier.classify([crop])
+    single = (time.perf_counter() - started) / min(len(batch), 64) * 1000
+    return {"batched_ms_per_crop": round(batched, 3), "single_ms_per_crop": round(single, 3)}
+
+
+def cli(argv: list[str]) -> int:
+    from lisplugin.evaluation.differential import differential_metrics, evaluate_folder
+    from lisplugin.inference.registry import file_sha256
+    from lisplugin.training.pbc import load_images, read_samples, select
+
+    parser = argparse.ArgumentParser(
+        prog="lisplugin train classifier", description="Train the leukocyte classifier on PBC."
+    )
+    parser.add_argument("--data", type=Path, required=True, help="PBC folder with split.csv")
+    parser.add_argument("--out", type=Path, default=Path("models"))
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (share the CPU)")
+    parser.add_argument("--limit", type=int, help="use at most N images per split (tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--version", default=dt.date.today().strftime("%Y.%m.%d") + "-1")
+    args = parser.parse_args(argv)
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    classes = list(LEUKOCYTE_CLASSES)
+    samples = read_samples(args.data, classes=classes)
+    data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in ("train", "val", "test"):
+        part = select(samples, split)
+        labels = np.array([classes.index(s.label) for s in part], dtype=np.int64)
+        if args.limit is not None:
+            keep = _balanced_subset(labels, args.limit)
+            part, labels = [part[i] for i in keep], labels[keep]
+        if not part:
+            parser.error(f"no '{split}' images in {args.data}")
+        data[split] = (load_images(part, args.input_size), labels)
+        log(f"loaded {split}: {len(part)} images at {args.input_size} px")
+    train_x, train_y = data["train"]
+    val_x, val_y = data["val"]
+    mean = [round(float(v), 4) for v in train_x.reshape(-1, 3).mean(axis=0) / 255.0]
+    std = [round(float(v), 4) for v in train_x.reshape(-1, 3).std(axis=0) / 255.0]
+
+    model = LeukocyteNet(len(classes))
+    model, history = train(
+        model, train_x, train_y, val_x, val_y, mean, std, args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - started
+
+    val_logits = predict_logits(model, val_x, mean, std)
+    temperature = fit_temperature(val_logits, val_y)
+    val_raw = differential_metrics(val_y, softmax(val_logits), classes)
+    val_cal = differential_metrics(val_y, softmax(val_logits, temperature), classes)
+    log(f"temperature {temperature:.3f}: val ECE {val_raw['ece']:.4f} -> {val_cal['ece']:.4f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.out / f"{MODEL_NAME}.onnx"
+    export_onnx(model, onnx_path, args.input_size)
+    meta: dict[str, Any] = {
+        "name": MODEL_NAME,
+        "version": args.version,
+        "file": onnx_path.name,
+        "sha256": file_sha256(onnx_path),
+        "task": "leukocyte classification of PBC-scale crops (160 px window, RBC ~25 px)",
+        "input_size": args.input_size,
+        "input_layout": "NCHW float32 RGB, (pixel/255 - mean) / std; output: logits",
+        "mean": mean,
+        "std": std,
+        "classes": classes,
+        "temperature": round(temperature, 4),
+        "metrics": {},
+    }
+    card_path = args.out / f"{MODEL_NAME}.md"
+    write_card(card_path, meta, "")  # provisional card: the evaluation loads the model by it
+
+    test_raw = differential_metrics(
+        data["test"][1], softmax(predict_logits(model, data["test"][0], mean, std)), classes
+    )
+    if args.limit is None:  # the full test split, scored exactly as `evaluate differential`
+        test = evaluate_folder(args.data, args.out, args.data / "split.csv", "test")
+    else:
+        test = differential_metrics(
+            data["test"][1],
+            softmax(predict_logits(model, data["test"][0], mean, std), temperature),
+            classes,
+        )
+    timing = time_inference(args.out, data["test"][0])
+    log(f"test accuracy {test['accuracy']:.4f} macro-F1 {test['macro_f1']:.4f}")
+    log(json.dumps(timing))
+    meta["metrics"] = {
+        "test_accuracy": round(test["accuracy"], 4),
+        "test_macro_f1": round(test["macro_f1"], 4),
+        "test_ece": round(test["ece"], 4),
+        "test_ece_uncalibrated": round(test_raw["ece"], 4),
+        "test_n": test["n"],
+        "val_accuracy": round(val_cal["accuracy"], 4),
+        "val_ece_uncalibrated": round(val_raw["ece"], 4),
+        "val_ece": round(val_cal["ece"], 4),
+        **timing,
+    }
+    command = "lisplugin train classifier " + shlex.join(argv)
+    params = sum(p.numel() for p in model.parameters())
+    body = _card_body(
+        meta, history, test, command, train_seconds, params, onnx_path.stat().st_size,
+        {s: len(v[1]) for s, v in data.items()},
+    )  # fmt: skip
+    write_card(card_path, meta, body)
+    log(f"wrote {onnx_path} and {card_path} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _card_body(
+    meta: dict[str, Any],
+    history: list[dict[str, float]],
+    test: dict[str, Any],
+    command: str,
+    train_seconds: float,
+    params: int,
+    onnx_bytes: int,
+    counts: dict[str, int],
+) -> str:
+    m = meta["metrics"]
+    best = max(history, key=lambda r: r["val_accuracy"])
+    return f"""
+# Leukocyte classifier {meta["version"]}
+
+Classifies one leukocyte crop into the eight PBC classes ({", ".join(meta["classes"])}).
+The crop is a PBC-scale window (160 x 160 px at ~0.3 um/px, a red cell ~25 px across; see
+`lisplugin/core/crops.py`), resized to {meta["input_size"]} px by the adapter. The output is
+logits; `lisplugin/inference/classifier.py` returns `softmax(logits / temperature)` with the
+temperature of this card.
+
+## Data and split
+
+PBC (Acevedo et al. 2020, Data in Brief 30:105474, CC BY 4.0): CellaVision DM96 crops,
+May-Grünwald-Giemsa, healthy donors; 160 x 160 px. The split is the fixed `split.csv` of the
+shared data folder: train {counts["train"]} (training), val {counts["val"]} (epoch selection and
+temperature), test {counts["test"]} (reported once, below).
+
+## Architecture and why
+
+A small ResNet ({params:,} parameters, {onnx_bytes / 1e6:.1f} MB ONNX): stride-2 3x3 stem,
+four stages of basic blocks (32, 64, 128, 256 channels; 1, 1, 2, 1 blocks), global average
+pooling, linear head. It is trained from scratch on one CPU core within the one-hour budget:
+residual 3x3 convolutions are the fastest well-understood choice on CPU (depthwise
+MobileNet-style layers train slowly in PyTorch on CPU), and {meta["input_size"]} px keeps the
+colour and nuclear shape that separate the classes (BloodMNIST reaches ~96 % even at 28 px).
+
+Training: AdamW (lr 2e-3, weight decay 0.05), warm-up then cosine decay, label smoothing 0.05,
+batch 64, EMA of the weights (0.999). Augmentation: any rotation, mirror, +-10 % scale, small
+shift; photometric (`lisplugin/training/augment.py`, strength 0.8): stain/colour cast, uneven
+illumination, defocus blur, sensor noise, JPEG-like block quantisation, debris blobs. Best
+validation accuracy {best["val_accuracy"]:.4f} at epoch {best["epoch"]} of {len(history)}.
+
+## Reproduce
+
+```
+{command}
+```
+
+Wall time {train_seconds / 60:.1f} min for loading and training ({
+        platform.processor() or platform.machine()
+    }, torch {torch.__version__}, {torch.get_num_threads()} thread(s)), seed fixed.
+
+## Test metrics
+
+```
+lisplugin evaluate differential --data ../shared/data/pbc --split test --json
+```
+
+accuracy **{m["test_accuracy"]:.4f}**, macro-F1 **{m["test_macro_f1"]:.4f}**, n = {m["test_n"]}.
+
+{_markdown_table(test)}
+
+## Calibration
+
+Temperature {meta["temperature"]} fitted on val by NLL. ECE (15 bins): val
+{m["val_ece_uncalibrated"]:.4f} -> {m["val_ece"]:.4f}; test {m["test_ece_uncalibrated"]:.4f} ->
+{m["test_ece"]:.4f}.
+
+## Inference time
+
+ONNX Runtime, 2 intra-op threads, through `OnnxLeukocyteClassifier` including the resize:
+{m["batched_ms_per_crop"]:.2f} ms per crop in batches, {m["single_ms_per_crop"]:.2f} ms for a
+single crop.
+
+## Limits
+
+Healthy-donor crops from one analyser and one stain; no blasts, atypical/reactive lymphocytes
+or smudge cells among the classes, so such cells are forced into one of the eight (low
+calibrated probability sends them to "unidentified"). Crops from other microscopes must be
+scale-normalised first (`leukocyte_crop`).
+
+SHA-256 of `{meta["file"]}`: `{meta["sha256"]}`
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
