@@ -1,11 +1,14 @@
-"""The ``lisplugin`` command. Sub-commands owned by a module get the rest of the command line."""
+"""The ``lisplugin`` command: the daemon, one-off analysis, and the tools around them."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 #: Sub-commands whose argument parsing lives in the module that implements them.
 DELEGATED: dict[tuple[str, ...], str] = {
@@ -14,6 +17,9 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("evaluate", "detection"): "lisplugin.evaluation.detection",
     ("evaluate", "differential"): "lisplugin.evaluation.differential",
     ("bench",): "lisplugin.evaluation.bench",
+    ("send",): "lisplugin.dicom.scu",
+    ("lis-sim",): "lisplugin.hl7.lis_sim",
+    ("demo",): "lisplugin.service.demo",
 }
 
 
@@ -24,15 +30,89 @@ def _delegate(argv: Sequence[str]) -> int | None:
     return None
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lisplugin.config import load_settings
+    from lisplugin.http.app import create_app
+    from lisplugin.service.runtime import Runtime
+
+    settings = load_settings(args.config)
+    runtime = Runtime(settings)
+    runtime.start()
+    try:
+        uvicorn.run(
+            create_app(runtime), host=settings.http.host, port=settings.http.port,
+            log_level="info",
+        )
+    finally:
+        runtime.stop()
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from lisplugin.config import load_settings
+    from lisplugin.service.pipeline import Pipeline, read_fields
+
+    settings = load_settings(args.config)
+    fields = read_fields([Path(p) for p in args.paths])
+    if not fields:
+        print("no images or DICOM files found in the given paths", file=sys.stderr)
+        return 2
+    pipeline = Pipeline.from_settings(settings)
+    result = pipeline.analyse(fields, patient={}, previous=None)
+    report = pipeline.to_json(result)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"fields: {len(fields)}   cells: {report['counts']}")
+    print(f"leukocytes classified: {report['wbc_classified']}")
+    for name, percent in report["differential"].items():
+        print(f"  {name:<14}{percent:6.1f} %")
+    for flag in report["flags"]:
+        print(f"  flag {flag['code']}: {flag['text']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lisplugin", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon (DICOM SCP, MLLP, HTTP API)")
+    serve.add_argument("--config", type=Path, help="site settings YAML (default: built-in)")
+    serve.set_defaults(func=_serve)
+
+    analyze = commands.add_parser("analyze", help="analyse images or DICOM files, no daemon")
+    analyze.add_argument("paths", nargs="+", help="image files, DICOM files or folders")
+    analyze.add_argument("--json", action="store_true", help="print one JSON object")
+    analyze.add_argument("--config", type=Path)
+    analyze.set_defaults(func=_analyze)
+
+    for name, help_text in (
+        ("send", "wrap JPEG/PNG as VL Microscopic Image and C-STORE (DICOM files as they are)"),
+        ("lis-sim", "a small LIS: ACKs and stores ORUs, can send a test order"),
+        ("demo", "start daemon and LIS simulator, send a capture, show the ORU and the case"),
+        ("train", "train a model: classifier | detector"),
+        ("evaluate", "evaluate a model: detection | differential"),
+        ("bench", "time the whole analysis per field on this machine"),
+    ):
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    delegated = _delegate(argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    delegated = _delegate([a for a in argv if a not in ("-v", "--verbose")])
     if delegated is not None:
         return delegated
-    parser = argparse.ArgumentParser(prog="lisplugin", description=__doc__)
-    parser.add_argument("command", help="serve, analyze, send, lis-sim, demo, train, evaluate, bench")
-    parser.print_help()
-    return 2
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,48 @@ def shared_data() -> Path:
     if not (path / "README.md").is_file():
         pytest.skip(f"public datasets not found at {path} (set LISPLUGIN_DATA)")
     return path
+
+
+POSTGRES_ADMIN = os.environ.get(
+    "LISPLUGIN_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test user=postgres"
+)
+
+
+def _postgres_database(request: pytest.FixtureRequest) -> str:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    import uuid
+
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable ({POSTGRES_ADMIN}): {exc}")
+    name = f"lisplugin_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    params = dict(p.split("=", 1) for p in POSTGRES_ADMIN.split())
+
+    def drop() -> None:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+    request.addfinalizer(drop)
+    return (
+        f"postgresql+psycopg://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}"
+        f":{params.get('port', '5432')}/{name}"
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each storage test runs on the embedded default (SQLite) and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'lisplugin.db'}"
+    return _postgres_database(request)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,60 @@
+"""The specimen result as JSON (API, ``lisplugin analyze --json``, stored with the case)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lisplugin.core.types import Cell, FieldResult, SpecimenResult
+
+
+def _box(box: tuple[float, float, float, float]) -> list[float]:
+    return [round(float(v), 1) for v in box]
+
+
+def cell_to_json(cell_id: int, cell: Cell) -> dict[str, Any]:
+    return {
+        "id": cell_id,
+        "field": cell.field_index,
+        "kind": cell.kind,
+        "class": cell.label,
+        "score": round(float(cell.score), 4),
+        "box": _box(cell.box),
+        "probabilities": None
+        if cell.probabilities is None
+        else {k: round(float(v), 4) for k, v in cell.probabilities.items()},
+    }
+
+
+def field_to_json(field: FieldResult) -> dict[str, Any]:
+    quality = field.quality
+    return {
+        "index": field.index,
+        "source": field.source,
+        "width": field.width,
+        "height": field.height,
+        "quality": {
+            "focus": round(quality.focus, 2),
+            "exposure": round(quality.exposure, 4),
+            "clipped_fraction": round(quality.clipped_fraction, 4),
+            "passed": quality.passed,
+            "reasons": list(quality.reasons),
+        },
+        "regressed_counts": None
+        if field.regressed_counts is None
+        else {k: round(float(v), 2) for k, v in field.regressed_counts.items()},
+        "cells": len(field.cells),
+    }
+
+
+def specimen_to_json(result: SpecimenResult) -> dict[str, Any]:
+    return {
+        "counts": {kind: int(n) for kind, n in result.counts.items()},
+        "differential": {k: round(float(v), 2) for k, v in result.differential.items()},
+        "class_counts": {k: int(v) for k, v in result.class_counts.items()},
+        "wbc_classified": int(result.wbc_classified),
+        "needs_review": result.needs_review,
+        "flags": [{"code": f.code, "text": f.text, "severity": f.severity} for f in result.flags],
+        "fields": [field_to_json(f) for f in result.fields],
+        "cells": [cell_to_json(i, c) for i, c in enumerate(result.cells)],
+        "model_versions": dict(result.model_versions),
+    }

@@ -1,0 +1,144 @@
+"""The daemon's parts wired together: SCP, MLLP listener, scheduler, outbox, pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom import Dataset
+
+from lisplugin.config import Settings
+from lisplugin.dicom.decode import UnusableInstance
+from lisplugin.dicom.scp import StorageSCP
+from lisplugin.hl7.mllp import LisUnreachable, MllpOrderListener, next_retry_delay, send_message
+from lisplugin.hl7.orders import Order
+from lisplugin.service.cases import CaseScheduler
+from lisplugin.service.ingest import InstanceStore, apply_order
+from lisplugin.service.metrics import INSTANCES, ORDERS
+from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
+from lisplugin.service.pipeline import Pipeline
+from lisplugin.storage.db import Database
+from lisplugin.storage.orm import OutboxMessage
+
+log = logging.getLogger(__name__)
+
+
+def hl7_sender(settings: Settings) -> Sender:
+    def send(message: OutboxMessage) -> Delivery:
+        try:
+            ack = send_message(
+                settings.hl7.lis_host,
+                settings.hl7.lis_port,
+                message.payload,
+                timeout=settings.hl7.ack_timeout_seconds,
+            )
+        except LisUnreachable as exc:
+            raise ReceiverUnavailable(str(exc)) from exc
+        return Delivery(accepted=ack.code in ("AA", "CA"), code=ack.code, text=ack.text or "")
+
+    return send
+
+
+class Runtime:
+    """Owns every long-lived part; ``start``/``stop`` bracket the daemon's life."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.storage.path.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.database_url)
+        self.db.migrate()
+        self.store = InstanceStore(self.db, settings.storage.path)
+        hl7 = settings.hl7
+        self.outbox = OutboxWorker(
+            self.db,
+            senders={"hl7": hl7_sender(settings)},
+            backoff=lambda attempt: next_retry_delay(
+                attempt, hl7.retry_initial_seconds, hl7.retry_max_seconds
+            ),
+        )
+        self._pipeline: Pipeline | None = None
+        self._pipeline_lock = threading.Lock()
+        self.scheduler = CaseScheduler(
+            self.db, settings, self.pipeline, on_outbox=self.outbox.notify
+        )
+        self.scp = StorageSCP(settings.dicom, self.store_instance)
+        self.mllp = MllpOrderListener(
+            settings.hl7.listen_host, settings.hl7.listen_port, self.accept_order
+        )
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def pipeline(self) -> Pipeline:
+        """Models are loaded once, on first use or at start-up."""
+        with self._pipeline_lock:
+            if self._pipeline is None:
+                self._pipeline = Pipeline.from_settings(self.settings)
+            return self._pipeline
+
+    def store_instance(self, ds: Dataset, raw: bytes) -> None:
+        try:
+            self.store.store(ds, raw)
+        except UnusableInstance:
+            INSTANCES.labels("quarantined").inc()
+            raise
+        INSTANCES.labels("stored").inc()
+
+    def accept_order(self, order: Order, message: str) -> None:
+        apply_order(self.db, order, message)
+        ORDERS.labels("AA").inc()
+        self.scheduler.wake()
+
+    def wake_scheduler(self) -> None:
+        self.scheduler.wake()
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "models": self._pipeline is not None,
+            "dicom": self.scp_running,
+            "hl7": self._loop is not None and self._loop.is_running(),
+        }
+
+    @property
+    def scp_running(self) -> bool:
+        try:
+            self.scp.port  # noqa: B018 - raises when not listening
+        except RuntimeError:
+            return False
+        return True
+
+    def start(self) -> None:
+        self.pipeline()
+        self.scp.start()
+        ready = threading.Event()
+        self._spawn("mllp", lambda: self._run_mllp(ready))
+        ready.wait(10)
+        self._spawn("scheduler", self.scheduler.run_forever)
+        self._spawn("outbox", self.outbox.run_forever)
+
+    def _spawn(self, name: str, target: Callable[[], Any]) -> None:
+        thread = threading.Thread(target=target, name=f"lisplugin-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _run_mllp(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(self.mllp.start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(self.mllp.stop())
+        loop.close()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.outbox.stop()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self.scp.stop()
+        for thread in self._threads:
+            thread.join(timeout=15)
+        self.db.dispose()
