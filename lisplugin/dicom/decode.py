@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, iter_pixels
-from pydicom.uid import JPEG2000TransferSyntaxes
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
 from lisplugin.core.types import Field
 
@@ -36,6 +37,11 @@ SUPPORTED_PHOTOMETRIC: frozenset[str] = frozenset(
 )
 #: Only meaningful for JPEG 2000 codestreams, whose decoder undoes the colour transform.
 _J2K_ONLY_PHOTOMETRIC = frozenset({"YBR_ICT", "YBR_RCT"})
+#: Codestreams of these syntaxes end with an EOI/EOC marker; decoders quietly grey-fill a
+#: truncated frame, so a missing end marker is caught before decoding.
+_MARKER_TERMINATED = frozenset(
+    [*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes]
+)
 #: UIDs are used as keys and file names downstream, so only the UI character set is allowed.
 _UID_RE = re.compile(r"[0-9.]{1,64}")
 
@@ -86,6 +92,8 @@ def iter_fields(ds: Dataset) -> Iterator[Field]:
 
     uid = str(ds.SOPInstanceUID).strip()
     multi_frame = "NumberOfFrames" in ds
+    if transfer_syntax in _MARKER_TERMINATED:
+        _check_frames_complete(ds)
     shared_spacing = _spacing_um(ds)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     frames = iter_pixels(ds)
@@ -105,6 +113,16 @@ def iter_fields(ds: Dataset) -> Iterator[Field]:
             source=f"{uid}#frame={number}" if multi_frame else uid,
             pixel_spacing_um=spacing,
         )
+
+
+def _check_frames_complete(ds: Dataset) -> None:
+    frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
+            if frame.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+                raise UnusableInstance(f"frame {number} truncated (no end marker)")
+    except ValueError as exc:  # broken item tags or offset table
+        raise UnusableInstance(f"encapsulated pixel data unreadable: {exc}") from exc
 
 
 def field_from_image_file(path: Path | str) -> Field:

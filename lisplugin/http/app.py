@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import FastAPI, HTTPException, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
 
 from lisplugin import __version__
+from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
 from lisplugin.service.metrics import OUTBOX_PENDING, REGISTRY
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
@@ -56,19 +55,6 @@ class AnalyzeAccepted(BaseModel):
     status: CaseStatus
 
 
-def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
-def get_session(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Iterator[Session]:
-    with runtime.db.session() as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
-
 def _summary(case: Case) -> dict[str, Any]:
     return {
         "id": case.id,
@@ -82,13 +68,6 @@ def _summary(case: Case) -> dict[str, Any]:
         "last_instance_at": case.last_instance_at,
         "analysed_at": case.analysed_at,
     }
-
-
-def _case_or_404(session: Session, case_id: int) -> Case:
-    case = session.get(Case, case_id)
-    if case is None:
-        raise HTTPException(status_code=404, detail=f"no case {case_id}")
-    return case
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -144,7 +123,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/api/cases/{case_id}", response_model=CaseDetail, tags=["cases"])
     def get_case(case_id: int, session: SessionDep) -> dict[str, Any]:
-        case = _case_or_404(session, case_id)
+        case = case_or_404(session, case_id)
         messages = session.scalars(
             select(OutboxMessage).where(OutboxMessage.case_id == case.id).order_by(OutboxMessage.id)
         )
@@ -164,7 +143,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     def analyze_case(case_id: int, runtime: RuntimeDep, session: SessionDep) -> dict[str, Any]:
         """Analyse now, without waiting for the case to be stable."""
-        case = _case_or_404(session, case_id)
+        case = case_or_404(session, case_id)
         if not case.instances:
             raise HTTPException(status_code=409, detail=f"case {case_id} has no captures yet")
         case.status = CaseStatus.QUEUED

@@ -32,6 +32,7 @@ STRIDE = 4
 HEAT_ALPHA = 0.54  # Gaussian sigma = alpha * box side / 6 (TTFNet)
 REG_RADIUS = 0.05  # regress where the centre Gaussian is above this
 MEAN, STD = 0.5, 0.25
+MAX_SCALE = 1.4  # random scale range of training crops: 0.7 .. 1.4 x the runtime scale
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -122,10 +123,8 @@ def build_targets(
         region = g >= REG_RADIUS
         region &= (xs > x0) & (xs < x1) & (ys > y0) & (ys < y1)
         if region.any():
-            ltrb[0][region] = (xs - x0)[np.broadcast_to(True, region.shape)][region.ravel()] if False else np.broadcast_to(xs - x0, region.shape)[region]
-            ltrb[1][region] = np.broadcast_to(ys - y0, region.shape)[region]
-            ltrb[2][region] = np.broadcast_to(x1 - xs, region.shape)[region]
-            ltrb[3][region] = np.broadcast_to(y1 - ys, region.shape)[region]
+            for side, dist in enumerate((xs - x0, ys - y0, x1 - xs, y1 - ys)):
+                ltrb[side][region] = np.broadcast_to(dist, region.shape)[region]
             gw = g[region]
             weight[region] = gw / gw.sum() * math.log(max(area[k], 2.0))
         inside = ((xs - cx) / max((x1 - x0) / 2, 1)) ** 2 + ((ys - cy) / max((y1 - y0) / 2, 1)) ** 2
@@ -235,8 +234,13 @@ class Preloaded:
     """Training images decoded once, kept as uint8 with boxes at their own resolution."""
 
     def __init__(self, fields: list[AnnotatedField], repeat: dict[str, int] | None = None) -> None:
-        self.images = [f.load_image() for f in fields]
-        self.boxes = [f.boxes for f in fields]
+        self.images, self.boxes = [], []
+        for f in fields:  # store at the largest training scale: cheaper crops, same pixels
+            image = f.load_image()
+            s = min(1.0, LONG_SIDE * MAX_SCALE / max(image.shape[:2]))
+            size = (round(image.shape[1] * s), round(image.shape[0] * s))
+            self.images.append(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)))
+            self.boxes.append(f.boxes * np.float32(size[0] / image.shape[1]))
         self.labels = [f.labels for f in fields]
         self.weights = np.array([(repeat or {}).get(f.name, 1) for f in fields], np.float64)
 
@@ -394,16 +398,24 @@ def train(args: argparse.Namespace) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = min(200, total // 10 + 1)
 
+    budget = 60 * args.max_minutes
+
+    def progress(step: int) -> float:
+        # the schedule follows steps or the time budget, whichever runs out first, so that a
+        # slower (shared) machine still ends with an annealed model inside the budget
+        return max((step - warmup) / max(1, total - warmup), (time.time() - start) / budget)
+
     def lr_at(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+        return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step)))))
 
     gen = torch.Generator().manual_seed(args.seed)
     prob = data.weights / data.weights.sum()
     best, step = -1.0, 0
     history = []
-    for epoch in range(args.epochs):
+    epoch = 0
+    while epoch < args.epochs and (step < warmup or progress(step) < 1.0):
         t0 = time.time()
         sums: dict[str, float] = {}
         for _ in range(steps_per_epoch):
@@ -419,11 +431,12 @@ def train(args: argparse.Namespace) -> int:
             opt.step()
             step += 1
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        row = {"epoch": epoch + 1, "s": round(time.time() - t0, 1), "lr": round(lr_at(step), 5)}
+                sums[k] = sums.get(k, 0.0) + v.item()
+        epoch += 1
+        row = {"epoch": epoch, "s": round(time.time() - t0, 1), "lr": round(lr_at(step), 5)}
         row.update({k: round(v / steps_per_epoch, 4) for k, v in sums.items()})
-        last = epoch + 1 == args.epochs
-        if (epoch + 1) % args.val_every == 0 or last:
+        last = epoch == args.epochs or progress(step) >= 1.0
+        if epoch % args.val_every == 0 or last:
             row.update(validate(model, val_sets))
             score = float(np.mean([row[k] for k in val_sets]))
             torch.save(model.state_dict(), ckpt_dir / "last.pt")
@@ -433,10 +446,13 @@ def train(args: argparse.Namespace) -> int:
         history.append(row)
         log(json.dumps(row) + f" elapsed {(time.time() - start) / 60:.1f} min")
     model.load_state_dict(torch.load(ckpt_dir / "best.pt"))
-    return finish(model, out, val_sets, info, args, time.time() - start)
+    (ckpt_dir / "history.json").write_text(json.dumps(history, indent=1))
+    return finish(model, out, val_sets, info, args, time.time() - start, epoch)
 
 
-def finish(model: CellNet, out: Path, val_sets: dict, info: dict, args: argparse.Namespace, seconds: float) -> int:
+def finish(
+    model: CellNet, out: Path, val_sets: dict, info: dict, args: argparse.Namespace, seconds: float, epochs_done: int
+) -> int:
     """Pick thresholds on validation, export ONNX and write the card."""
     model.eval()
     items = [it for v in val_sets.values() for it in v]
@@ -453,7 +469,7 @@ def finish(model: CellNet, out: Path, val_sets: dict, info: dict, args: argparse
             "command": "lisplugin train detector " + " ".join(args.argv),
             "wall_time_min": round(seconds / 60, 1),
             "seed": args.seed,
-            "epochs": args.epochs,
+            "epochs": epochs_done,
             "data": {k: v for k, v in info.items() if k != "excluded"},
         },
         "validation_map50": validate(model, val_sets),
@@ -483,6 +499,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--bccd-repeat", type=int, default=2, help="oversample BCCD cbc train")
     parser.add_argument("--val-every", type=int, default=2)
+    parser.add_argument("--max-minutes", type=float, default=50.0, help="training-loop budget")
     parser.add_argument("--version", default="1.0.0")
     args = parser.parse_args(argv)
     args.argv = argv

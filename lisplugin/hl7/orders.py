@@ -1,0 +1,324 @@
+"""Inbound orders: ORM^O01 and OML^O21, HL7 v2.3 to v2.5.1, parsed into a frozen ``Order``.
+
+hl7apy groups the segments by the message structure of the version in MSH-12, so a PID or OBR
+inside an OML prior-result group is never taken for the order's own; python-hl7 reads the field
+values, unescaped. Anything unusable raises ``OrderRejected`` with the HL7 table 0357 code,
+the location and the text that the ACK reports.
+
+The accession number is how captures find their order (DICOM Accession Number, 0008,0050). It is
+the first non-empty of OBR-18 (placer field 1: where IHE scheduled workflow carries the accession
+number that modalities put into the DICOM header), OBR-20 (filler field 1), then OBR-3 and ORC-3
+(filler order number: in laboratory workflows the LIS, as order filler, numbers the specimen's
+order with its accession number). ``Order.accession_source`` says which field it came from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import hl7
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+
+from lisplugin.hl7.ack import ErrorCode, MessageRejected, normalise_segments
+
+SUPPORTED_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
+#: Accepted message types and their one trigger event.
+SUPPORTED_MESSAGES = {"ORM": "O01", "OML": "O21"}
+#: ORC-1 order control codes (HL7 table 0119) this interface acts on.
+ORDER_CONTROLS = ("NW", "XO", "CA", "DC")
+#: Order controls that withdraw an order; they need neither PID nor OBR.
+CANCEL_CONTROLS = ("CA", "DC")
+#: Where the accession number is looked for, first match wins.
+ACCESSION_FIELDS = (("OBR", 18), ("OBR", 20), ("OBR", 3), ("ORC", 3))
+#: Administrative sex, HL7 table 0001; anything else is reported as U.
+SEXES = ("F", "M", "O", "U", "A", "N")
+#: HL7 DTM, YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]; python-hl7 alone accepts more.
+_DTM = re.compile(r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,4})?(?:[+-]\d{4})?")
+
+
+class OrderRejected(MessageRejected):
+    """An inbound order message cannot be taken; the ACK answers AE or AR with this error."""
+
+
+@dataclass(frozen=True)
+class Order:
+    """One order as the LIS sent it; empty strings for fields the message left empty."""
+
+    control_id: str  # MSH-10, echoed in MSA-2 of the ACK
+    message_type: str  # "ORM^O01" or "OML^O21"
+    version: str  # MSH-12
+    order_control: str  # ORC-1: NW, XO, CA or DC
+    placer_order_number: str  # ORC-2, else OBR-2 (entity identifier)
+    filler_order_number: str  # ORC-3, else OBR-3 (entity identifier)
+    accession_number: str
+    accession_source: str  # "OBR-18", "OBR-20", "OBR-3" or "ORC-3"
+    test_code: str  # OBR-4.1
+    test_text: str  # OBR-4.2
+    test_coding_system: str  # OBR-4.3, e.g. LN or L
+    priority: str  # HL7 table 0027 (S = STAT, A = ASAP, R = routine): TQ1-9, OBR-27.6, ORC-7.6
+    patient_id: str  # PID-3, first repetition, CX-1
+    patient_id_authority: str  # PID-3, first repetition, CX-4 (namespace id)
+    patient_family_name: str  # PID-5.1
+    patient_given_name: str  # PID-5.2
+    patient_birth_date: date | None  # PID-7
+    patient_sex: str  # PID-8, HL7 table 0001
+    collected_at: datetime | None  # OBR-7, else SPM-17 (OML)
+    ordering_provider_id: str  # OBR-16, else ORC-12: XCN-1
+    ordering_provider_family_name: str  # XCN-2
+    ordering_provider_given_name: str  # XCN-3
+
+    @property
+    def is_stat(self) -> bool:
+        return self.priority == "S"
+
+    @property
+    def is_cancel(self) -> bool:
+        return self.order_control in CANCEL_CONTROLS
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A segment by name and occurrence in the message: what ERR-2 locations are made of."""
+
+    name: str
+    sequence: int
+
+    def __str__(self) -> str:
+        return f"{self.name}^{self.sequence}"
+
+    def at(self, field: int) -> str:
+        return f"{self}^{field}"
+
+
+def parse_order(text: str) -> Order:
+    """The order in an ORM^O01 or OML^O21 message; ``OrderRejected`` if it cannot be taken."""
+    text = normalise_segments(text)
+    reader = _Reader(text)
+    msh = _Ref("MSH", 1)
+    message_type, version = _check_header(reader, msh)
+    patient, order_group = _groups(text, version, reader)
+    orc = order_group[0]
+    obr = _first(order_group, "OBR")
+    order_control = reader.value(orc, 1).upper()
+    if not order_control:
+        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "ORC-1 order control is empty",
+                            orc.at(1))
+    if order_control not in ORDER_CONTROLS:
+        raise OrderRejected(
+            ErrorCode.TABLE_VALUE_NOT_FOUND,
+            f"ORC-1 order control {order_control} is not one of {', '.join(ORDER_CONTROLS)}",
+            orc.at(1),
+        )
+    pid = _first(patient, "PID")
+    if order_control not in CANCEL_CONTROLS:
+        _check_new_order(reader, pid, obr)
+    accession, source = _accession(reader, orc, obr)
+    birth_date = _timestamp(reader, pid, 7)
+    collected_at = _timestamp(reader, obr, 7) or _timestamp(reader, _first(order_group, "SPM"), 17)
+    provider = obr if reader.value(obr, 16) else orc
+    provider_field = 16 if provider is obr else 12
+    return Order(
+        control_id=reader.value(msh, 10),
+        message_type=message_type,
+        version=version,
+        order_control=order_control,
+        placer_order_number=reader.value(orc, 2) or reader.value(obr, 2),
+        filler_order_number=reader.value(orc, 3) or reader.value(obr, 3),
+        accession_number=accession,
+        accession_source=source,
+        test_code=reader.value(obr, 4),
+        test_text=reader.value(obr, 4, 2),
+        test_coding_system=reader.value(obr, 4, 3),
+        priority=_priority(reader, _first(order_group, "TQ1"), obr, orc),
+        patient_id=reader.value(pid, 3),
+        patient_id_authority=reader.value(pid, 3, 4),
+        patient_family_name=reader.value(pid, 5),
+        patient_given_name=reader.value(pid, 5, 2),
+        patient_birth_date=birth_date.date() if birth_date else None,
+        patient_sex=_sex(reader.value(pid, 8)),
+        collected_at=collected_at,
+        ordering_provider_id=reader.value(provider, provider_field),
+        ordering_provider_family_name=reader.value(provider, provider_field, 2),
+        ordering_provider_given_name=reader.value(provider, provider_field, 3),
+    )
+
+
+class _Reader:
+    """Unescaped field values by segment occurrence (python-hl7), blank where absent."""
+
+    def __init__(self, text: str) -> None:
+        if not text.startswith("MSH"):
+            raise OrderRejected(
+                ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                "the message does not start with an MSH segment",
+                "MSH^1",
+                ack_code="AR",
+            )
+        try:
+            self.message = hl7.parse(text)
+        except Exception as exc:  # python-hl7 raises several kinds on garbage
+            raise OrderRejected(
+                ErrorCode.SEGMENT_SEQUENCE_ERROR, f"unparseable message: {exc}", "MSH^1",
+                ack_code="AR",
+            ) from exc
+
+    def value(self, ref: _Ref | None, field: int, component: int = 1, sub: int = 1) -> str:
+        if ref is None:
+            return ""
+        try:
+            value = self.message.extract_field(ref.name, ref.sequence, field, 1, component, sub)
+        except (IndexError, KeyError):
+            return ""
+        return str(value).strip()
+
+
+def _check_header(reader: _Reader, msh: _Ref) -> tuple[str, str]:
+    """MSH-9, -10, -11 and -12 acceptable, else AR; returns message type and version."""
+    message_type = reader.value(msh, 9).upper()
+    trigger = reader.value(msh, 9, 2).upper()
+    if message_type not in SUPPORTED_MESSAGES:
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+            f"message type {message_type or '(empty)'} is not accepted: send ORM^O01 or OML^O21",
+            msh.at(9),
+        )
+    expected = SUPPORTED_MESSAGES[message_type]
+    if trigger and trigger != expected:
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_EVENT_CODE,
+            f"{message_type}^{trigger} is not accepted: {message_type} must be {expected}",
+            f"{msh.at(9)}^1^2",
+        )
+    if not reader.value(msh, 10):
+        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-10 message control id is empty",
+                            msh.at(10), ack_code="AR")
+    processing_id = reader.value(msh, 11).upper()
+    if processing_id not in ("", "P", "T", "D"):
+        raise OrderRejected(ErrorCode.UNSUPPORTED_PROCESSING_ID,
+                            f"MSH-11 processing id {processing_id} is not P, T or D", msh.at(11))
+    version = reader.value(msh, 12)
+    if not version:
+        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-12 version id is empty",
+                            msh.at(12), ack_code="AR")
+    if version not in SUPPORTED_VERSIONS:
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_VERSION_ID,
+            f"version {version} is not supported: send one of {', '.join(SUPPORTED_VERSIONS)}",
+            msh.at(12),
+        )
+    return f"{message_type}^{expected}", version
+
+
+def _groups(text: str, version: str, reader: _Reader) -> tuple[list[Any], list[Any]]:
+    """The patient group and the one order group, as flat lists of segment refs.
+
+    A group here is a list whose items are ``_Ref`` (a segment) or lists (sub-groups), in
+    message order; prior-result groups of OML are left out.
+    """
+    try:
+        tree = parse_message(text, find_groups=True, validation_level=VALIDATION_LEVEL.TOLERANT)
+    except Exception as exc:  # hl7apy raises many kinds on malformed input
+        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                            f"message structure could not be read: {exc}", "MSH^1",
+                            ack_code="AR") from exc
+    counts: dict[str, int] = {}
+    top = [(child.name, _as_refs(child, counts)) for child in tree.children]
+    patients = [group for name, group in top if name.endswith("_PATIENT")]
+    orders = [group for name, group in top if name.endswith("_ORDER")]
+    if not orders:
+        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                            "no ORC segment: the message holds no order", "ORC^1")
+    for group in orders:
+        first = next(_flatten(group))
+        if first.name != "ORC":
+            raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                                f"{first.name} appears before its ORC segment", str(first))
+    names = [name for name, _ in top]
+    first_order = next(i for i, name in enumerate(names) if name.endswith("_ORDER"))
+    if len(patients) > 1 or any(n.endswith("_PATIENT") for n in names[first_order:]):
+        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                            "the PID segment must come once, before the first ORC", "PID^1")
+    if len(orders) > 1:
+        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                            "only one order (ORC group) per message is supported", "ORC^2")
+    return (patients[0] if patients else []), orders[0]
+
+
+def _as_refs(element: Any, counts: dict[str, int]) -> Any:
+    """An hl7apy segment as a ``_Ref``, a group as a list of those (prior results dropped)."""
+    if element.classname == "Segment":
+        counts[element.name] = counts.get(element.name, 0) + 1
+        return _Ref(element.name, counts[element.name])
+    refs = [_as_refs(child, counts) for child in element.children]
+    return [] if "PRIOR" in element.name else refs
+
+
+def _flatten(group: list[Any]) -> Iterator[_Ref]:
+    for item in group:
+        if isinstance(item, _Ref):
+            yield item
+        else:
+            yield from _flatten(item)
+
+
+def _first(group: list[Any], name: str) -> _Ref | None:
+    return next((ref for ref in _flatten(group) if ref.name == name), None)
+
+
+def _check_new_order(reader: _Reader, pid: _Ref | None, obr: _Ref | None) -> None:
+    """A new or changed order needs a patient and a requested test."""
+    if pid is None:
+        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR, "PID segment missing", "PID^1")
+    if not reader.value(pid, 3):
+        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "PID-3 patient identifier is empty",
+                            pid.at(3))
+    if obr is None:
+        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR, "OBR segment missing", "OBR^1")
+    if not reader.value(obr, 4):
+        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING,
+                            "OBR-4 universal service identifier is empty", obr.at(4))
+
+
+def _accession(reader: _Reader, orc: _Ref, obr: _Ref | None) -> tuple[str, str]:
+    for name, field in ACCESSION_FIELDS:
+        value = reader.value(obr if name == "OBR" else orc, field)
+        if value:
+            return value, f"{name}-{field}"
+    where = obr.at(18) if obr else orc.at(3)
+    raise OrderRejected(
+        ErrorCode.REQUIRED_FIELD_MISSING,
+        "no accession number: OBR-18, OBR-20, OBR-3 and ORC-3 are all empty",
+        where,
+    )
+
+
+def _timestamp(reader: _Reader, ref: _Ref | None, field: int) -> datetime | None:
+    """An HL7 TS/DTM field (first component), ``None`` when empty; 102 when malformed."""
+    value = reader.value(ref, field)
+    if ref is None or not value:
+        return None
+    try:
+        if not _DTM.fullmatch(value):
+            raise ValueError("expected YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]")
+        return hl7.parse_datetime(value)
+    except ValueError as exc:
+        raise OrderRejected(ErrorCode.DATA_TYPE_ERROR,
+                            f"{ref.name}-{field} {value!r} is not an HL7 date/time: {exc}",
+                            ref.at(field)) from exc
+
+
+def _priority(reader: _Reader, tq1: _Ref | None, obr: _Ref | None, orc: _Ref) -> str:
+    value = (
+        reader.value(tq1, 9) or reader.value(obr, 27, 6) or reader.value(orc, 7, 6)
+    ).upper()
+    return "S" if value == "STAT" else value
+
+
+def _sex(value: str) -> str:
+    value = value.upper()
+    return value if value in SEXES or not value else "U"

@@ -1,0 +1,199 @@
+"""Leukocyte classifier: training and ONNX export, the shipped model, metrics, crop geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from lisplugin.config import DEFAULT_MODELS_DIR
+from lisplugin.core.crops import leukocyte_crop, pbc_scale, resize_rgb
+from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.evaluation.differential import differential_metrics, expected_calibration_error
+from lisplugin.inference.classifier import OnnxLeukocyteClassifier
+from lisplugin.inference.registry import file_sha256, load_card
+from lisplugin.training import classifier as training
+from lisplugin.training.augment import photometric
+
+# --- training and export -------------------------------------------------------------------
+
+
+def test_train_few_steps_and_onnx_matches_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    size = 32
+    images = rng.integers(0, 256, (24, size, size, 3), dtype=np.uint8)
+    labels = np.arange(24) % len(LEUKOCYTE_CLASSES)
+    model = training.LeukocyteNet(len(LEUKOCYTE_CLASSES))
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    before = [p.detach().clone() for p in model.parameters()]
+    model, history = training.train(
+        model, images, labels, images[:8], labels[:8], mean, std, epochs=1, batch_size=8,
+        max_steps=3, log=lambda _: None,
+    )  # fmt: skip
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+    path = tmp_path / "m.onnx"
+    training.export_onnx(model, path, size)
+    x = torch.randn(5, 3, size, size)  # batch of 5: the exported batch axis must be dynamic
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_temperature_recovers_overconfidence() -> None:
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(size=(4000, 4)) * 2
+    labels = np.array([rng.choice(4, p=p) for p in training.softmax(true_logits)])
+    assert training.fit_temperature(true_logits * 3, labels) == pytest.approx(3, rel=0.1)
+
+
+def test_train_cli_on_a_handful_of_pbc_images(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "models"
+    argv = ["--data", str(shared_data / "pbc"), "--out", str(out), "--limit", "16"]
+    assert training.cli([*argv, "--epochs", "1", "--input-size", "32", "--batch-size", "8"]) == 0
+    card = load_card(out, "leukocyte-classifier")
+    assert card["input_size"] == 32 and card["classes"] == list(LEUKOCYTE_CLASSES)
+    probs = OnnxLeukocyteClassifier(card).classify([np.zeros((160, 160, 3), np.uint8)])
+    assert probs.shape == (1, 8) and probs.sum() == pytest.approx(1.0)
+
+
+def test_photometric_keeps_shape_range_and_is_reproducible() -> None:
+    x = torch.rand(6, 3, 37, 45)
+    a = photometric(x, torch.Generator().manual_seed(3))
+    b = photometric(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert not torch.allclose(a, x)
+    assert torch.allclose(photometric(x, torch.Generator().manual_seed(3), strength=0.0), x)
+
+
+# --- the shipped model ---------------------------------------------------------------------
+
+
+def test_shipped_model_loads_through_its_card_and_gives_probabilities() -> None:
+    card = load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier")
+    assert file_sha256(card.onnx_path) == card.sha256
+    assert card.onnx_path.stat().st_size < 8_000_000
+    assert sorted(card["classes"]) == sorted(LEUKOCYTE_CLASSES)
+    assert card["temperature"] > 0 and len(card["mean"]) == len(card["std"]) == 3
+    classifier = OnnxLeukocyteClassifier(card)
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for _ in range(3)]
+    crops.append(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))  # any size is resized
+    probs = classifier.classify(crops)
+    assert probs.shape == (4, len(card["classes"]))
+    assert np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1.0)
+    assert classifier.classify([]).shape == (0, len(card["classes"]))
+
+
+def test_shipped_model_recognises_pbc_crops(shared_data: Path) -> None:
+    classifier = OnnxLeukocyteClassifier(load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier"))
+    from lisplugin.training.pbc import load_rgb, read_samples, select
+
+    test = select(read_samples(shared_data / "pbc"), "test")
+    picked = [next(s for s in test if s.label == c) for c in classifier.classes]
+    probs = classifier.classify([load_rgb(s.path) for s in picked])
+    hits = probs.argmax(axis=1) == np.arange(len(picked))
+    assert hits.sum() >= len(picked) - 1  # one slip among eight cells is tolerated
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def test_differential_metrics_hand_computed() -> None:
+    y_true = [0, 0, 1, 2]
+    y_prob = np.array(
+        [
+            [0.9, 0.05, 0.05],  # right, confidence 0.9
+            [0.4, 0.6, 0.0],  # wrong (0 -> 1), confidence 0.6
+            [0.2, 0.7, 0.1],  # right, confidence 0.7
+            [0.0, 0.0, 1.0],  # right, confidence 1.0
+        ]
+    )
+    m = differential_metrics(y_true, y_prob, ["a", "b", "c"])
+    assert m["n"] == 4
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["confusion"] == {"labels": ["a", "b", "c"], "matrix": [[1, 1, 0], [0, 1, 0], [0, 0, 1]]}
+    assert m["per_class"]["a"]["recall"] == pytest.approx(0.5)
+    assert m["per_class"]["a"]["precision"] == pytest.approx(1.0)
+    assert m["per_class"]["b"]["recall"] == pytest.approx(1.0)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(0.5)
+    # F1: a = b = 2/3, c = 1 -> macro 7/9
+    assert m["macro_f1"] == pytest.approx(7 / 9)
+    # every sample in its own bin: (|1-.9| + |0-.6| + |1-.7| + |1-1|) / 4
+    assert m["ece"] == pytest.approx(0.25)
+
+
+def test_ece_shares_bins_and_unpredicted_class_scores_zero() -> None:
+    # both at confidence 0.8, one right: bin accuracy 0.5 -> ECE 0.3
+    probs = np.array([[0.8, 0.2], [0.8, 0.2]])
+    assert expected_calibration_error(np.array([0, 1]), probs) == pytest.approx(0.3)
+    m = differential_metrics([0, 1], probs, ["x", "y"])
+    assert m["per_class"]["y"] == {"recall": 0.0, "precision": 0.0, "f1": 0.0, "support": 1}
+    # a class without support stays out of the macro average
+    m = differential_metrics([0, 0], np.array([[0.9, 0.1, 0], [0.7, 0.3, 0]]), ["x", "y", "z"])
+    assert m["macro_f1"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        differential_metrics([0], np.ones((1, 2)) / 2, ["x", "y", "z"])
+
+
+# --- crop geometry -------------------------------------------------------------------------
+
+BACKGROUND = (230, 200, 210)
+
+
+def _field(size: int = 400) -> np.ndarray:
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = BACKGROUND
+    return image
+
+
+def test_pbc_scale_prefers_spacing_then_rbc_size_then_box() -> None:
+    box = (0.0, 0.0, 120.0, 120.0)
+    assert pbc_scale(0.3, 50.0, box) == pytest.approx(1.0)
+    assert pbc_scale(0.075, None, box) == pytest.approx(0.25)
+    assert pbc_scale(None, 100.0, box) == pytest.approx(0.25)  # BCCD-like magnification
+    assert pbc_scale(None, None, box) == pytest.approx(0.5)  # 120 px box -> 60 PBC px
+
+
+def test_crop_at_pbc_scale_is_centred_window() -> None:
+    image = _field()
+    image[180:220, 180:220] = 255  # a 40 px "cell" centred at (200, 200)
+    crop = leukocyte_crop(image, (180, 180, 220, 220), scale=1.0)
+    assert crop.shape == (160, 160, 3)
+    assert (crop[60:100, 60:100] == 255).all()
+    assert tuple(crop[59, 80]) == BACKGROUND and tuple(crop[80, 100]) == BACKGROUND
+
+
+def test_crop_rescales_a_high_magnification_field() -> None:
+    image = _field(800)
+    yy, xx = np.mgrid[:800, :800]
+    image[(yy - 400) ** 2 + (xx - 400) ** 2 <= 50**2] = 0  # a red cell 100 px across
+    scale = pbc_scale(None, 100.0, (350, 350, 450, 450))
+    crop = leukocyte_crop(image, (350, 350, 450, 450), scale)
+    width = int((crop[80].astype(int).sum(axis=1) < 300).sum())
+    assert abs(width - 25) <= 2  # the cell is now ~25 px across, as in PBC
+    assert crop.shape == (160, 160, 3)
+    assert leukocyte_crop(image, (350, 350, 450, 450), scale, out_size=64).shape == (64, 64, 3)
+
+
+def test_crop_at_the_edge_pads_with_background() -> None:
+    image = _field()
+    image[0:20, 0:20] = 0  # a dark cell in the top-left corner
+    crop = leukocyte_crop(image, (0, 0, 20, 20), scale=1.0)
+    assert (crop[70:90, 70:90] == 0).all()  # the cell stays in the centre
+    assert tuple(crop[10, 10]) == BACKGROUND and tuple(crop[150, 150]) == BACKGROUND
+
+
+def test_resize_rgb_keeps_flat_colour_and_size() -> None:
+    flat = np.full((37, 53, 3), 77, np.uint8)
+    assert (resize_rgb(flat, 64) == 77).all() and (resize_rgb(flat, 8) == 77).all()
+    image = np.arange(160 * 160 * 3, dtype=np.uint8).reshape(160, 160, 3)
+    assert resize_rgb(image, 160) is image
