@@ -87,6 +87,7 @@ def jpeg_instance(pixels: np.ndarray, jpeg: bytes | None = None) -> Dataset:
     ds.PixelRepresentation = 0
     ds.PixelData = encapsulate([jpeg])
     ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True  # encapsulated: required by PS3.5 A.4
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     return ds
 

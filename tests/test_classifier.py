@@ -120,7 +120,10 @@ def test_differential_metrics_hand_computed() -> None:
     m = differential_metrics(y_true, y_prob, ["a", "b", "c"])
     assert m["n"] == 4
     assert m["accuracy"] == pytest.approx(0.75)
-    assert m["confusion"] == {"labels": ["a", "b", "c"], "matrix": [[1, 1, 0], [0, 1, 0], [0, 0, 1]]}
+    assert m["confusion"] == {
+        "labels": ["a", "b", "c"],
+        "matrix": [[1, 1, 0], [0, 1, 0], [0, 0, 1]],
+    }
     assert m["per_class"]["a"]["recall"] == pytest.approx(0.5)
     assert m["per_class"]["a"]["precision"] == pytest.approx(1.0)
     assert m["per_class"]["b"]["recall"] == pytest.approx(1.0)

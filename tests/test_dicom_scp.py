@@ -36,6 +36,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 
 from lisplugin.dicom.decode import UnusableInstance
@@ -160,6 +161,7 @@ def test_each_transfer_syntax_round_trips_to_pixels(
     kept = dcmread(io.BytesIO(raw))
     assert kept.file_meta.TransferSyntaxUID == syntax  # stored as sent, not re-encoded
     assert kept.SOPInstanceUID == sent.SOPInstanceUID
+    assert kept.file_meta.SourceApplicationEntityTitle == "TESTSCU"
     if syntax.is_compressed:
         assert kept.PixelData == sent.PixelData
     assert [f.source for f in fields] == [str(sent.SOPInstanceUID)]
@@ -281,6 +283,41 @@ def test_bad_input_gets_documented_status_and_server_keeps_serving(
     assert len(status.ErrorComment) <= 64
     assert recorder.stored == []
     _assert_still_serving(scp_port, recorder)
+
+
+@pytest.mark.parametrize(
+    ("in_meta", "keyword", "value", "comment"),
+    [
+        (True, "MediaStorageSOPInstanceUID", "1.2.3.4", "SOP Instance UID differs from request"),
+        (False, "SOPClassUID", str(CTImageStorage), "SOP Class UID differs from request"),
+    ],
+)
+def test_request_and_data_set_must_agree(
+    in_meta: bool,
+    keyword: str,
+    value: str,
+    comment: str,
+    scp_port: int,
+    recorder: Recorder,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In chunked mode pynetdicom sends a file's bytes with the UIDs of its file meta."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ds = instance(PIXELS)
+    ds.preamble = b"\x00" * 128
+    setattr(ds.file_meta if in_meta else ds, keyword, value)
+    path = tmp_path / "instance.dcm"
+    ds.save_as(path)  # not enforce_file_format, which would reset the meta UIDs
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp_port, ae_title=SCP_AET)
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert (status.Status, status.ErrorComment) == (DATASET_DOES_NOT_MATCH_SOP_CLASS, comment)
+    assert recorder.stored == []
 
 
 def test_storage_failure_is_out_of_resources(scp_port: int, recorder: Recorder) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -22,8 +23,10 @@ from lisplugin.dicom.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
 
-#: The application's durable store: keeps ``raw`` (a DICOM Part 10 file) and records it before
-#: returning. Raising ``UnusableInstance`` refuses the instance; anything else is a storage fault.
+#: The application's durable store: keeps ``raw`` (a DICOM Part 10 file, data set bytes as
+#: received) and records it before returning. Raising ``UnusableInstance`` refuses the instance;
+#: anything else is a storage fault. The calling AE title is in both files' meta as (0002,0016)
+#: Source Application Entity Title. Called from several association threads at once.
 StoreCallback = Callable[[Dataset, bytes], None]
 
 SUCCESS = 0x0000
@@ -42,6 +45,7 @@ STORE_STATUSES: dict[int, str] = {
     CANNOT_UNDERSTAND: "Error: Cannot understand",
 }
 
+PREAMBLE = b"\x00" * 128 + b"DICM"
 #: (0000,0902) Error Comment is LO: at most 64 characters, no backslash or control characters.
 ERROR_COMMENT_MAX = 64
 
@@ -101,6 +105,7 @@ class StorageSCP:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
+            ds.file_meta.SourceApplicationEntityTitle = calling
             sop_class = str(ds.get("SOPClassUID", "") or "")
             if sop_class != str(request.AffectedSOPClassUID):
                 raise UnusableInstance("SOP Class UID differs from request", identity=True)
@@ -113,7 +118,14 @@ class StorageSCP:
             log.warning("C-STORE %s from %s: undecodable data set: %s", sop_uid, calling, exc)
             return _status(CANNOT_UNDERSTAND, f"undecodable data set: {exc}")
         try:
-            self._store(ds, event.encoded_dataset(include_meta=True))
+            raw = b"".join(
+                (
+                    PREAMBLE,
+                    encode_file_meta(ds.file_meta),
+                    event.encoded_dataset(include_meta=False),
+                )
+            )
+            self._store(ds, raw)
         except UnusableInstance as exc:
             return self._refuse(exc, calling, sop_uid)
         except Exception as exc:

@@ -1,14 +1,16 @@
 """``lisplugin send``: push DICOM files and plain microscope captures to a Storage SCP.
 
-DICOM files go as they are (their bytes, in their own transfer syntax). JPEG and PNG captures
-from microscopes without a DICOM interface are wrapped as VL Microscopic Image instances: a
-baseline JPEG keeps its compressed bytes (no second lossy generation), anything else is stored
-as uncompressed RGB. All captures wrapped by one ``send`` call share one study and series.
+DICOM files go as they are (their own transfer syntax, element values unchanged). JPEG and
+PNG captures from microscopes without a DICOM interface are wrapped as VL Microscopic Image
+instances: a baseline JPEG keeps its compressed bytes (no second lossy generation), anything
+else is stored as uncompressed RGB. All captures wrapped by one ``send`` call share one study
+and series.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 from collections.abc import Iterable
@@ -20,6 +22,7 @@ from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
@@ -32,8 +35,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
-from lisplugin import __version__
-from lisplugin.dicom.decode import field_from_image_file
+from lisplugin.dicom.decode import UnusableInstance, field_from_image_file
 from lisplugin.dicom.sop import UNCOMPRESSED_TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,16 @@ class SendResult:
     def ok(self) -> bool:
         """Success or one of the storage warnings (0xB000, 0xB006, 0xB007)."""
         return self.status is not None and (self.status == 0 or self.status & 0xF000 == 0xB000)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A file ready to send: a DICOM file's path or a wrapped capture's data set."""
+
+    path: Path
+    payload: Path | Dataset
+    sop_class: UID
+    syntax: UID
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ def wrap_image_as_vl_microscopic(
     ds.InstanceNumber = instance_number
     frame = _jpeg_frame(data)
     photometric = _baseline_photometric(frame) if frame is not None else None
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):  # trailer after EOI: receivers refuse
+        photometric = None
     if frame is not None and photometric is not None:
         ds.SamplesPerPixel = len(frame.components)
         ds.PhotometricInterpretation = photometric
@@ -102,6 +116,7 @@ def wrap_image_as_vl_microscopic(
             ds.PlanarConfiguration = 0
         ds.PixelData = encapsulate([data])
         ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True  # encapsulated: required by PS3.5 A.4
         ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
         uncompressed = ds.Rows * ds.Columns * ds.SamplesPerPixel
         _mark_lossy(ds, f"{uncompressed / len(data):.2f}")
@@ -126,49 +141,56 @@ def send(
     patient_id: str = "",
     accession: str = "",
 ) -> list[SendResult]:
-    """C-STORE every DICOM/JPEG/PNG file in ``paths`` (folders walked) over one association."""
+    """C-STORE every DICOM/JPEG/PNG file in ``paths`` (folders walked) over one association.
+
+    Results come in the order of the files; ``patient_id`` and ``accession`` only go into
+    wrapped JPEG/PNG captures (DICOM files already carry theirs).
+    """
     study_uid, series_uid = generate_uid(), generate_uid()
-    items: list[tuple[Path, Dataset | Path, UID, UID]] = []
-    results: list[SendResult] = []
+    prepared: list[_Item | SendResult] = []
     wrapped = 0
     for path, explicit in _files(paths):
         kind = _kind(path)
-        if kind == "dicom":
-            meta = read_file_meta_info(path)
-            items.append(
-                (path, path, UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID))
-            )
-        elif kind == "image":
-            wrapped += 1
-            ds = wrap_image_as_vl_microscopic(
-                path,
-                patient_id=patient_id,
-                accession=accession,
-                study_uid=study_uid,
-                series_uid=series_uid,
-                instance_number=wrapped,
-            )
-            items.append((path, ds, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
-        elif explicit:
-            results.append(SendResult(path, None, "not a DICOM, JPEG or PNG file"))
-        else:
-            log.debug("skipping %s: not a DICOM, JPEG or PNG file", path)
+        try:
+            if kind == "dicom":
+                meta = read_file_meta_info(path)
+                sop_class, syntax = meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID
+                prepared.append(_Item(path, path, UID(sop_class), UID(syntax)))
+            elif kind == "image":
+                wrapped += 1
+                ds = wrap_image_as_vl_microscopic(
+                    path,
+                    patient_id=patient_id,
+                    accession=accession,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    instance_number=wrapped,
+                )
+                prepared.append(_Item(path, ds, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID))
+            elif explicit:
+                prepared.append(SendResult(path, None, "not a DICOM, JPEG or PNG file"))
+            else:
+                log.debug("skipping %s: not a DICOM, JPEG or PNG file", path)
+        except (OSError, AttributeError, InvalidDicomError, UnusableInstance) as exc:
+            prepared.append(SendResult(path, None, f"unreadable: {exc}"))
+    items = [item for item in prepared if isinstance(item, _Item)]
     if not items:
-        return results
+        return [item for item in prepared if isinstance(item, SendResult)]
 
-    contexts = _contexts((sop_class, syntax) for _, _, sop_class, syntax in items)
     ae = AE(ae_title=calling_aet)
+    contexts = _contexts((item.sop_class, item.syntax) for item in items)
     assoc = ae.associate(host, port, contexts=contexts, ae_title=called_aet)
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "association failed"
-        return results + [SendResult(path, None, reason) for path, *_ in items]
+        return [
+            SendResult(item.path, None, reason) if isinstance(item, _Item) else item
+            for item in prepared
+        ]
     try:
-        for path, payload, sop_class, syntax in items:
-            results.append(_store_one(assoc, path, payload, sop_class, syntax))
+        return [_store_one(assoc, item) if isinstance(item, _Item) else item for item in prepared]
     finally:
         if assoc.is_established:
             assoc.release()
-    return results
 
 
 def cli(argv: list[str]) -> int:
@@ -203,26 +225,22 @@ def cli(argv: list[str]) -> int:
     return 1 if failed or not results else 0
 
 
-def _store_one(
-    assoc: Association, path: Path, payload: Dataset | Path, sop_class: UID, syntax: UID
-) -> SendResult:
-    """One C-STORE; a file goes as its own bytes when its transfer syntax was accepted."""
-    accepted = {
-        cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class
-    }
-    if not accepted:
-        return SendResult(path, None, "SOP class not accepted by the peer")
-    if isinstance(payload, Path) and syntax not in accepted:
-        if syntax.is_compressed or not accepted & set(UNCOMPRESSED_TRANSFER_SYNTAXES):
-            return SendResult(path, None, f"transfer syntax {syntax.name} not accepted")
-        payload = dcmread(payload)  # pynetdicom re-encodes it in an accepted native syntax
+def _store_one(assoc: Association, item: _Item) -> SendResult:
+    """One C-STORE. pydicom keeps the elements' encoded values, so a file read and sent in its
+    own syntax goes unchanged; a native one is converted only if its syntax was refused."""
+    if not any(cx.abstract_syntax == item.sop_class for cx in assoc.accepted_contexts):
+        return SendResult(item.path, None, "SOP class not accepted by the peer")
+    if not assoc.is_established:
+        return SendResult(item.path, None, "association lost")
     try:
-        status = assoc.send_c_store(payload)
-    except (OSError, ValueError, AttributeError) as exc:
-        return SendResult(path, None, f"not sent: {exc}")
+        payload = item.payload
+        status = assoc.send_c_store(payload if isinstance(payload, Dataset) else dcmread(payload))
+    except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
+        return SendResult(item.path, None, f"not sent: {exc}")  # unreadable or no context
     if "Status" not in status:
-        return SendResult(path, None, "no response (association lost)")
-    return SendResult(path, int(status.Status), str(status.get("ErrorComment", "") or ""))
+        return SendResult(item.path, None, "no response (association lost)")
+    comment = str(status.get("ErrorComment", "") or "")
+    return SendResult(item.path, int(status.Status), comment)
 
 
 def _contexts(pairs: Iterable[tuple[UID, UID]]) -> list[PresentationContext]:
@@ -263,7 +281,7 @@ def _files(paths: Iterable[Path | str]) -> Iterable[tuple[Path, bool]]:
 
 
 def _kind(path: Path) -> str | None:
-    """ "dicom" (Part 10 file), "image" (JPEG/PNG) or None, decided by content."""
+    """By content: "dicom" (Part 10 file), "image" (JPEG or PNG) or None."""
     try:
         with path.open("rb") as handle:
             head = handle.read(132)
@@ -308,7 +326,7 @@ def _vl_microscopic_header(
     ds.SeriesNumber = 1
     # General Equipment: the camera is unknown, the converting software is not.
     ds.Manufacturer = ""
-    ds.SoftwareVersions = f"lisplugin {__version__}"
+    ds.SoftwareVersions = f"lisplugin {importlib.metadata.version('lisplugin')}"
     # General Image and VL Image
     ds.PatientOrientation = ""
     ds.ContentDate = captured.strftime("%Y%m%d")

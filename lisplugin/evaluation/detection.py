@@ -1,4 +1,4 @@
-"""Cell-detection metrics (COCO-style mAP, recall, count accuracy) and ``lisplugin evaluate detection``.
+"""Cell-detection metrics (COCO-style mAP, recall, count accuracy) and the evaluate command.
 
 The metric functions are pure numpy so that they can be checked by hand and against
 faster-coco-eval. AP follows the COCO definition: greedy matching of score-sorted detections to
@@ -160,7 +160,8 @@ def detection_report(
         report["ap"][kind] = average_precision(gts, preds, i, 0.5)
         report["recall"][kind] = recall_at(gts, operating, i, 0.5)
         acc, n = count_accuracy(
-            [int((g.labels == i).sum()) for g in gts], [int((p.labels == i).sum()) for p in operating]
+            [int((g.labels == i).sum()) for g in gts],
+            [int((p.labels == i).sum()) for p in operating],
         )
         report["count_accuracy"][kind] = acc
         report["count_images"][kind] = n

@@ -5,12 +5,15 @@ MSH-11, MSH-12, unparseable) or cannot be processed now for reasons unrelated to
 (internal error: the sender should retry later); AE when the content is wrong (missing or
 malformed fields, unknown table values). One ERR segment carries the HL7 table 0357 code, the
 location and a readable message; ERR-1 and MSA-3 repeat them for v2.3/v2.4 receivers.
+
+Also here: the small helpers every HL7 builder and reader of this package shares.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
 
 import hl7
 from hl7.util import generate_message_control_id
@@ -112,13 +115,14 @@ def build_ack(
         (msh.msh_6, header.facility),
     ):
         if value:
-            field.hd_1.value = datatype_factory("IS", value, version=ACK_VERSION)
+            field.hd_1.value = text_value("IS", value)
+    msh.msh_7 = hl7_timestamp(datetime.now().astimezone())
     msh.msh_9 = f"ACK^{header.trigger}^ACK" if header.trigger.isalnum() else "ACK^^ACK"
     msh.msh_10 = generate_message_control_id()
     msh.msh_11 = header.processing_id if header.processing_id in ("P", "T", "D") else "P"
     ack.msa.msa_1 = error.ack_code if error else "AA"
     if header.control_id:
-        ack.msa.msa_2.value = _text("ST", header.control_id)
+        ack.msa.msa_2.value = text_value("ST", header.control_id)
     if error is not None:
         _add_err(ack, error)
     if header.control_id:
@@ -128,7 +132,7 @@ def build_ack(
 
 def _add_err(ack: Message, error: MessageRejected) -> None:
     code = f"{int(error.code)}^{error.code.text}^HL70357"
-    ack.msa.msa_3.value = _text("ST", error.text[:80])
+    ack.msa.msa_3.value = text_value("ST", error.text[:80])
     err = ack.add_segment("ERR")
     segment, sequence, field = [*error.location.split("^"), "", ""][:3]
     if segment:
@@ -136,7 +140,7 @@ def _add_err(ack: Message, error: MessageRejected) -> None:
         err.err_2 = error.location
     err.err_3 = code
     err.err_4 = "E"
-    err.err_8.value = _text("TX", error.text)
+    err.err_8.value = text_value("TX", error.text)
 
 
 class ReceivedHeader:
@@ -173,6 +177,23 @@ def normalise_segments(text: str) -> str:
     return "\r".join(line for line in lines if line.strip())
 
 
-def _text(datatype: str, value: str):  # type: ignore[no-untyped-def]
-    """A text value hl7apy escapes (| ^ ~ \\ &) instead of parsing; line breaks become spaces."""
-    return datatype_factory(datatype, " ".join(value.split()), version=ACK_VERSION)
+def text_value(datatype: str, value: str) -> Any:
+    """A text value hl7apy escapes (| ^ ~ \\ &) rather than parses; line breaks become spaces."""
+    return datatype_factory(
+        datatype,
+        " ".join(value.split()),
+        version=ACK_VERSION,
+        validation_level=VALIDATION_LEVEL.TOLERANT,
+    )
+
+
+def set_field(field: Any, *components: str) -> None:
+    """Assign components, escaping HL7 delimiters in each; nothing when all are empty."""
+    escaped = "^".join(text_value("ST", c).to_er7() if c else "" for c in components)
+    if escaped.rstrip("^"):
+        field.value = escaped.rstrip("^")
+
+
+def hl7_timestamp(moment: datetime) -> str:
+    """HL7 DTM to the second, with the UTC offset when ``moment`` knows it."""
+    return moment.strftime("%Y%m%d%H%M%S%z" if moment.tzinfo else "%Y%m%d%H%M%S")

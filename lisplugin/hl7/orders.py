@@ -101,25 +101,26 @@ def parse_order(text: str) -> Order:
     reader = _Reader(text)
     msh = _Ref("MSH", 1)
     message_type, version = _check_header(reader, msh)
-    patient, order_group = _groups(text, version, reader)
-    orc = order_group[0]
-    obr = _first(order_group, "OBR")
+    patient, order_group = _groups(text)
+    orc = next(order_group.segments())
+    obr = order_group.first("OBR")
     order_control = reader.value(orc, 1).upper()
     if not order_control:
-        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "ORC-1 order control is empty",
-                            orc.at(1))
+        raise OrderRejected(
+            ErrorCode.REQUIRED_FIELD_MISSING, "ORC-1 order control is empty", orc.at(1)
+        )
     if order_control not in ORDER_CONTROLS:
         raise OrderRejected(
             ErrorCode.TABLE_VALUE_NOT_FOUND,
             f"ORC-1 order control {order_control} is not one of {', '.join(ORDER_CONTROLS)}",
             orc.at(1),
         )
-    pid = _first(patient, "PID")
+    pid = patient.first("PID") if patient else None
     if order_control not in CANCEL_CONTROLS:
         _check_new_order(reader, pid, obr)
     accession, source = _accession(reader, orc, obr)
     birth_date = _timestamp(reader, pid, 7)
-    collected_at = _timestamp(reader, obr, 7) or _timestamp(reader, _first(order_group, "SPM"), 17)
+    collected_at = _timestamp(reader, obr, 7) or _timestamp(reader, order_group.first("SPM"), 17)
     provider = obr if reader.value(obr, 16) else orc
     provider_field = 16 if provider is obr else 12
     return Order(
@@ -134,7 +135,7 @@ def parse_order(text: str) -> Order:
         test_code=reader.value(obr, 4),
         test_text=reader.value(obr, 4, 2),
         test_coding_system=reader.value(obr, 4, 3),
-        priority=_priority(reader, _first(order_group, "TQ1"), obr, orc),
+        priority=_priority(reader, order_group.first("TQ1"), obr, orc),
         patient_id=reader.value(pid, 3),
         patient_id_authority=reader.value(pid, 3, 4),
         patient_family_name=reader.value(pid, 5),
@@ -163,7 +164,9 @@ class _Reader:
             self.message = hl7.parse(text)
         except Exception as exc:  # python-hl7 raises several kinds on garbage
             raise OrderRejected(
-                ErrorCode.SEGMENT_SEQUENCE_ERROR, f"unparseable message: {exc}", "MSH^1",
+                ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                f"unparseable message: {exc}",
+                "MSH^1",
                 ack_code="AR",
             ) from exc
 
@@ -195,16 +198,27 @@ def _check_header(reader: _Reader, msh: _Ref) -> tuple[str, str]:
             f"{msh.at(9)}^1^2",
         )
     if not reader.value(msh, 10):
-        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-10 message control id is empty",
-                            msh.at(10), ack_code="AR")
+        raise OrderRejected(
+            ErrorCode.REQUIRED_FIELD_MISSING,
+            "MSH-10 message control id is empty",
+            msh.at(10),
+            ack_code="AR",
+        )
     processing_id = reader.value(msh, 11).upper()
     if processing_id not in ("", "P", "T", "D"):
-        raise OrderRejected(ErrorCode.UNSUPPORTED_PROCESSING_ID,
-                            f"MSH-11 processing id {processing_id} is not P, T or D", msh.at(11))
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_PROCESSING_ID,
+            f"MSH-11 processing id {processing_id} is not P, T or D",
+            msh.at(11),
+        )
     version = reader.value(msh, 12)
     if not version:
-        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "MSH-12 version id is empty",
-                            msh.at(12), ack_code="AR")
+        raise OrderRejected(
+            ErrorCode.REQUIRED_FIELD_MISSING,
+            "MSH-12 version id is empty",
+            msh.at(12),
+            ack_code="AR",
+        )
     if version not in SUPPORTED_VERSIONS:
         raise OrderRejected(
             ErrorCode.UNSUPPORTED_VERSION_ID,
@@ -214,60 +228,89 @@ def _check_header(reader: _Reader, msh: _Ref) -> tuple[str, str]:
     return f"{message_type}^{expected}", version
 
 
-def _groups(text: str, version: str, reader: _Reader) -> tuple[list[Any], list[Any]]:
-    """The patient group and the one order group, as flat lists of segment refs.
+@dataclass(frozen=True)
+class _Group:
+    """An hl7apy segment group: segments (``_Ref``) and sub-groups in message order."""
 
-    A group here is a list whose items are ``_Ref`` (a segment) or lists (sub-groups), in
-    message order; prior-result groups of OML are left out.
+    name: str
+    items: tuple[_Ref | _Group, ...]
+
+    def segments(self) -> Iterator[_Ref]:
+        for item in self.items:
+            yield from [item] if isinstance(item, _Ref) else item.segments()
+
+    def groups(self) -> Iterator[_Group]:
+        for item in self.items:
+            if isinstance(item, _Group):
+                yield item
+                yield from item.groups()
+
+    def first(self, name: str) -> _Ref | None:
+        return next((ref for ref in self.segments() if ref.name == name), None)
+
+
+def _groups(text: str) -> tuple[_Group | None, _Group]:
+    """The patient group (if any) and the one order group of the message.
+
+    hl7apy groups the segments by the structure of the message type and version; OML
+    prior-result groups are left out, so their PID, ORC and OBR are never the order's own.
     """
     try:
         tree = parse_message(text, find_groups=True, validation_level=VALIDATION_LEVEL.TOLERANT)
     except Exception as exc:  # hl7apy raises many kinds on malformed input
-        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                            f"message structure could not be read: {exc}", "MSH^1",
-                            ack_code="AR") from exc
-    counts: dict[str, int] = {}
-    top = [(child.name, _as_refs(child, counts)) for child in tree.children]
-    patients = [group for name, group in top if name.endswith("_PATIENT")]
-    orders = [group for name, group in top if name.endswith("_ORDER")]
+        raise OrderRejected(
+            ErrorCode.SEGMENT_SEQUENCE_ERROR,
+            f"message structure could not be read: {exc}",
+            "MSH^1",
+            ack_code="AR",
+        ) from exc
+    if tree.name not in ("ORM_O01", "OML_O21"):
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+            f"{tree.msh.msh_9.to_er7()} is not defined in HL7 {tree.version}",
+            "MSH^1^9",
+        )
+    message = _as_group(tree, {})
+    assert isinstance(message, _Group)
+    sequence = list(message.segments())
+    patients = [g for g in message.groups() if g.name.endswith("_PATIENT")]
+    orders = [g for g in message.groups() if g.name.endswith("_ORDER")]
     if not orders:
-        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                            "no ORC segment: the message holds no order", "ORC^1")
+        raise OrderRejected(
+            ErrorCode.SEGMENT_SEQUENCE_ERROR, "no ORC segment: the message holds no order", "ORC^1"
+        )
     for group in orders:
-        first = next(_flatten(group))
+        first = next(group.segments())
         if first.name != "ORC":
-            raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                                f"{first.name} appears before its ORC segment", str(first))
-    names = [name for name, _ in top]
-    first_order = next(i for i, name in enumerate(names) if name.endswith("_ORDER"))
-    if len(patients) > 1 or any(n.endswith("_PATIENT") for n in names[first_order:]):
-        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                            "the PID segment must come once, before the first ORC", "PID^1")
+            raise OrderRejected(
+                ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                f"{first.name} appears before its ORC segment",
+                str(first),
+            )
+    pids = [ref for group in patients for ref in group.segments() if ref.name == "PID"]
+    first_orc = sequence.index(next(orders[0].segments()))
+    if len(pids) > 1 or any(sequence.index(pid) > first_orc for pid in pids):
+        raise OrderRejected(
+            ErrorCode.SEGMENT_SEQUENCE_ERROR,
+            "the PID segment must come once, before the first ORC",
+            "PID^1",
+        )
     if len(orders) > 1:
-        raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                            "only one order (ORC group) per message is supported", "ORC^2")
-    return (patients[0] if patients else []), orders[0]
+        raise OrderRejected(
+            ErrorCode.SEGMENT_SEQUENCE_ERROR,
+            "only one order (ORC group) per message is supported",
+            "ORC^2",
+        )
+    return (patients[0] if patients else None), orders[0]
 
 
-def _as_refs(element: Any, counts: dict[str, int]) -> Any:
-    """An hl7apy segment as a ``_Ref``, a group as a list of those (prior results dropped)."""
+def _as_group(element: Any, counts: dict[str, int]) -> _Ref | _Group:
+    """hl7apy's tree as ``_Ref``/``_Group``, numbering segments by occurrence, no prior results."""
     if element.classname == "Segment":
         counts[element.name] = counts.get(element.name, 0) + 1
         return _Ref(element.name, counts[element.name])
-    refs = [_as_refs(child, counts) for child in element.children]
-    return [] if "PRIOR" in element.name else refs
-
-
-def _flatten(group: list[Any]) -> Iterator[_Ref]:
-    for item in group:
-        if isinstance(item, _Ref):
-            yield item
-        else:
-            yield from _flatten(item)
-
-
-def _first(group: list[Any], name: str) -> _Ref | None:
-    return next((ref for ref in _flatten(group) if ref.name == name), None)
+    items = tuple(_as_group(child, counts) for child in element.children)
+    return _Group(element.name, () if "PRIOR" in element.name else items)
 
 
 def _check_new_order(reader: _Reader, pid: _Ref | None, obr: _Ref | None) -> None:
@@ -275,13 +318,17 @@ def _check_new_order(reader: _Reader, pid: _Ref | None, obr: _Ref | None) -> Non
     if pid is None:
         raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR, "PID segment missing", "PID^1")
     if not reader.value(pid, 3):
-        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "PID-3 patient identifier is empty",
-                            pid.at(3))
+        raise OrderRejected(
+            ErrorCode.REQUIRED_FIELD_MISSING, "PID-3 patient identifier is empty", pid.at(3)
+        )
     if obr is None:
         raise OrderRejected(ErrorCode.SEGMENT_SEQUENCE_ERROR, "OBR segment missing", "OBR^1")
     if not reader.value(obr, 4):
-        raise OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING,
-                            "OBR-4 universal service identifier is empty", obr.at(4))
+        raise OrderRejected(
+            ErrorCode.REQUIRED_FIELD_MISSING,
+            "OBR-4 universal service identifier is empty",
+            obr.at(4),
+        )
 
 
 def _accession(reader: _Reader, orc: _Ref, obr: _Ref | None) -> tuple[str, str]:
@@ -307,15 +354,15 @@ def _timestamp(reader: _Reader, ref: _Ref | None, field: int) -> datetime | None
             raise ValueError("expected YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]")
         return hl7.parse_datetime(value)
     except ValueError as exc:
-        raise OrderRejected(ErrorCode.DATA_TYPE_ERROR,
-                            f"{ref.name}-{field} {value!r} is not an HL7 date/time: {exc}",
-                            ref.at(field)) from exc
+        raise OrderRejected(
+            ErrorCode.DATA_TYPE_ERROR,
+            f"{ref.name}-{field} {value!r} is not an HL7 date/time: {exc}",
+            ref.at(field),
+        ) from exc
 
 
 def _priority(reader: _Reader, tq1: _Ref | None, obr: _Ref | None, orc: _Ref) -> str:
-    value = (
-        reader.value(tq1, 9) or reader.value(obr, 27, 6) or reader.value(orc, 7, 6)
-    ).upper()
+    value = (reader.value(tq1, 9) or reader.value(obr, 27, 6) or reader.value(orc, 7, 6)).upper()
     return "S" if value == "STAT" else value
 
 

@@ -113,10 +113,15 @@ def instance_masks(
         dist = ((xx - centres[k, 0]) / half[k, 0]) ** 2 + ((yy - centres[k, 1]) / half[k, 1]) ** 2
         mask = (prob.reshape(h, w) >= fg_threshold) & (dist <= 1.1**2)
         rivals = np.flatnonzero(
-            (boxes[:, 0] < x0 + w) & (boxes[:, 2] > x0) & (boxes[:, 1] < y0 + h) & (boxes[:, 3] > y0)
+            (boxes[:, 0] < x0 + w)
+            & (boxes[:, 2] > x0)
+            & (boxes[:, 1] < y0 + h)
+            & (boxes[:, 3] > y0)
         )
         for r in rivals[rivals != k]:
-            other = ((xx - centres[r, 0]) / half[r, 0]) ** 2 + ((yy - centres[r, 1]) / half[r, 1]) ** 2
+            other = ((xx - centres[r, 0]) / half[r, 0]) ** 2 + (
+                (yy - centres[r, 1]) / half[r, 1]
+            ) ** 2
             mask &= dist <= other
         masks.append(mask)
     return masks
@@ -167,7 +172,9 @@ class OnnxCellDetector:
         else:
             cut = np.full(len(CELL_KINDS), score_threshold)
         out, scale = self._run(image)
-        boxes, labels, scores = decode(out["heat"][0], out["ltrb"][0], cut, self.stride, self.nms_iou)
+        boxes, labels, scores = decode(
+            out["heat"][0], out["ltrb"][0], cut, self.stride, self.nms_iou
+        )
         fg = out["mask"][0, 0]
         if self.tta:
             from lisplugin.inference.fusion import weighted_boxes_fusion
@@ -191,7 +198,12 @@ class OnnxCellDetector:
             else [None] * len(boxes)
         )
         return [
-            Detection(CELL_KINDS[int(c)], float(s), (float(b[0]), float(b[1]), float(b[2]), float(b[3])), m)
+            Detection(
+                CELL_KINDS[int(c)],
+                float(s),
+                (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+                m,
+            )
             for b, c, s, m in zip(boxes, labels, scores, cell_masks, strict=True)
         ]
 

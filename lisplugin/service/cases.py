@@ -23,7 +23,8 @@ from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import Pipeline, PreviousResult
+from lisplugin.core.rules import PreviousResult
+from lisplugin.service.pipeline import Pipeline
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
 
@@ -87,6 +88,8 @@ class CaseScheduler:
             version = case.version
             paths = [i.path for i in case.instances]
             patient = dict(case.patient or {})
+            # Without an accession number lisplugin, as order filler, numbers the case itself.
+            accession = case.accession_number or f"LP{case_id}"
             final_sent = case.final_sent
             order_text = session.scalar(
                 select(OrderMessage.message)
@@ -125,7 +128,7 @@ class CaseScheduler:
                     flags=list(result.flags),
                     status=status,
                     order=order,
-                    patient_from_dicom=None if order else patient,
+                    patient_from_dicom=None if order else {**patient, "accession_number": accession},
                     loinc_map=pipeline.loinc_map,
                     control_id=control_id,
                     settings=self.settings.hl7,

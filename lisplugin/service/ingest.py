@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lisplugin.dicom.decode import UnusableInstance, fields_from_dataset, validate_identity
+from lisplugin.hl7.orders import Order
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import safe_name, write_durably
 from lisplugin.storage.orm import Case, CaseStatus, Instance, OrderMessage, QuarantinedInstance
@@ -153,20 +154,27 @@ class InstanceStore:
         return path
 
 
-def apply_order(db: Database, order: Any, message: str) -> Case:
+def apply_order(db: Database, order: Order, message: str) -> Case:
     """Create or update the case an order names; captures already received are kept."""
     order_json = _jsonable(dataclasses.asdict(order))
     with db.session() as session:
         case = get_or_create_case(session, order.accession_number, None)
+        session.add(OrderMessage(case_id=case.id, control_id=order.control_id, message=message))
+        if order.is_cancel:
+            case.status = CaseStatus.CANCELLED
+            return case
+        if case.status == CaseStatus.CANCELLED:  # ordered again after a cancellation
+            case.status = CaseStatus.RECEIVING if case.instances else CaseStatus.AWAITING_IMAGES
+            case.last_instance_at = datetime.now(UTC)
         case.order = order_json
         case.patient = {
-            "id": order.patient_id or "",
-            "name_family": order.patient_family_name or "",
-            "name_given": order.patient_given_name or "",
+            "id": order.patient_id,
+            "id_authority": order.patient_id_authority,
+            "name_family": order.patient_family_name,
+            "name_given": order.patient_given_name,
             "birth_date": order.patient_birth_date.strftime("%Y%m%d")
             if order.patient_birth_date
             else "",
-            "sex": order.patient_sex or "",
+            "sex": order.patient_sex,
         }
-        session.add(OrderMessage(case_id=case.id, control_id=order.control_id, message=message))
         return case

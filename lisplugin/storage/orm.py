@@ -26,6 +26,7 @@ class CaseStatus(enum.StrEnum):
     VERIFIED = "verified"  # analysed, passed every rule, final result sent
     FINAL = "final"  # signed out by a pathologist
     FAILED = "failed"  # analysis failed; see error
+    CANCELLED = "cancelled"  # the LIS cancelled the order (ORC-1 CA/DC); not analysed
 
 
 class OutboxStatus(enum.StrEnum):

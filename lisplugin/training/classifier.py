@@ -17,6 +17,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return loss
 
     optimiser.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -235,16 +236,18 @@ def export_onnx(model: nn.Module, path: Path, input_size: int) -> None:
     """ONNX graph with a dynamic batch axis; input ``input`` (N,3,S,S) normalised, output logits."""
     model.eval()
     dummy = torch.zeros(1, 3, input_size, input_size)
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but still exact
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
 
 
 def _balanced_subset(labels: np.ndarray, limit: int) -> np.ndarray:

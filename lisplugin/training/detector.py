@@ -59,7 +59,9 @@ class CellNet(nn.Module):
     """Encoder to stride 32 (plain 3x3 convs: fastest per FLOP on CPU at these widths), FPN back
     to stride 4. Input (B, 3, H, W) RGB in [0, 1], H and W multiples of 32."""
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 96, 128), fpn: int = 64, head: int = 32):
+    def __init__(
+        self, widths: tuple[int, ...] = (16, 32, 64, 96, 128), fpn: int = 64, head: int = 32
+    ):
         super().__init__()
         w = widths
         self.s2 = conv_bn(3, w[0], 2)
@@ -164,7 +166,9 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) ->
     return ((1 - giou) * wt).sum() / wt.sum().clamp(min=1e-6)
 
 
-def detector_loss(out: tuple[torch.Tensor, ...], tgt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def detector_loss(
+    out: tuple[torch.Tensor, ...], tgt: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     heat, ltrb, mask, counts = out
     losses = {
         "heat": focal_loss(heat, tgt["heat"]),
@@ -239,7 +243,9 @@ class Preloaded:
             image = f.load_image()
             s = min(1.0, LONG_SIDE * MAX_SCALE / max(image.shape[:2]))
             size = (round(image.shape[1] * s), round(image.shape[0] * s))
-            self.images.append(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)))
+            self.images.append(
+                np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+            )
             self.boxes.append(f.boxes * np.float32(size[0] / image.shape[1]))
         self.labels = [f.labels for f in fields]
         self.weights = np.array([(repeat or {}).get(f.name, 1) for f in fields], np.float64)
@@ -251,7 +257,9 @@ class Preloaded:
         imgs, tgts = [], []
         for i in idx:
             base = LONG_SIDE / max(self.images[i].shape[:2])
-            img, b, lab = random_geometric(self.images[i], self.boxes[i], self.labels[i], size, base, rng)
+            img, b, lab = random_geometric(
+                self.images[i], self.boxes[i], self.labels[i], size, base, rng
+            )
             imgs.append(img)
             tgts.append(build_targets(b, lab, size, size))
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
@@ -303,8 +311,15 @@ def calibrate_thresholds(
     for c, kind in enumerate(CELL_KINDS):
         best = (-np.inf, 0.3)
         for thr in np.arange(0.1, 0.71, 0.02):
-            ops = [Boxes(p.boxes[p.scores >= thr], p.labels[p.scores >= thr], p.scores[p.scores >= thr]) for p in preds]
-            acc, _ = count_accuracy([int((g.labels == c).sum()) for g in gts], [int((p.labels == c).sum()) for p in ops])
+            ops = [
+                Boxes(
+                    p.boxes[p.scores >= thr], p.labels[p.scores >= thr], p.scores[p.scores >= thr]
+                )
+                for p in preds
+            ]
+            acc, _ = count_accuracy(
+                [int((g.labels == c).sum()) for g in gts], [int((p.labels == c).sum()) for p in ops]
+            )
             rec = recall_at(gts, ops, c)
             score = acc + 0.1 * rec
             if score > best[0]:
@@ -362,7 +377,9 @@ def write_card(out: Path, onnx_path: Path, version: str, meta: dict, body: str) 
         **meta,
     }
     card = out / "cell-detector.md"
-    card.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
+    card.write_text(
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8"
+    )
     return card
 
 
@@ -386,8 +403,10 @@ def train(args: argparse.Namespace) -> int:
     bccd_names = {f.name for f in train_fields if f.name.startswith("BloodImage")}
     data = Preloaded(train_fields, {n: args.bccd_repeat for n in bccd_names})
     val_sets = {k: [(f.load_image(), f) for f in v] for k, v in val_fields.items()}
-    log(f"data: {json.dumps({k: v for k, v in info.items() if k != 'excluded'})}, "
-        f"training images {len(data)}, loaded in {time.time() - start:.0f}s")
+    log(
+        f"data: {json.dumps({k: v for k, v in info.items() if k != 'excluded'})}, "
+        f"training images {len(data)}, loaded in {time.time() - start:.0f}s"
+    )
 
     from lisplugin.training.augment import photometric
 
@@ -451,7 +470,13 @@ def train(args: argparse.Namespace) -> int:
 
 
 def finish(
-    model: CellNet, out: Path, val_sets: dict, info: dict, args: argparse.Namespace, seconds: float, epochs_done: int
+    model: CellNet,
+    out: Path,
+    val_sets: dict,
+    info: dict,
+    args: argparse.Namespace,
+    seconds: float,
+    epochs_done: int,
 ) -> int:
     """Pick thresholds on validation, export ONNX and write the card."""
     model.eval()
@@ -474,7 +499,9 @@ def finish(
         },
         "validation_map50": validate(model, val_sets),
     }
-    card = write_card(out, onnx_path, args.version, meta, "\n# Cell detector\n\n(see training log)\n")
+    card = write_card(
+        out, onnx_path, args.version, meta, "\n# Cell detector\n\n(see training log)\n"
+    )
     log(f"wrote {onnx_path} and {card}; thresholds {thresholds}")
     (Path(args.checkpoints) / "excluded.json").write_text(json.dumps(info["excluded"], indent=1))
     return 0

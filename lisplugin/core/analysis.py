@@ -1,0 +1,218 @@
+"""Fields to a specimen result: quality control, detection, classification, aggregation.
+
+The denominator of the differential: every leukocyte the classifier saw, the *unidentified*
+ones included. Leaving them out would raise every other share and hide how much of the count
+is uncertain; with them in, the six leukocyte classes and ``unidentified`` add up to 100 %
+and ``unidentified_pct`` says how much a reviewer still has to place (as CellaVision-style
+pre-classification reports do). Nucleated red cells (``erythroblast``) and platelets or
+platelet clumps (``platelet``) that reach the classifier are not leukocytes: they are not in
+the denominator, and are reported per 100 leukocytes (the NRBC/100 WBC convention).
+``wbc_classified`` is that denominator. With no leukocyte at all the differential is empty
+rather than all zeros.
+
+A field that fails quality control is measured and reported but not analysed: its cells are
+not counted, since blur or bad exposure makes the classes unreliable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from lisplugin.config import AnalysisSettings
+from lisplugin.core.crops import leukocyte_crop, pbc_scale
+from lisplugin.core.quality import assess
+from lisplugin.core.reference import ReferenceRanges
+from lisplugin.core.rules import (
+    PatientContext,
+    Rule,
+    evaluate_rules,
+    report_value,
+    result_key,
+)
+from lisplugin.core.types import (
+    CELL_KINDS,
+    LEUKOCYTE_CLASSES,
+    UNIDENTIFIED,
+    Cell,
+    CellDetector,
+    Detection,
+    Field,
+    FieldResult,
+    LeukocyteClassifier,
+    ResultValue,
+    SpecimenResult,
+)
+
+#: Classifier classes that are not leukocytes: reported per 100 leukocytes, not in the total.
+NON_LEUKOCYTE_CLASSES: tuple[str, ...] = ("erythroblast", "platelet")
+#: The classes whose shares add up to 100 %.
+DIFFERENTIAL_CLASSES: tuple[str, ...] = (
+    *(c for c in LEUKOCYTE_CLASSES if c not in NON_LEUKOCYTE_CLASSES),
+    UNIDENTIFIED,
+)
+#: Fewer whole red cells than this in a field give no usable size calibration.
+MIN_RBC_FOR_SCALE = 3
+#: A box within this many pixels of the field edge is taken to be cut by it.
+EDGE_PX = 2.0
+
+
+def median_rbc_diameter(detections: Iterable[Detection], width: int, height: int) -> float | None:
+    """Median red-cell diameter (longer box side) over the red cells not cut by the edge.
+
+    The longer side, since an overlapped cell loses width in one direction only; None when too
+    few whole red cells are seen for the median to mean anything.
+    """
+    sizes = [
+        max(x1 - x0, y1 - y0)
+        for d in detections
+        if d.kind == "RBC"
+        for x0, y0, x1, y1 in [d.box]
+        if x0 > EDGE_PX and y0 > EDGE_PX and x1 < width - EDGE_PX and y1 < height - EDGE_PX
+    ]
+    return float(np.median(sizes)) if len(sizes) >= MIN_RBC_FOR_SCALE else None
+
+
+def label_for(probabilities: np.ndarray, classes: Sequence[str], min_probability: float) -> str:
+    top = int(np.argmax(probabilities))
+    return classes[top] if probabilities[top] >= min_probability else UNIDENTIFIED
+
+
+def analyse_field(
+    index: int,
+    field: Field,
+    detector: CellDetector,
+    classifier: LeukocyteClassifier,
+    settings: AnalysisSettings,
+) -> FieldResult:
+    """Check, detect and classify one field; every leukocyte of the field in one batch."""
+    height, width = field.image.shape[:2]
+    quality = assess(field, settings)
+    if not quality.passed:
+        return FieldResult(index, field.source, width, height, quality, cells=())
+    unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
+    if unknown:
+        raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
+    detections = detector.detect(field.image)
+    rbc_diameter = median_rbc_diameter(detections, width, height)
+    wbcs = [d for d in detections if d.kind == "WBC"]
+    crops = [
+        leukocyte_crop(
+            field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box)
+        )
+        for d in wbcs
+    ]
+    probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
+    classes = list(classifier.classes)
+    cells = []
+    wbc_rows = iter(probabilities)
+    for d in detections:
+        if d.kind == "WBC":
+            row = next(wbc_rows)
+            label = label_for(row, classes, settings.min_class_probability)
+            probs: dict[str, float] | None = {
+                c: float(p) for c, p in zip(classes, row, strict=True)
+            }
+        else:
+            label, probs = d.kind, None
+        cells.append(Cell(index, d.kind, label, d.score, d.box, d.mask, probs))
+    return FieldResult(
+        index,
+        field.source,
+        width,
+        height,
+        quality,
+        cells=tuple(cells),
+        regressed_counts=detector.regress_counts(field.image),
+    )
+
+
+def aggregate(
+    field_results: Sequence[FieldResult],
+    settings: AnalysisSettings,
+    model_versions: Mapping[str, str],
+    rules: Sequence[Rule],
+    ranges: ReferenceRanges | None = None,
+    patient: PatientContext | None = None,
+) -> SpecimenResult:
+    """Counts, differential and flags of a specimen from its analysed fields.
+
+    ``settings`` is taken for symmetry with the other stages; the rules carry their limits.
+    """
+    del settings  # the parsed rules already hold every limit taken from the settings
+    counts = dict.fromkeys(CELL_KINDS, 0)
+    class_counts = dict.fromkeys((*LEUKOCYTE_CLASSES, UNIDENTIFIED), 0)
+    for result in field_results:
+        for cell in result.cells:
+            counts[cell.kind] += 1
+            if cell.kind == "WBC":
+                class_counts[cell.label] += 1
+    leukocytes = sum(class_counts[c] for c in DIFFERENTIAL_CLASSES)
+    differential = (
+        {c: 100.0 * n / leukocytes for c, n in class_counts.items()} if leukocytes else {}
+    )
+    specimen = SpecimenResult(
+        counts=counts,
+        differential=differential,
+        class_counts=class_counts,
+        wbc_classified=leukocytes,
+        flags=(),
+        fields=tuple(field_results),
+        model_versions=dict(model_versions),
+    )
+    flags = evaluate_rules(specimen, rules, patient, ranges)
+    return replace(specimen, flags=tuple(flags))
+
+
+def analyse_fields(
+    fields: Sequence[Field],
+    detector: CellDetector,
+    classifier: LeukocyteClassifier,
+    settings: AnalysisSettings,
+    rules: Sequence[Rule],
+    ranges: ReferenceRanges | None = None,
+    patient: PatientContext | None = None,
+) -> SpecimenResult:
+    """Analyse every field of a specimen and aggregate them."""
+    results = [analyse_field(i, f, detector, classifier, settings) for i, f in enumerate(fields)]
+    versions = {"detector": detector.version, "classifier": classifier.version}
+    return aggregate(results, settings, versions, rules, ranges, patient)
+
+
+#: Units of each result key, as config/loinc.yaml expects them.
+UNITS = {"erythroblast_per_100wbc": "/100{WBCs}"}
+
+
+def result_values(
+    specimen: SpecimenResult,
+    ranges: ReferenceRanges | None = None,
+    patient: PatientContext | None = None,
+) -> list[ResultValue]:
+    """The reportable quantities, shares rounded to one decimal as reported.
+
+    Shares are left out when no leukocyte was classified; the counts are always there.
+    """
+    patient = patient or PatientContext()
+    values = []
+    for cls in (*LEUKOCYTE_CLASSES, UNIDENTIFIED):
+        if cls not in specimen.differential:
+            continue
+        key = result_key(cls)
+        interval = ranges.lookup(key, patient.age_years, patient.sex) if ranges else None
+        values.append(
+            ResultValue(
+                key=key,
+                value=report_value(specimen.differential[cls]),
+                units=UNITS.get(key, "%"),
+                reference_low=interval.low if interval else None,
+                reference_high=interval.high if interval else None,
+            )
+        )
+    values.append(ResultValue("wbc_classified", float(specimen.wbc_classified), "{cells}"))
+    for kind in CELL_KINDS:
+        values.append(
+            ResultValue(f"{kind.lower()}_counted", float(specimen.counts.get(kind, 0)), "{cells}")
+        )
+    return values

@@ -1,0 +1,224 @@
+"""MLLP transport on python-hl7's asyncio streams: the order listener and the result sender.
+
+Inbound: ``MllpServer`` answers every MLLP block with what its handler returns, one block at a
+time per server (handlers run in a worker thread, so blocking database work does not stall
+other connections). ``MllpOrderListener`` is that server with the order handler: it parses,
+hands the order to the application and answers AA, or AE/AR with an ERR segment. Nothing a peer
+sends stops the listener.
+
+Outbound: ``send_message`` opens a connection, sends one message, waits for its ACK and closes;
+the durable outbox above it owns retries (``next_retry_delay``) and keeps the control id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hl7.mllp import InvalidBlockError, open_hl7_connection, start_hl7_server
+from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
+
+from lisplugin.hl7.ack import ErrorCode, MessageRejected, ReceivedHeader, build_ack
+from lisplugin.hl7.orders import Order, parse_order
+from lisplugin.hl7.oru import parse_ack
+
+log = logging.getLogger(__name__)
+
+#: Largest MLLP block accepted (bytes); a larger one is answered with AR.
+MAX_BLOCK = 4 * 1024 * 1024
+
+Handler = Callable[[str], str]
+OrderCallback = Callable[[Order, str], None]
+
+
+class LisUnreachable(ConnectionError):
+    """No usable ACK: connection refused or lost, timeout, or an answer that is no ACK of ours."""
+
+
+@dataclass(frozen=True)
+class AckResult:
+    code: str  # MSA-1: AA, AE, AR (or CA, CE, CR)
+    control_id: str  # MSA-2: the control id of the message acknowledged
+    text: str  # ERR-8, ERR-3.2 or MSA-3; empty for a plain AA
+
+    @property
+    def accepted(self) -> bool:
+        return self.code in ("AA", "CA")
+
+
+class MllpServer:
+    """An MLLP server answering each received message with ``handler(message)``."""
+
+    def __init__(self, host: str, port: int, handler: Handler) -> None:
+        self.host = host
+        self._port = port
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._clients: set[HL7StreamWriter] = set()
+        self._one_at_a_time = asyncio.Lock()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the OS chose when started with port 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("MLLP server is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await start_hl7_server(self._serve, self.host, self._port, limit=MAX_BLOCK)
+        log.info("MLLP listening on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        async with self._one_at_a_time:  # the message in hand is answered first
+            for writer in list(self._clients):
+                writer.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aenter__(self) -> MllpServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        self._clients.add(writer)
+        try:
+            while True:
+                try:
+                    block = await reader.readblock()
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial.strip():
+                        log.warning(
+                            "MLLP %s closed inside a message; %d bytes dropped",
+                            peer,
+                            len(exc.partial),
+                        )
+                    return
+                except (InvalidBlockError, ValueError) as exc:
+                    log.warning("MLLP %s sent a malformed block: %s", peer, exc)
+                    block = b""  # answered like any unreadable message: AR
+                async with self._one_at_a_time:
+                    answer = await asyncio.to_thread(self._handler, _decode(block))
+                    writer.writeblock(answer.encode("utf-8"))
+                await writer.drain()
+        except ConnectionError as exc:
+            log.info("MLLP %s: %s", peer, exc)
+        except Exception:
+            log.exception("MLLP %s: connection dropped", peer)
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+
+
+class MllpOrderListener(MllpServer):
+    """Receives ORM^O01 / OML^O21 orders and acknowledges each.
+
+    ``on_order(order, message)`` gets the parsed order and the message text. It runs in a
+    worker thread, one call at a time, and may raise ``MessageRejected`` (e.g.
+    ``OrderRejected``) to answer AE/AR with that error; any other exception answers AR 207 so
+    the LIS sends the order again later. The same order can arrive twice (the LIS resends when
+    an ACK is lost), so ``on_order`` must be idempotent.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        on_order: OrderCallback,
+        *,
+        application: str = "LISPLUGIN",
+        facility: str = "",
+    ) -> None:
+        super().__init__(host, port, self._answer)
+        self._on_order = on_order
+        self._application = application
+        self._facility = facility
+
+    def _answer(self, message: str) -> str:
+        try:
+            order = parse_order(message)
+            self._on_order(order, message)
+        except MessageRejected as exc:
+            error = exc
+        except Exception:
+            log.exception(
+                "order %s could not be processed",
+                ReceivedHeader(message).control_id or "(no control id)",
+            )
+            error = MessageRejected(
+                ErrorCode.APPLICATION_INTERNAL_ERROR,
+                "the order could not be stored; send it again later",
+            )
+        else:
+            log.info(
+                "order %s accepted: %s %s",
+                order.control_id,
+                order.order_control,
+                order.accession_number,
+            )
+            return build_ack(message, application=self._application, facility=self._facility)
+        log.warning("order answered %s", error)
+        return build_ack(message, error, application=self._application, facility=self._facility)
+
+
+async def send_message_async(host: str, port: int, message: str, timeout: float) -> AckResult:
+    """Send one message over MLLP and return its ACK; ``LisUnreachable`` without one.
+
+    ``timeout`` bounds the whole exchange (connect, send, ACK). The ACK must acknowledge this
+    message (MSA-2 = its MSH-10).
+    """
+    control_id = ReceivedHeader(message).control_id
+    writer: HL7StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await open_hl7_connection(host, port, limit=MAX_BLOCK)
+            writer.writeblock(message.encode("utf-8"))
+            await writer.drain()
+            block = await reader.readblock()
+    except TimeoutError as exc:
+        raise LisUnreachable(f"no ACK from {host}:{port} within {timeout:g} s") from exc
+    except asyncio.IncompleteReadError as exc:
+        raise LisUnreachable(f"{host}:{port} closed the connection before the ACK") from exc
+    except (OSError, InvalidBlockError, ValueError) as exc:
+        raise LisUnreachable(f"MLLP exchange with {host}:{port} failed: {exc}") from exc
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    try:
+        code, acknowledged, text = parse_ack(_decode(block))
+    except ValueError as exc:
+        raise LisUnreachable(f"{host}:{port} answered without a valid ACK: {exc}") from exc
+    if acknowledged != control_id:
+        raise LisUnreachable(f"{host}:{port} acknowledged {acknowledged!r}, not {control_id!r}")
+    return AckResult(code=code, control_id=acknowledged, text=text)
+
+
+def send_message(host: str, port: int, message: str, timeout: float) -> AckResult:
+    """``send_message_async`` for threads without an event loop (the outbox worker)."""
+    return asyncio.run(send_message_async(host, port, message, timeout))
+
+
+def next_retry_delay(attempt: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after the ``attempt``-th failed send (1 = first): doubling, capped."""
+    if attempt < 1:
+        raise ValueError(f"attempt must be 1 or more, not {attempt}")
+    return float(min(maximum, initial * 2.0 ** min(attempt - 1, 64)))
+
+
+def _decode(block: bytes) -> str:
+    """UTF-8 as MSH-18 announces for our peers; Latin-1 for senders that still use it."""
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError:
+        return block.decode("latin-1")

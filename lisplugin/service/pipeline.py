@@ -1,0 +1,132 @@
+"""One analysis path for the daemon and ``lisplugin analyze``: the same fields give the same
+result values, whichever way they came in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from PIL import Image, UnidentifiedImageError
+
+from lisplugin.config import Settings
+from lisplugin.core.analysis import analyse_fields, result_values
+from lisplugin.core.reference import ReferenceRanges, parse_reference_ranges
+from lisplugin.core.report import specimen_to_json
+from lisplugin.core.rules import PatientContext, PreviousResult, Rule, parse_rules
+from lisplugin.core.types import (
+    CellDetector,
+    Field,
+    LeukocyteClassifier,
+    ResultValue,
+    SpecimenResult,
+)
+from lisplugin.dicom.decode import field_from_image_file, fields_from_dataset
+from lisplugin.service.models import load_models
+
+__all__ = ["Pipeline", "PreviousResult", "read_fields"]
+
+
+def age_in_years(birth_date: str, on: date) -> float | None:
+    """Age from a DICOM/HL7 date (YYYYMMDD or ISO); None when unknown."""
+    text = birth_date.replace("-", "")[:8]
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        born = date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+    return (on - born).days / 365.25
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    settings: Settings
+    detector: CellDetector
+    classifier: LeukocyteClassifier
+    rules: Sequence[Rule]
+    ranges: ReferenceRanges
+    loinc_map: dict[str, Any]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pipeline:
+        detector, classifier = load_models(settings)
+        return cls(
+            settings=settings,
+            detector=detector,
+            classifier=classifier,
+            rules=parse_rules(settings.load_yaml("rules.yaml"), settings.analysis),
+            ranges=parse_reference_ranges(settings.load_yaml("reference-ranges.yaml")),
+            loinc_map=settings.load_yaml("loinc.yaml"),
+        )
+
+    def patient_context(
+        self, patient: dict[str, Any], previous: PreviousResult | None
+    ) -> PatientContext:
+        now = datetime.now(UTC)
+        return PatientContext(
+            age_years=age_in_years(str(patient.get("birth_date") or ""), now.date()),
+            sex=str(patient.get("sex") or "") or None,
+            analysed_at=now,
+            previous=previous,
+        )
+
+    def analyse(
+        self,
+        fields: Sequence[Field],
+        patient: dict[str, Any],
+        previous: PreviousResult | None,
+    ) -> SpecimenResult:
+        return analyse_fields(
+            fields,
+            self.detector,
+            self.classifier,
+            self.settings.analysis,
+            self.rules,
+            self.ranges,
+            self.patient_context(patient, previous),
+        )
+
+    def values(self, result: SpecimenResult, patient: dict[str, Any]) -> list[ResultValue]:
+        return result_values(result, self.ranges, self.patient_context(patient, None))
+
+    @staticmethod
+    def to_json(result: SpecimenResult) -> dict[str, Any]:
+        return specimen_to_json(result)
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(132)[128:] == b"DICM"
+
+
+def _files(paths: Iterable[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return found
+
+
+def read_fields(paths: Iterable[Path]) -> list[Field]:
+    """Fields of every DICOM instance and image file in ``paths`` (folders walked, sorted)."""
+    fields: list[Field] = []
+    for path in _files(paths):
+        if _is_dicom(path):
+            fields.extend(fields_from_dataset(pydicom.dcmread(path)))
+            continue
+        try:
+            with Image.open(path):
+                pass
+        except UnidentifiedImageError:
+            continue  # not an image: folders may hold other files
+        fields.append(field_from_image_file(path))
+    return fields
