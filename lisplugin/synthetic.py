@@ -5,7 +5,7 @@ image is built the way transmitted light forms it: a pale, slightly uneven backg
 attenuated by the stain each cell holds (Beer-Lambert, absorbances add where cells overlap),
 then the optics' blur and the camera's noise. Red cells have the biconcave thickness profile of
 Evans and Fung (1972), which gives the central pallor by itself. Colours and sizes were measured
-on BCCD (background about RGB 202/205/202, red cell rim 185/162/168, nucleus 122/105/197).
+on BCCD (background about RGB 204/206/201, red cell 180/156/150, nucleus 120/105/200).
 
 Ground truth is one ``(kind, box)`` per cell, box ``(x0, y0, x1, y1)`` clipped to the field;
 the leukocytes come first, in the order of ``wbc_types``.
@@ -34,11 +34,11 @@ WBC_TYPES: dict[str, float] = {
     "basophil": 0.01,
 }
 #: Background light (RGB) under no stain, as measured on BCCD.
-_BACKGROUND = np.array([203.0, 206.0, 203.0])
+_BACKGROUND = np.array([204.0, 206.0, 201.0])
 #: Absorbance per unit stain, RGB: -ln(colour / background) of the measured colours.
-_RBC_ABS = np.array([0.085, 0.215, 0.170])
-_NUCLEUS_ABS = np.array([0.55, 0.72, 0.04])
-_EOSIN_GRANULE_ABS = np.array([0.04, 0.65, 0.50])
+_RBC_ABS = np.array([0.09, 0.2, 0.21])
+_NUCLEUS_ABS = np.array([0.52, 0.66, 0.0])
+_EOSIN_GRANULE_ABS = np.array([0.04, 0.62, 0.36])
 _BASO_GRANULE_ABS = np.array([0.95, 1.05, 0.35])
 _PLATELET_ABS = np.array([0.40, 0.50, 0.06])
 #: Leukocyte diameter in red-cell diameters (lymphocytes small, monocytes large).
@@ -102,38 +102,54 @@ def _soft(rho: np.ndarray, radius_px: float, edge_px: float = 1.2) -> np.ndarray
     return np.clip(0.5 + (1.0 - rho) * radius_px / edge_px, 0.0, 1.0)
 
 
-def _box(cx: float, cy: float, a: float, b: float, theta: float, w: int, h: int) -> Box:
-    """Axis-aligned box of a rotated ellipse, clipped to the field."""
-    half_w = np.hypot(a * np.cos(theta), b * np.sin(theta))
-    half_h = np.hypot(a * np.sin(theta), b * np.cos(theta))
+def _mask_box(where: tuple[slice, slice], inside: np.ndarray) -> Box | None:
+    """Field box (x0, y0, x1, y1) of the pixels at least half inside; None when none are."""
+    rows, cols = np.nonzero(inside >= 0.5)
+    if rows.size == 0:
+        return None
+    y0, x0 = where[0].start, where[1].start
     return (
-        float(max(cx - half_w, 0.0)),
-        float(max(cy - half_h, 0.0)),
-        float(min(cx + half_w, w)),
-        float(min(cy + half_h, h)),
+        float(x0 + cols.min()),
+        float(y0 + rows.min()),
+        float(x0 + cols.max() + 1),
+        float(y0 + rows.max() + 1),
+    )
+
+
+def _outline_wobble(rng: np.random.Generator, angle: np.ndarray, amplitude: float) -> np.ndarray:
+    """1 plus a few random low harmonics: the irregular outline of a smeared cell."""
+    return 1 + sum(
+        rng.uniform(0, amplitude) * np.sin(k * angle + rng.uniform(0, 2 * np.pi))
+        for k in (2, 3, 4, 5)
     )
 
 
 def _draw_rbc(
-    canvas: _Canvas, rng: np.random.Generator, cx: float, cy: float, diameter: float, stain: np.ndarray
-) -> Box:
+    canvas: _Canvas,
+    rng: np.random.Generator,
+    cx: float,
+    cy: float,
+    diameter: float,
+    stain: np.ndarray,
+) -> Box | None:
     a = diameter / 2 * rng.uniform(0.97, 1.03)
     b = a * rng.uniform(0.86, 1.0)
-    theta = rng.uniform(0, np.pi)
-    win = canvas.window(cx, cy, a + 2)
-    if win is not None:
-        where, dx, dy = win
-        rho = _ellipse_rho(dx, dy, a, b, theta)
-        r2 = np.clip(rho, 0, 1) ** 2
-        # Evans-Fung biconcave thickness; a thicker centre (c0) means less pallor
-        c0 = rng.uniform(0.6, 2.2)
-        thickness = np.sqrt(np.clip(1 - r2, 0, None)) * (c0 + 7.83 * r2 - 4.39 * r2**2) / 1.96
-        edge = _soft(rho, a)
-        canvas.add(where, thickness * edge * rng.uniform(0.85, 1.15), stain)
-        if rng.random() < 0.3:  # a refractile bright spot in the pallor, as often in BCCD
-            spot = np.exp(-(dx**2 + dy**2) / (2 * (a * rng.uniform(0.06, 0.12)) ** 2))
-            canvas.add(where, -0.12 * spot, np.ones(3))
-    return _box(cx, cy, a, b, theta, canvas.width, canvas.height)
+    win = canvas.window(cx, cy, a * 1.15 + 2)
+    if win is None:
+        return None
+    where, dx, dy = win
+    rho = _ellipse_rho(dx, dy, a, b, rng.uniform(0, np.pi))
+    rho /= _outline_wobble(rng, np.arctan2(dy, dx), 0.03)
+    r2 = np.clip(rho, 0, 1) ** 2
+    # Evans-Fung biconcave thickness; a thicker centre (c0) means less pallor
+    c0 = rng.uniform(0.3, 1.6)
+    thickness = np.sqrt(np.clip(1 - r2, 0, None)) * (c0 + 7.83 * r2 - 4.39 * r2**2) / 1.96
+    inside = _soft(rho, a)
+    canvas.add(where, thickness * inside * rng.uniform(0.85, 1.15), stain)
+    if rng.random() < 0.15:  # a refractile bright spot in the pallor, as often in BCCD
+        spot = np.exp(-(dx**2 + dy**2) / (2 * (a * rng.uniform(0.06, 0.12)) ** 2))
+        canvas.add(where, -0.12 * spot, np.ones(3))
+    return _mask_box(where, inside)
 
 
 def _lobes(
@@ -142,8 +158,8 @@ def _lobes(
     """Lobes (x, y, a, b, theta) along an arc: the segmented nucleus of a granulocyte."""
     start = rng.uniform(0, 2 * np.pi)
     angles = start + np.linspace(0, spread, n) + rng.normal(0, 0.12, n)
-    path = radius * rng.uniform(0.38, 0.5)
-    size = radius * (0.36 if n <= 2 else 0.3)
+    path = radius * rng.uniform(0.3, 0.4)
+    size = radius * (0.4 if n <= 2 else 0.34)
     return [
         (
             path * np.cos(t),
@@ -186,7 +202,9 @@ def _nucleus(
             length = np.hypot(nxt[0] - x, nxt[1] - y) / 2
             angle = np.arctan2(nxt[1] - y, nxt[0] - x)
             strand = max(r * 0.05, 2.0)
-            mask = np.maximum(mask, _soft(_ellipse_rho(dx - mx, dy - my, length, strand, angle), strand))
+            mask = np.maximum(
+                mask, _soft(_ellipse_rho(dx - mx, dy - my, length, strand, angle), strand)
+            )
     return mask
 
 
@@ -209,52 +227,47 @@ def _granules(
 
 def _draw_wbc(
     canvas: _Canvas, rng: np.random.Generator, kind: str, cx: float, cy: float, diameter: float
-) -> Box:
+) -> Box | None:
     r = diameter / 2
-    theta = rng.uniform(0, np.pi)
     a, b = r * rng.uniform(0.97, 1.04), r * rng.uniform(0.9, 1.0)
-    win = canvas.window(cx, cy, a + 3)
-    if win is not None:
-        where, dx, dy = win
-        angle = np.arctan2(dy, dx)
-        # a slightly irregular membrane
-        wobble = 1 + 0.025 * np.sin(3 * angle + rng.uniform(0, 6)) + 0.015 * np.sin(
-            5 * angle + rng.uniform(0, 6)
-        )
-        cell = _soft(_ellipse_rho(dx, dy, a, b, theta) / wobble, r)
-        texture = 1 + 0.25 * _smooth_noise(rng, dx.shape, 6)
-        canvas.add(where, cell * np.clip(texture, 0.5, 1.5), _CYTOPLASM_ABS[kind])
-        nucleus = _nucleus(kind, rng, dx, dy, r) * cell
-        chromatin = 1 + 0.22 * _smooth_noise(rng, dx.shape, 5)
-        density = {"lymphocyte": 1.35, "monocyte": 0.85}.get(kind, 1.1) * rng.uniform(0.9, 1.1)
-        canvas.add(where, nucleus * density * np.clip(chromatin, 0.4, 1.6), _NUCLEUS_ABS)
-        if kind == "eosinophil":
-            grains = _granules(rng, dx, dy, r, int(r * 4.5), r * 0.09)
-            canvas.add(where, grains * cell * 0.9 * (1 - 0.6 * nucleus), _EOSIN_GRANULE_ABS)
-        elif kind == "basophil":
-            grains = _granules(rng, dx, dy, r, int(r * 1.6), r * 0.12)
-            canvas.add(where, grains * cell * 0.8, _BASO_GRANULE_ABS)
-        elif kind == "neutrophil":
-            grains = _granules(rng, dx, dy, r, int(r * 3), r * 0.04)
-            canvas.add(where, grains * cell * 0.25, np.array([0.05, 0.25, 0.05]))
-    return _box(cx, cy, a * 1.03, b * 1.03, theta, canvas.width, canvas.height)
+    win = canvas.window(cx, cy, a * 1.1 + 3)
+    if win is None:
+        return None
+    where, dx, dy = win
+    rho = _ellipse_rho(dx, dy, a, b, rng.uniform(0, np.pi))
+    cell = _soft(rho / _outline_wobble(rng, np.arctan2(dy, dx), 0.015), r)
+    texture = 1 + 0.25 * _smooth_noise(rng, dx.shape, 6)
+    canvas.add(where, cell * np.clip(texture, 0.5, 1.5), _CYTOPLASM_ABS[kind])
+    nucleus = _nucleus(kind, rng, dx, dy, r) * cell
+    chromatin = 1 + 0.15 * _smooth_noise(rng, dx.shape, 5)
+    density = {"lymphocyte": 1.0, "monocyte": 0.75}.get(kind, 0.9) * rng.uniform(0.85, 1.1)
+    canvas.add(where, nucleus * density * np.clip(chromatin, 0.4, 1.6), _NUCLEUS_ABS)
+    if kind == "eosinophil":
+        grains = _granules(rng, dx, dy, r, int(r * 4.5), r * 0.09)
+        canvas.add(where, grains * cell * 0.9 * (1 - 0.6 * nucleus), _EOSIN_GRANULE_ABS)
+    elif kind == "basophil":
+        grains = _granules(rng, dx, dy, r, int(r * 1.6), r * 0.12)
+        canvas.add(where, grains * cell * 0.8, _BASO_GRANULE_ABS)
+    elif kind == "neutrophil":
+        grains = _granules(rng, dx, dy, r, int(r * 3), r * 0.04)
+        canvas.add(where, grains * cell * 0.25, np.array([0.05, 0.25, 0.05]))
+    return _mask_box(where, cell)
 
 
-def _draw_platelet(canvas: _Canvas, rng: np.random.Generator, cx: float, cy: float) -> Box:
-    r = rng.uniform(11, 18)
+def _draw_platelet(canvas: _Canvas, rng: np.random.Generator, cx: float, cy: float) -> Box | None:
+    r = rng.uniform(12, 19)
     win = canvas.window(cx, cy, r * 1.3)
     if win is None:
-        return (cx, cy, cx, cy)
+        return None
     where, dx, dy = win
-    angle = np.arctan2(dy, dx)
-    wobble = 1 + 0.15 * np.sin(3 * angle + rng.uniform(0, 6)) + 0.1 * np.sin(
-        5 * angle + rng.uniform(0, 6)
-    )
     theta = rng.uniform(0, np.pi)
-    body = _soft(_ellipse_rho(dx, dy, r, r * 0.8, theta) / wobble, r)
-    grains = _granules(rng, dx, dy, r * 0.6, 12, r * 0.35)
-    canvas.add(where, body * (0.15 + 0.85 * grains), _PLATELET_ABS)
-    return _box(cx, cy, r * 1.15, r * 1.15, 0.0, canvas.width, canvas.height)
+    rho = _ellipse_rho(dx, dy, r, r * rng.uniform(0.7, 0.9), theta)
+    body = _soft(rho / _outline_wobble(rng, np.arctan2(dy, dx), 0.08), r)
+    # a pale rim (hyalomere) around a granular purple centre (granulomere)
+    centre = _soft(_ellipse_rho(dx, dy, r * 0.6, r * 0.5, theta), r * 0.5, 3.0)
+    texture = np.clip(1 + 0.3 * _smooth_noise(rng, dx.shape, 4), 0.4, 1.6)
+    canvas.add(where, body * (0.25 + 0.6 * centre * texture), _PLATELET_ABS)
+    return _mask_box(where, body)
 
 
 def _place(
@@ -296,7 +309,7 @@ def synthetic_field(
 ) -> tuple[np.ndarray, GroundTruth]:
     """A smear field (H x W x 3 uint8 RGB) and its ground truth, the same for the same seed.
 
-    Counts left as None are drawn like BCCD fields: 10-20 red cells, 1-2 leukocytes, 0-3
+    Counts left as None are drawn like BCCD fields: 14-26 red cells, 1-2 leukocytes, 0-3
     platelets. ``wbc_types`` fixes the leukocyte types (and their number); otherwise they are
     drawn with adult shares (:data:`WBC_TYPES`).
     """
@@ -308,28 +321,32 @@ def synthetic_field(
     unknown = [t for t in wbc_types if t not in WBC_TYPES]
     if unknown:
         raise ValueError(f"unknown leukocyte types {unknown}; known: {', '.join(WBC_TYPES)}")
-    n_rbc = int(rng.integers(10, 21)) if n_rbc is None else n_rbc
+    n_rbc = int(rng.integers(14, 27)) if n_rbc is None else n_rbc
     n_plt = int(rng.integers(0, 4)) if n_plt is None else n_plt
     rbc_diameter = rng.uniform(92, 108)
 
     canvas = _Canvas(height, width)
-    stain = _RBC_ABS * rng.normal(1.0, 0.06, 3).clip(0.85, 1.15)
+    stain = _RBC_ABS * rng.normal(1.0, 0.04, 3).clip(0.9, 1.1)
     taken: list[tuple[float, float, float]] = []
     truth: GroundTruth = []
     for kind in wbc_types:
         lo, hi = _WBC_SIZE[kind]
         diameter = rbc_diameter * rng.uniform(lo, hi)
         x, y = _place(rng, taken, diameter / 2, width, height, 0.1, -1.0)
-        truth.append(("WBC", _draw_wbc(canvas, rng, kind, x, y, diameter)))
+        box = _draw_wbc(canvas, rng, kind, x, y, diameter)
+        if box is not None:
+            truth.append(("WBC", box))
     for _ in range(n_rbc):
         diameter = rbc_diameter * rng.normal(1.0, 0.06)
-        x, y = _place(rng, taken, diameter / 2, width, height, 0.25, 0.4)
+        x, y = _place(rng, taken, diameter / 2, width, height, 0.3, 0.4)
         box = _draw_rbc(canvas, rng, x, y, diameter, stain)
-        if _visible(box, diameter):
+        if box is not None and _visible(box, diameter):
             truth.append(("RBC", box))
     for _ in range(n_plt):
         x, y = _place(rng, taken, 18.0, width, height, 0.0, -1.0)
-        truth.append(("PLT", _draw_platelet(canvas, rng, x, y)))
+        box = _draw_platelet(canvas, rng, x, y)
+        if box is not None:
+            truth.append(("PLT", box))
     for _ in range(int(rng.integers(2, 8))):  # tiny refractile debris rings, as in BCCD
         x, y = rng.uniform(0, width), rng.uniform(0, height)
         win = canvas.window(x, y, 6)
@@ -341,7 +358,7 @@ def synthetic_field(
     yy, xx = np.mgrid[0:height, 0:width]
     r2 = ((xx - width / 2) ** 2 + (yy - height / 2) ** 2) / ((width / 2) ** 2 + (height / 2) ** 2)
     light = (1.0 - 0.05 * r2) * (1 + 0.012 * _smooth_noise(rng, (height, width), 40))
-    background = _BACKGROUND * rng.normal(1.0, 0.015, 3) * rng.uniform(0.96, 1.03)
+    background = _BACKGROUND * rng.normal(1.0, 0.015, 3) * rng.uniform(0.98, 1.04)
     image = light[..., None] * background * np.exp(-canvas.absorbance)
     image = ndimage.gaussian_filter(image, (rng.uniform(1.1, 1.7),) * 2 + (0,))
     image += rng.normal(0.0, 1.0, image.shape) * np.array([2.5, 2.3, 4.5])

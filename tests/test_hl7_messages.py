@@ -35,12 +35,29 @@ def segment(name: str, fields: dict[int, str]) -> str:
 
 
 BASE: dict[str, dict[int, str]] = {
-    "MSH": {3: "LIS", 4: "LAB", 5: "LISPLUGIN", 6: "LAB", 7: "20240315083000",
-            9: "ORM^O01", 10: "ORD0001", 11: "P", 12: "2.5.1"},
+    "MSH": {
+        3: "LIS",
+        4: "LAB",
+        5: "LISPLUGIN",
+        6: "LAB",
+        7: "20240315083000",
+        9: "ORM^O01",
+        10: "ORD0001",
+        11: "P",
+        12: "2.5.1",
+    },
     "PID": {1: "1", 3: "PAT0001^^^HOSP^MR", 5: "DOE^JANE", 7: "19800101", 8: "F"},
     "ORC": {1: "NW", 2: "PL0001", 3: "FL0001"},
-    "OBR": {1: "1", 2: "PL0001", 3: "FL0001", 4: "69738-3^Differential panel^LN",
-            7: "20240315080000", 16: "D123^HOUSE^GREGORY", 18: "ACC0001", 27: "^^^^^R"},
+    "OBR": {
+        1: "1",
+        2: "PL0001",
+        3: "FL0001",
+        4: "69738-3^Differential panel^LN",
+        7: "20240315080000",
+        16: "D123^HOUSE^GREGORY",
+        18: "ACC0001",
+        27: "^^^^^R",
+    },
 }
 
 
@@ -70,7 +87,10 @@ def test_example_orm_o01_v231() -> None:
     assert order.message_type == "ORM^O01" and order.version == "2.3.1"
     assert order.control_id == "ORD20240315-0042"
     assert (order.order_control, order.placer_order_number, order.filler_order_number) == (
-        "NW", "PL-88123", "ACC240315-017")
+        "NW",
+        "PL-88123",
+        "ACC240315-017",
+    )
     assert (order.accession_number, order.accession_source) == ("ACC240315-017", "OBR-18")
     assert (order.test_code, order.test_coding_system) == ("69738-3", "LN")
     assert order.priority == "S" and order.is_stat and not order.is_cancel
@@ -91,11 +111,35 @@ def test_example_oml_o21_falls_back_to_filler_number_and_specimen_time() -> None
     assert order.ordering_provider_id == "D5678"  # OBR-16
 
 
-@pytest.mark.parametrize("version", ["2.3", "2.3.1", "2.4", "2.5", "2.5.1"])
-def test_orm_parses_in_every_supported_version(version: str) -> None:
-    order = parse_order(order_message({"MSH": {12: version}}))
-    assert (order.version, order.accession_number, order.patient_id) == (
-        version, "ACC0001", "PAT0001")
+@pytest.mark.parametrize(
+    ("message_type", "version"),
+    [("ORM^O01", v) for v in ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")]
+    + [("OML^O21", v) for v in ("2.4", "2.5", "2.5.1")],
+)
+def test_orders_parse_in_every_supported_version(message_type: str, version: str) -> None:
+    order = parse_order(order_message({"MSH": {9: message_type, 12: version}}))
+    assert (order.message_type, order.version) == (message_type, version)
+    assert (order.accession_number, order.patient_id, order.test_code) == (
+        "ACC0001",
+        "PAT0001",
+        "69738-3",
+    )
+
+
+def test_oml_prior_results_are_not_the_order() -> None:
+    prior = [
+        segment("PID", {1: "1", 3: "OLDPAT"}),
+        segment("ORC", {1: "OK", 2: "OLDPL"}),
+        segment("OBR", {1: "1", 2: "OLDPL", 4: "X^old^L", 18: "OLDACC"}),
+        segment("OBX", {1: "1", 2: "NM", 3: "26511-6^Neutrophils^LN", 5: "50"}),
+    ]
+    message = "\r".join([order_message({"MSH": {9: "OML^O21^OML_O21"}}), *prior])
+    order = parse_order(message)
+    assert (order.accession_number, order.patient_id, order.placer_order_number) == (
+        "ACC0001",
+        "PAT0001",
+        "PL0001",
+    )
 
 
 @pytest.mark.parametrize(
@@ -136,36 +180,112 @@ def test_escaped_values_are_unescaped() -> None:
 
 BAD_ORDERS = [
     ("no MSH", "PID|1||X", "AR", ErrorCode.SEGMENT_SEQUENCE_ERROR, "MSH^1"),
-    ("ADT", order_message({"MSH": {9: "ADT^A01"}}), "AR", ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
-     "MSH^1^9"),
-    ("ORM^O02", order_message({"MSH": {9: "ORM^O02"}}), "AR", ErrorCode.UNSUPPORTED_EVENT_CODE,
-     "MSH^1^9^1^2"),
-    ("version 2.6", order_message({"MSH": {12: "2.6"}}), "AR",
-     ErrorCode.UNSUPPORTED_VERSION_ID, "MSH^1^12"),
-    ("processing id", order_message({"MSH": {11: "X"}}), "AR",
-     ErrorCode.UNSUPPORTED_PROCESSING_ID, "MSH^1^11"),
-    ("no accession", order_message({"OBR": {18: "", 3: ""}, "ORC": {3: ""}}), "AE",
-     ErrorCode.REQUIRED_FIELD_MISSING, "OBR^1^18"),
-    ("no patient id", order_message({"PID": {3: ""}}), "AE", ErrorCode.REQUIRED_FIELD_MISSING,
-     "PID^1^3"),
-    ("no test", order_message({"OBR": {4: ""}}), "AE", ErrorCode.REQUIRED_FIELD_MISSING,
-     "OBR^1^4"),
-    ("no order control", order_message({"ORC": {1: ""}}), "AE",
-     ErrorCode.REQUIRED_FIELD_MISSING, "ORC^1^1"),
-    ("unknown order control", order_message({"ORC": {1: "ZZ"}}), "AE",
-     ErrorCode.TABLE_VALUE_NOT_FOUND, "ORC^1^1"),
-    ("bad birth date", order_message({"PID": {7: "1980XX01"}}), "AE", ErrorCode.DATA_TYPE_ERROR,
-     "PID^1^7"),
-    ("bad collection time", order_message({"OBR": {7: "2024-03-15"}}), "AE",
-     ErrorCode.DATA_TYPE_ERROR, "OBR^1^7"),
-    ("PID after ORC", order_message(segments=("MSH", "ORC", "OBR", "PID")), "AE",
-     ErrorCode.SEGMENT_SEQUENCE_ERROR, "PID^1"),
-    ("OBR without ORC", order_message(segments=("MSH", "PID", "OBR")), "AE",
-     ErrorCode.SEGMENT_SEQUENCE_ERROR, "OBR^1"),
-    ("new order without PID", order_message(segments=("MSH", "ORC", "OBR")), "AE",
-     ErrorCode.SEGMENT_SEQUENCE_ERROR, "PID^1"),
-    ("two orders", order_message(segments=("MSH", "PID", "ORC", "OBR", "ORC", "OBR")), "AE",
-     ErrorCode.SEGMENT_SEQUENCE_ERROR, "ORC^2"),
+    (
+        "ADT",
+        order_message({"MSH": {9: "ADT^A01"}}),
+        "AR",
+        ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+        "MSH^1^9",
+    ),
+    (
+        "ORM^O02",
+        order_message({"MSH": {9: "ORM^O02"}}),
+        "AR",
+        ErrorCode.UNSUPPORTED_EVENT_CODE,
+        "MSH^1^9^1^2",
+    ),
+    (
+        "OML in 2.3",
+        order_message({"MSH": {9: "OML^O21", 12: "2.3"}}),
+        "AR",
+        ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+        "MSH^1^9",
+    ),
+    (
+        "version 2.6",
+        order_message({"MSH": {12: "2.6"}}),
+        "AR",
+        ErrorCode.UNSUPPORTED_VERSION_ID,
+        "MSH^1^12",
+    ),
+    (
+        "processing id",
+        order_message({"MSH": {11: "X"}}),
+        "AR",
+        ErrorCode.UNSUPPORTED_PROCESSING_ID,
+        "MSH^1^11",
+    ),
+    (
+        "no accession",
+        order_message({"OBR": {18: "", 3: ""}, "ORC": {3: ""}}),
+        "AE",
+        ErrorCode.REQUIRED_FIELD_MISSING,
+        "OBR^1^18",
+    ),
+    (
+        "no patient id",
+        order_message({"PID": {3: ""}}),
+        "AE",
+        ErrorCode.REQUIRED_FIELD_MISSING,
+        "PID^1^3",
+    ),
+    ("no test", order_message({"OBR": {4: ""}}), "AE", ErrorCode.REQUIRED_FIELD_MISSING, "OBR^1^4"),
+    (
+        "no order control",
+        order_message({"ORC": {1: ""}}),
+        "AE",
+        ErrorCode.REQUIRED_FIELD_MISSING,
+        "ORC^1^1",
+    ),
+    (
+        "unknown order control",
+        order_message({"ORC": {1: "ZZ"}}),
+        "AE",
+        ErrorCode.TABLE_VALUE_NOT_FOUND,
+        "ORC^1^1",
+    ),
+    (
+        "bad birth date",
+        order_message({"PID": {7: "1980XX01"}}),
+        "AE",
+        ErrorCode.DATA_TYPE_ERROR,
+        "PID^1^7",
+    ),
+    (
+        "bad collection time",
+        order_message({"OBR": {7: "2024-03-15"}}),
+        "AE",
+        ErrorCode.DATA_TYPE_ERROR,
+        "OBR^1^7",
+    ),
+    (
+        "PID after ORC",
+        order_message(segments=("MSH", "ORC", "OBR", "PID")),
+        "AE",
+        ErrorCode.SEGMENT_SEQUENCE_ERROR,
+        "PID^1",
+    ),
+    (
+        "OBR without ORC",
+        order_message(segments=("MSH", "PID", "OBR")),
+        "AE",
+        ErrorCode.SEGMENT_SEQUENCE_ERROR,
+        "OBR^1",
+    ),
+    (
+        "new order without PID",
+        order_message(segments=("MSH", "ORC", "OBR")),
+        "AE",
+        ErrorCode.SEGMENT_SEQUENCE_ERROR,
+        "PID^1",
+    ),
+    (
+        "two orders",
+        order_message(segments=("MSH", "PID", "ORC", "OBR", "ORC", "OBR")),
+        "AE",
+        ErrorCode.SEGMENT_SEQUENCE_ERROR,
+        "ORC^2",
+    ),
 ]
 
 
@@ -199,7 +319,10 @@ def test_aa_ack_echoes_the_sender() -> None:
     parse_message(ack, validation_level=VALIDATION_LEVEL.STRICT).validate()
     assert (read(ack, "MSA.1"), read(ack, "MSA.2")) == ("AA", "ORD0001")
     assert (read(ack, "MSH.3"), read(ack, "MSH.4"), read(ack, "MSH.5")) == (
-        "LISPLUGIN", "HEM", "LIS")
+        "LISPLUGIN",
+        "HEM",
+        "LIS",
+    )
     assert read(ack, "MSH.12") == "2.5.1"
     assert "ERR" not in ack
 
@@ -270,9 +393,11 @@ def test_oru_fields() -> None:
     assert read(message, "PID.3") == "PAT0042^^^HOSP"
     assert (read(message, "PID.5"), read(message, "PID.7")) == ("MUSTERMANN^ERIKA", "19640812")
     assert (read(message, "ORC.1"), read(message, "ORC.2"), read(message, "ORC.3")) == (
-        "RE", "PL-88123", "ACC240315-017")
-    assert read(message, "OBR.4") == (
-        "69738-3^Differential panel, method unspecified - Blood^LN")
+        "RE",
+        "PL-88123",
+        "ACC240315-017",
+    )
+    assert read(message, "OBR.4") == ("69738-3^Differential panel, method unspecified - Blood^LN")
     assert (read(message, "OBR.18"), read(message, "OBR.25")) == ("ACC240315-017", "P")
     rows = {row[3].split("^")[0]: row for row in obx(message)}
     neutrophils = rows["26511-6"]
@@ -288,47 +413,89 @@ def test_oru_fields() -> None:
 
 def test_oru_has_one_nte_per_flag() -> None:
     notes = hl7.parse(example_oru("P")).segments("NTE")
-    assert [str(n[3]) for n in notes] == [f"{f.code} ({f.severity}): {f.text}" for f in EXAMPLE_FLAGS]
-    assert not re.search("^NTE", example_oru("F"), re.MULTILINE)
+    expected = [f"{flag.code} ({flag.severity}): {flag.text}" for flag in EXAMPLE_FLAGS]
+    assert [str(note[3]) for note in notes] == expected
+    assert [str(note[1]) for note in notes] == ["1", "2"]
+    assert "\rNTE|" not in example_oru("F")
 
 
 def test_corrected_result_status() -> None:
     order = parse_order(order_message())
-    message = build_oru(example_values(False), [], "C", order, None, LOINC, "LP9-3",
-                        Hl7Settings(), OBSERVED_AT)
+    message = build_oru(
+        example_values(False), [], "C", order, None, LOINC, "LP9-3", Hl7Settings(), OBSERVED_AT
+    )
     assert read(message, "OBR.25") == "C"
     assert {row[11] for row in obx(message)} == {"C"}
     assert read(message, "OBR.4") == "69738-3^Differential panel^LN"  # the ordered test
 
 
 def test_oru_without_order_uses_dicom_patient_and_panel() -> None:
-    patient = {"id": "P7", "name_family": "Curie", "name_given": "Ève", "birth_date": "19670704",
-               "sex": "f", "accession_number": "ACC7"}
-    message = build_oru(example_values(False)[:1], [], "F", None, patient, LOINC, "LP7-1",
-                        Hl7Settings(), OBSERVED_AT)
+    patient = {
+        "id": "P7",
+        "name_family": "Curie",
+        "name_given": "Ève",
+        "birth_date": "19670704",
+        "sex": "f",
+        "accession_number": "ACC7",
+    }
+    message = build_oru(
+        example_values(False)[:1],
+        [],
+        "F",
+        None,
+        patient,
+        LOINC,
+        "LP7-1",
+        Hl7Settings(),
+        OBSERVED_AT,
+    )
     validate_oru(message)
     assert (read(message, "PID.3"), read(message, "PID.5"), read(message, "PID.8")) == (
-        "P7", "Curie^Ève", "F")
+        "P7",
+        "Curie^Ève",
+        "F",
+    )
     assert (read(message, "OBR.2"), read(message, "OBR.3"), read(message, "OBR.18")) == (
-        "", "ACC7", "ACC7")
+        "",
+        "ACC7",
+        "ACC7",
+    )
     assert read(message, "OBR.4.1") == "69738-3"
 
 
 def test_oru_without_patient_name_has_no_pid() -> None:
-    message = build_oru(example_values(False)[:1], [], "F", None,
-                        {"id": "P7", "accession_number": "ACC7"}, LOINC, "LP7-1",
-                        Hl7Settings(), OBSERVED_AT)
+    message = build_oru(
+        example_values(False)[:1],
+        [],
+        "F",
+        None,
+        {"id": "P7", "accession_number": "ACC7"},
+        LOINC,
+        "LP7-1",
+        Hl7Settings(),
+        OBSERVED_AT,
+    )
     validate_oru(message)
     assert "\rPID|" not in message
 
 
 def test_delimiters_in_flag_text_are_escaped() -> None:
     flags = [Flag("X", "a|b^c&d~e\\f")]
-    message = build_oru(example_values(False)[:1], flags, "P", parse_order(order_message()),
-                        None, LOINC, "LP1-1", Hl7Settings(), OBSERVED_AT)
+    message = build_oru(
+        example_values(False)[:1],
+        flags,
+        "P",
+        parse_order(order_message()),
+        None,
+        LOINC,
+        "LP1-1",
+        Hl7Settings(),
+        OBSERVED_AT,
+    )
     validate_oru(message)
     assert hl7.parse(message).unescape(str(hl7.parse(message).segment("NTE")[3])) == (
-        "X (review): a|b^c&d~e\\f")
+        "X (review): a|b^c&d~e\\f"
+    )
 
 
 @pytest.mark.parametrize(
@@ -362,10 +529,14 @@ def test_build_oru_refuses_unusable_input(change: dict, error: str) -> None:
 @pytest.mark.parametrize(
     ("mutate", "code"),
     [
-        (lambda m: m.replace("ORU^R01^ORU_R01", "ORM^O01^ORM_O01"),
-         ErrorCode.UNSUPPORTED_MESSAGE_TYPE),
-        (lambda m: re.sub(r"\|F\|\|\|(\d+)", r"||||\1", m, count=1),
-         ErrorCode.REQUIRED_FIELD_MISSING),  # OBX-11 emptied
+        (
+            lambda m: m.replace("ORU^R01^ORU_R01", "ORM^O01^ORM_O01"),
+            ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+        ),
+        (
+            lambda m: re.sub(r"\|F\|\|\|(\d+)", r"||||\1", m, count=1),
+            ErrorCode.REQUIRED_FIELD_MISSING,
+        ),  # OBX-11 emptied
         (lambda m: m + "\rPV1|1|O", ErrorCode.SEGMENT_SEQUENCE_ERROR),
         (lambda m: m.replace("20240315091230+0100", "2024-03-15", 1), ErrorCode.DATA_TYPE_ERROR),
     ],
@@ -384,7 +555,10 @@ def test_parse_ack() -> None:
     assert parse_ack(build_ack(message, application="X")) == ("AA", "ORD0001", "")
     error = OrderRejected(ErrorCode.REQUIRED_FIELD_MISSING, "PID-3 is empty", "PID^1^3")
     assert parse_ack(build_ack(message, error, application="X")) == (
-        "AE", "ORD0001", "PID-3 is empty")
+        "AE",
+        "ORD0001",
+        "PID-3 is empty",
+    )
     assert parse_ack("MSH|^~\\&|LIS||||||ACK|1|P|2.3\rMSA|AR|LP1|busy") == ("AR", "LP1", "busy")
     for garbage in ("", "hello", "MSH|^~\\&|LIS||||||ACK|1|P|2.3", "MSH|^~\\&|L\rMSA|OK|1"):
         with pytest.raises(ValueError):
@@ -410,8 +584,7 @@ def masked(message: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize(("name", "status"), [("ORU_R01_final", "F"),
-                                              ("ORU_R01_preliminary", "P")])
+@pytest.mark.parametrize(("name", "status"), [("ORU_R01_final", "F"), ("ORU_R01_preliminary", "P")])
 def test_oru_examples_validate_and_match_the_code(name: str, status: str) -> None:
     text = (EXAMPLES / f"{name}.hl7").read_text(encoding="utf-8")
     validate_oru(text)

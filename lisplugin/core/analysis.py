@@ -99,9 +99,7 @@ def analyse_field(
     rbc_diameter = median_rbc_diameter(detections, width, height)
     wbcs = [d for d in detections if d.kind == "WBC"]
     crops = [
-        leukocyte_crop(
-            field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box)
-        )
+        leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
         for d in wbcs
     ]
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))

@@ -301,7 +301,9 @@ def _delta_check(rule: Rule, s: SpecimenLike, p: PatientContext, r: Any) -> list
             continue
         change = report_value(now) - report_value(float(before))
         if abs(change) > limit:
-            changes.append(f"{cls} {float(before):.1f} -> {now:.1f} ({change:+.1f}, limit {limit:g})")
+            changes.append(
+                f"{cls} {float(before):.1f} -> {now:.1f} ({change:+.1f}, limit {limit:g})"
+            )
     if not changes:
         return []
     elapsed_h = elapsed.total_seconds() / 3600.0
@@ -389,9 +391,7 @@ def parse_rules(data: Any, settings: AnalysisSettings | None = None) -> list[Rul
     rules: list[Rule] = []
     for i, raw in enumerate(raw_rules):
         if not isinstance(raw, Mapping) or not raw.get("code") or raw.get("kind") not in _PARAMS:
-            raise ValueError(
-                f"rules[{i}]: needs a 'code' and a 'kind' among {', '.join(_PARAMS)}"
-            )
+            raise ValueError(f"rules[{i}]: needs a 'code' and a 'kind' among {', '.join(_PARAMS)}")
         kind = str(raw["kind"])
         severity = raw.get("severity", "review")
         if severity not in get_args(Severity):

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 #: anything else is a storage fault. The calling AE title is in both files' meta as (0002,0016)
 #: Source Application Entity Title. Called from several association threads at once.
 StoreCallback = Callable[[Dataset, bytes], None]
+#: Keeps a refused instance with its reason (quarantine): ``(raw, reason, sop_uid, calling_aet)``.
+RefusedCallback = Callable[[bytes, str, str, str], None]
 
 SUCCESS = 0x0000
 #: Transient: the store callback failed (disk, database); the sender should retry later.
@@ -53,9 +55,15 @@ ERROR_COMMENT_MAX = 64
 class StorageSCP:
     """C-STORE (the supported microscopy and secondary-capture classes) and C-ECHO SCP."""
 
-    def __init__(self, settings: DicomSettings, store: StoreCallback) -> None:
+    def __init__(
+        self,
+        settings: DicomSettings,
+        store: StoreCallback,
+        refused: RefusedCallback | None = None,
+    ) -> None:
         self.settings = settings
         self._store = store
+        self._refused = refused
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> ThreadedAssociationServer:
@@ -102,10 +110,13 @@ class StorageSCP:
         request = event.request
         calling = event.assoc.requestor.ae_title
         sop_uid = str(request.AffectedSOPInstanceUID or "")
+        file_meta = event.file_meta
+        file_meta.SourceApplicationEntityTitle = calling
+        # The instance as received, with a Part 10 header in front: never re-encoded.
+        raw = PREAMBLE + encode_file_meta(file_meta) + request.DataSet.getvalue()
         try:
             ds = event.dataset
-            ds.file_meta = event.file_meta
-            ds.file_meta.SourceApplicationEntityTitle = calling
+            ds.file_meta = file_meta
             sop_class = str(ds.get("SOPClassUID", "") or "")
             if sop_class != str(request.AffectedSOPClassUID):
                 raise UnusableInstance("SOP Class UID differs from request", identity=True)
@@ -113,30 +124,30 @@ class StorageSCP:
             if str(ds.SOPInstanceUID).strip() != sop_uid:
                 raise UnusableInstance("SOP Instance UID differs from request", identity=True)
         except UnusableInstance as exc:
-            return self._refuse(exc, calling, sop_uid)
+            return self._refuse(exc, raw, calling, sop_uid)
         except Exception as exc:  # a data set pydicom cannot parse
-            log.warning("C-STORE %s from %s: undecodable data set: %s", sop_uid, calling, exc)
-            return _status(CANNOT_UNDERSTAND, f"undecodable data set: {exc}")
+            return self._refuse(UnusableInstance(f"undecodable data set: {exc}"), raw, calling,
+                                sop_uid)
         try:
-            raw = b"".join(
-                (
-                    PREAMBLE,
-                    encode_file_meta(ds.file_meta),
-                    event.encoded_dataset(include_meta=False),
-                )
-            )
             self._store(ds, raw)
         except UnusableInstance as exc:
-            return self._refuse(exc, calling, sop_uid)
+            return self._refuse(exc, raw, calling, sop_uid)
         except Exception as exc:
             log.exception("C-STORE %s from %s: storing failed", sop_uid, calling)
             return _status(OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}")
         log.info("C-STORE %s from %s stored", sop_uid, calling)
         return _status(SUCCESS)
 
-    def _refuse(self, exc: UnusableInstance, calling: str, sop_uid: str) -> Dataset:
+    def _refuse(self, exc: UnusableInstance, raw: bytes, calling: str, sop_uid: str) -> Dataset:
+        """A failure status with the reason; the instance itself is kept in quarantine."""
         code = DATASET_DOES_NOT_MATCH_SOP_CLASS if exc.identity else CANNOT_UNDERSTAND
         log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, calling, code, exc.reason)
+        if self._refused is not None:
+            try:
+                self._refused(raw, exc.reason, sop_uid, calling)
+            except Exception:
+                log.exception("could not quarantine %s", sop_uid)
+                return _status(OUT_OF_RESOURCES, "quarantine failed")
         return _status(code, exc.reason)
 
 

@@ -17,6 +17,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from lisplugin import __version__
+from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED
 
 #: Private coding scheme (PS3.16 8.2: designators of local schemes begin with "99").
 PRIVATE_SCHEME = "99LISPLUGIN"
@@ -41,8 +42,8 @@ CELL_TYPES: dict[str, Code] = {
     "platelet": Code("LPL-PLT-CLUMP", PRIVATE_SCHEME, "Platelet or platelet clump"),
     "unidentified": Code("LPL-WBC-UNIDENTIFIED", PRIVATE_SCHEME, "Unidentified leukocyte"),
 }
-#: Report order of cell labels: kinds first, then the leukocyte classes.
-CELL_ORDER: tuple[str, ...] = tuple(CELL_TYPES)
+#: Report order of cell labels: red cells, platelets, then the leukocyte classes.
+CELL_ORDER: tuple[str, ...] = ("RBC", "PLT", *LEUKOCYTE_CLASSES, UNIDENTIFIED)
 
 #: Code Meaning of the UCUM units the LOINC map uses.
 _UNIT_MEANINGS = {
@@ -139,9 +140,11 @@ class Producer:
         return str(generate_uid(prefix=None, entropy_srcs=[MANUFACTURER, self.station]))
 
     @property
-    def model_summary(self) -> str:
-        """Model names and versions in one line, e.g. ``detector 1.2; classifier 0.9``."""
-        return "; ".join(f"{name} {version}" for name, version in self.model_versions.items())
+    def model_name(self) -> str:
+        """lisplugin and its models in one line: ``lisplugin 0.1.0 (detector 1.2; ...)``."""
+        models = "; ".join(f"{name} {version}" for name, version in self.model_versions.items())
+        name = f"lisplugin {self.software_version}"
+        return f"{name} ({models})" if models else name
 
     @property
     def software_versions(self) -> list[str]:

@@ -17,7 +17,9 @@ from typing import Any
 import pydicom
 from highdicom.utils import iter_tiled_full_frame_data
 from pydicom import Dataset
-from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import VLWholeSlideMicroscopyImageStorage, generate_uid
 
 _SOURCE = re.compile(r"(?P<uid>[0-9.]+)(?:#frame=(?P<frame>\d+))?")
 
@@ -53,12 +55,44 @@ def parse_source(source: str) -> FieldRef:
 
 
 def read_header(path: Path | str) -> Dataset:
-    """The attributes of a stored capture without its pixel data."""
+    """The attributes of a stored capture without its pixel data, as report objects copy them.
+
+    A capture without the Specimen module (e.g. a Secondary Capture from a camera) gets one
+    naming the slide by the accession number (else the study), as ``lisplugin send`` names the
+    slides it wraps: the reports are about that specimen, and an annotation object without
+    specimen identification reads as an image of a body part of unknown laterality.
+    """
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     for keyword in _TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, None)
+    if "SpecimenDescriptionSequence" not in ds:
+        _add_slide(ds)
     return ds
+
+
+def _add_slide(ds: Dataset) -> None:
+    """The smear slide as the specimen; its UID is derived so every report names the same."""
+    slide_id = str(ds.get("AccessionNumber") or "") or str(ds.StudyInstanceUID)
+    ds.ContainerIdentifier = slide_id
+    ds.IssuerOfTheContainerIdentifierSequence = []
+    ds.ContainerTypeCodeSequence = [_code(codes.SCT.MicroscopeSlide)]
+    specimen = Dataset()
+    specimen.SpecimenIdentifier = slide_id
+    specimen.SpecimenUID = generate_uid(
+        prefix=None, entropy_srcs=["lisplugin slide", str(ds.StudyInstanceUID), slide_id]
+    )
+    specimen.IssuerOfTheSpecimenIdentifierSequence = []
+    specimen.SpecimenPreparationSequence = []
+    ds.SpecimenDescriptionSequence = [specimen]
+
+
+def _code(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
 
 
 def read_headers(paths: Iterable[Path | str]) -> dict[str, Dataset]:

@@ -96,7 +96,8 @@ def build_sr(
         is_final=not preliminary,
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name="lisplugin",
-        software_versions=tuple(producer.software_versions),
+        # a list, as pydicom wants multiple values (highdicom's hint says tuple)
+        software_versions=producer.software_versions,  # type: ignore[arg-type]
         coding_schemes=[PRIVATE_SCHEME_ITEM],
     )
 
@@ -116,11 +117,7 @@ def _observation_context(producer: Producer, first: Dataset) -> ObservationConte
         uid=producer.uid,
         name=producer.station,
         manufacturer_name=coding.MANUFACTURER,
-        model_name=" ".join(
-            part
-            for part in (f"lisplugin {producer.software_version}", producer.model_summary)
-            if part
-        ),
+        model_name=producer.model_name,
     )
     return ObservationContext(
         observer_device_context=ObserverContext(

@@ -17,7 +17,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lisplugin.dicom.decode import UnusableInstance, fields_from_dataset, validate_identity
+from lisplugin.dicom.decode import UnusableInstance, iter_fields, validate_identity
 from lisplugin.hl7.orders import Order
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import safe_name, write_durably
@@ -40,7 +40,7 @@ def case_key(accession_number: str | None, study_instance_uid: str | None) -> st
         return f"acc:{accession_number}"
     if study_instance_uid:
         return f"study:{study_instance_uid}"
-    raise UnusableInstance("neither Accession Number nor Study Instance UID")
+    raise ValueError("neither Accession Number nor Study Instance UID")
 
 
 def patient_from_dicom(ds: Dataset) -> dict[str, str]:
@@ -90,14 +90,12 @@ class InstanceStore:
         self.instances_dir = storage_path / "instances"
         self.quarantine_dir = storage_path / "quarantine"
 
-    def store(self, ds: Dataset, raw: bytes, calling_ae_title: str | None = None) -> Case:
-        try:
-            validate_identity(ds)
-            frames = len(fields_from_dataset(ds))
-            return self._keep(ds, raw, frames, calling_ae_title)
-        except UnusableInstance as exc:
-            self.quarantine(raw, str(exc), ds.get("SOPInstanceUID"), calling_ae_title)
-            raise
+    def store(self, ds: Dataset, raw: bytes) -> Case:
+        """Keep a usable instance; ``UnusableInstance`` tells the SCP to refuse it."""
+        validate_identity(ds)
+        frames = sum(1 for _ in iter_fields(ds))  # decodes every frame, one at a time
+        calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "") or None
+        return self._keep(ds, raw, frames, calling)
 
     def _keep(self, ds: Dataset, raw: bytes, frames: int, calling_ae_title: str | None) -> Case:
         study_uid = str(ds.StudyInstanceUID)
@@ -131,11 +129,10 @@ class InstanceStore:
             log.info("stored %s in case %s (%d frames)", sop_uid, case.case_key, frames)
             return case
 
-    def quarantine(
-        self, raw: bytes, reason: str, sop_uid: object, calling_ae_title: str | None
-    ) -> Path:
+    def quarantine(self, raw: bytes, reason: str, sop_uid: str, calling_ae_title: str) -> Path:
+        """Keep a refused instance and its reason; it never becomes part of a case."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        path = self.quarantine_dir / f"{stamp}_{safe_name(str(sop_uid or 'unknown'))}.dcm"
+        path = self.quarantine_dir / f"{stamp}_{safe_name(sop_uid or 'unknown')}.dcm"
         write_durably(path, raw)
         write_durably(
             path.with_suffix(".json"),
@@ -146,8 +143,8 @@ class InstanceStore:
                 QuarantinedInstance(
                     path=str(path),
                     reason=reason,
-                    sop_instance_uid=str(sop_uid) if sop_uid else None,
-                    calling_ae_title=calling_ae_title,
+                    sop_instance_uid=sop_uid or None,
+                    calling_ae_title=calling_ae_title or None,
                 )
             )
         log.warning("quarantined %s: %s", path.name, reason)

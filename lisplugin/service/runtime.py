@@ -11,7 +11,6 @@ from typing import Any
 from pydicom import Dataset
 
 from lisplugin.config import Settings
-from lisplugin.dicom.decode import UnusableInstance
 from lisplugin.dicom.scp import StorageSCP
 from lisplugin.hl7.mllp import LisUnreachable, MllpOrderListener, next_retry_delay, send_message
 from lisplugin.hl7.orders import Order
@@ -64,7 +63,7 @@ class Runtime:
         self.scheduler = CaseScheduler(
             self.db, settings, self.pipeline, on_outbox=self.outbox.notify
         )
-        self.scp = StorageSCP(settings.dicom, self.store_instance)
+        self.scp = StorageSCP(settings.dicom, self.store_instance, self.quarantine_instance)
         self.mllp = MllpOrderListener(
             settings.hl7.listen_host, settings.hl7.listen_port, self.accept_order
         )
@@ -79,12 +78,12 @@ class Runtime:
             return self._pipeline
 
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
-        try:
-            self.store.store(ds, raw)
-        except UnusableInstance:
-            INSTANCES.labels("quarantined").inc()
-            raise
+        self.store.store(ds, raw)
         INSTANCES.labels("stored").inc()
+
+    def quarantine_instance(self, raw: bytes, reason: str, sop_uid: str, calling: str) -> None:
+        self.store.quarantine(raw, reason, sop_uid, calling)
+        INSTANCES.labels("quarantined").inc()
 
     def accept_order(self, order: Order, message: str) -> None:
         apply_order(self.db, order, message)

@@ -1,0 +1,34 @@
+"""The two models of the analysis, found through their cards and loaded once per process.
+
+Loading an ONNX session takes seconds and a few hundred MB, so the daemon, ``lisplugin
+analyze`` and the bench share one pair per models folder and card names.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from lisplugin.config import AnalysisSettings, Settings
+from lisplugin.core.types import CellDetector, LeukocyteClassifier
+from lisplugin.inference.classifier import OnnxLeukocyteClassifier
+from lisplugin.inference.detector import OnnxCellDetector
+from lisplugin.inference.registry import load_card
+
+_loaded: dict[tuple[Path, str, str], tuple[CellDetector, LeukocyteClassifier]] = {}
+_lock = threading.Lock()
+
+
+def load_models(settings: Settings | AnalysisSettings) -> tuple[CellDetector, LeukocyteClassifier]:
+    """Detector and classifier named by the analysis settings, each checked against its card.
+
+    Raises ``ModelCardError`` when a card or its ONNX file is missing or does not match.
+    """
+    analysis = settings.analysis if isinstance(settings, Settings) else settings
+    key = (Path(analysis.models_dir).resolve(), analysis.detector, analysis.classifier)
+    with _lock:
+        if key not in _loaded:
+            detector = OnnxCellDetector(load_card(key[0], analysis.detector))
+            classifier = OnnxLeukocyteClassifier(load_card(key[0], analysis.classifier))
+            _loaded[key] = (detector, classifier)
+        return _loaded[key]

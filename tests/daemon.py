@@ -1,0 +1,115 @@
+"""`lisplugin serve` as a real subprocess on free loopback ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    storage: Path
+    database_url: str
+    lis_port: int
+    extra_env: dict[str, str] = field(default_factory=dict)
+    dicom_port: int = field(default_factory=free_port)
+    hl7_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.storage / f"daemon-{self.starts}.log"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "LISPLUGIN_DICOM__HOST": "127.0.0.1",
+                "LISPLUGIN_DICOM__PORT": str(self.dicom_port),
+                "LISPLUGIN_HL7__LISTEN_HOST": "127.0.0.1",
+                "LISPLUGIN_HL7__LISTEN_PORT": str(self.hl7_port),
+                "LISPLUGIN_HL7__LIS_HOST": "127.0.0.1",
+                "LISPLUGIN_HL7__LIS_PORT": str(self.lis_port),
+                "LISPLUGIN_HL7__ACK_TIMEOUT_SECONDS": "3",
+                "LISPLUGIN_HL7__RETRY_INITIAL_SECONDS": "0.5",
+                "LISPLUGIN_HL7__RETRY_MAX_SECONDS": "2",
+                "LISPLUGIN_HTTP__PORT": str(self.http_port),
+                "LISPLUGIN_STORAGE__PATH": str(self.storage),
+                "LISPLUGIN_DATABASE__URL": self.database_url,
+                "LISPLUGIN_CASES__STABLE_SECONDS": "2",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 90.0) -> Daemon:
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lisplugin", "serve"],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.api}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"daemon not ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """An abrupt end (power cut, OOM kill): nothing gets to clean up."""
+        self.stop(signal.SIGKILL)
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.api}{path}", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_for_case(self, accession: str, statuses: set[str], timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for case in self.get("/api/cases"):
+                if case["accession_number"] == accession and case["status"] in statuses:
+                    return self.get(f"/api/cases/{case['id']}")
+            time.sleep(0.5)
+        raise TimeoutError(f"case {accession} did not reach {statuses}")
