@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,10 @@ def _delegate(argv: Sequence[str]) -> int | None:
     return None
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -38,6 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
     from lisplugin.service.runtime import Runtime
 
     settings = load_settings(args.config)
+    # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it still lets the
+    # runtime finish the message in flight and record it, instead of dying mid-delivery.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     runtime = Runtime(settings)
     runtime.start()
     try:

@@ -113,7 +113,7 @@ def test_order_and_captures_to_validated_oru(
     if storescu is None:
         pytest.skip("DCMTK storescu not installed (apt-get install dcmtk)")
     subprocess.run(
-        [storescu, "-aec", "LISPLUGIN", "127.0.0.1", str(daemon.dicom_port), str(first)],
+        [storescu, "-xy", "-aec", "LISPLUGIN", "127.0.0.1", str(daemon.dicom_port), str(first)],
         check=True, capture_output=True, timeout=60,
     )
     assert all(r.ok for r in send([second], "127.0.0.1", daemon.dicom_port, "LISPLUGIN"))

@@ -149,9 +149,7 @@ def test_readers_voc_and_yolo(tmp_path: Path):
     np.testing.assert_allclose(fields[0].boxes[0], [24, 12, 40, 36])
 
 
-def test_cli_on_tiny_voc_and_yolo(
-    tmp_path: Path, capsys, shared_data: Path, shipped_models: Path
-):
+def test_cli_on_tiny_voc_and_yolo(tmp_path: Path, capsys, shared_data: Path, shipped_models: Path):
     from lisplugin.training.fields import read_voc
 
     src = shared_data / "bccd"
@@ -185,7 +183,12 @@ def test_cli_on_tiny_voc_and_yolo(
         reports.append(json.loads(capsys.readouterr().out))
     for rep in reports:
         assert rep["n_images"] == 3
-        assert set(rep["ap"]) == set(rep["recall"]) == set(rep["count_accuracy"]) == {"RBC", "WBC", "PLT"}
+        assert (
+            set(rep["ap"])
+            == set(rep["recall"])
+            == set(rep["count_accuracy"])
+            == {"RBC", "WBC", "PLT"}
+        )
         assert 0.5 < rep["map50"] <= 1.0
     assert reports[0]["map50"] == pytest.approx(reports[1]["map50"], abs=0.02)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -159,6 +160,14 @@ def test_accession_number_sources(fields: dict, accession: str, source: str) -> 
 def test_unknown_z_segments_and_lf_separators_are_tolerated() -> None:
     text = order_message().replace("\r", "\n") + "\nZXX|site specific\n"
     assert parse_order(text).accession_number == "ACC0001"
+
+
+def test_segments_outside_the_structure_do_not_split_the_order() -> None:
+    """v2.5 senders put TQ1 into ORM; EVN and Z-segments are not part of ORM_O01 either."""
+    text = order_message({"OBR": {27: ""}})
+    text = text.replace("\rORC", "\rZPI|x\rORC").replace("\rOBR", "\rTQ1|1||||||||S\rOBR")
+    order = parse_order(text.replace("\rPID", "\rEVN|O01\rPID"))
+    assert (order.priority, order.accession_number) == ("S", "ACC0001")
 
 
 def test_cancel_needs_no_patient_or_test() -> None:
@@ -362,6 +371,7 @@ EXAMPLE_FLAGS = [
 ]
 
 
+@functools.cache
 def example_oru(status: str) -> str:
     """ORU_R01_preliminary.hl7 (P, with findings) and ORU_R01_final.hl7 (F) are these."""
     order = parse_order((EXAMPLES / "ORM_O01.hl7").read_text(encoding="utf-8"))
@@ -560,7 +570,8 @@ def test_parse_ack() -> None:
         "PID-3 is empty",
     )
     assert parse_ack("MSH|^~\\&|LIS||||||ACK|1|P|2.3\rMSA|AR|LP1|busy") == ("AR", "LP1", "busy")
-    for garbage in ("", "hello", "MSH|^~\\&|LIS||||||ACK|1|P|2.3", "MSH|^~\\&|L\rMSA|OK|1"):
+    no_msa = "MSH|^~\\&|LIS||||||ACK|1|P|2.3"
+    for garbage in ("", "hello", no_msa, "MSH|^~\\&|L\rMSA", "MSH|^~\\&|L\rMSA|OK|1"):
         with pytest.raises(ValueError):
             parse_ack(garbage)
 

@@ -21,8 +21,6 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.factories import datatype_factory
 
-AckCode = Literal["AA", "AE", "AR"]
-
 ACK_VERSION = "2.5.1"
 
 
@@ -147,19 +145,17 @@ class ReceivedHeader:
     """The parts of a received MSH an answer echoes; blanks where they cannot be read."""
 
     def __init__(self, received: str) -> None:
-        self.application = self.facility = self.message_type = self.trigger = ""
-        self.control_id = self.processing_id = self.version = ""
+        self.application = self.facility = self.trigger = ""
+        self.control_id = self.processing_id = ""
         try:
             self._message = hl7.parse(normalise_segments(received))
         except Exception:  # unparseable input simply has no header to echo
             return
         self.application = self.field(3)
         self.facility = self.field(4)
-        self.message_type = self.field(9)
         self.trigger = self.field(9, 2)
         self.control_id = self.field(10)
         self.processing_id = self.field(11)
-        self.version = self.field(12)
 
     def field(self, number: int, component: int = 1) -> str:
         try:

@@ -214,7 +214,10 @@ def build_test_order(
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lisplugin lis-sim", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lisplugin lis-sim",
+        description="A small LIS: ACKs, prints and stores ORU^R01; can send a test ORM^O01.",
+    )
     parser.add_argument("--config", type=Path, help="site settings YAML (for default ports)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, help="MLLP port (default: hl7.lis_port)")

@@ -14,6 +14,7 @@ order with its accession number). ``Order.accession_source`` says which field it
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from datetime import date, datetime
 from typing import Any
 
 import hl7
+from hl7apy import load_reference
 from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.exceptions import ChildNotFound
 from hl7apy.parser import parse_message
 
 from lisplugin.hl7.ack import ErrorCode, MessageRejected, normalise_segments
@@ -101,7 +104,7 @@ def parse_order(text: str) -> Order:
     reader = _Reader(text)
     msh = _Ref("MSH", 1)
     message_type, version = _check_header(reader, msh)
-    patient, order_group = _groups(text)
+    patient, order_group, ignored = _groups(text, message_type, version)
     orc = next(order_group.segments())
     obr = order_group.first("OBR")
     order_control = reader.value(orc, 1).upper()
@@ -135,7 +138,7 @@ def parse_order(text: str) -> Order:
         test_code=reader.value(obr, 4),
         test_text=reader.value(obr, 4, 2),
         test_coding_system=reader.value(obr, 4, 3),
-        priority=_priority(reader, order_group.first("TQ1"), obr, orc),
+        priority=_priority(reader, order_group.first("TQ1") or ignored.get("TQ1"), obr, orc),
         patient_id=reader.value(pid, 3),
         patient_id_authority=reader.value(pid, 3, 4),
         patient_family_name=reader.value(pid, 5),
@@ -249,14 +252,31 @@ class _Group:
         return next((ref for ref in self.segments() if ref.name == name), None)
 
 
-def _groups(text: str) -> tuple[_Group | None, _Group]:
+def _groups(
+    text: str, message_type: str, version: str
+) -> tuple[_Group | None, _Group, dict[str, _Ref]]:
     """The patient group (if any) and the one order group of the message.
 
     hl7apy groups the segments by the structure of the message type and version; OML
     prior-result groups are left out, so their PID, ORC and OBR are never the order's own.
+    Segments the structure does not define (Z-segments, EVN, a TQ1 that v2.5 senders add to
+    ORM) are set aside first, so they cannot split a group; the first of each is returned by
+    name.
     """
+    structure = message_type.replace("^", "_")
     try:
-        tree = parse_message(text, find_groups=True, validation_level=VALIDATION_LEVEL.TOLERANT)
+        defined = _structure_segments(structure, version)
+    except ChildNotFound as exc:
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+            f"{message_type} is not defined in HL7 {version}",
+            "MSH^1^9",
+        ) from exc
+    lines = text.split("\r")
+    ignored = {name: _Ref(name, 1) for name in (line[:3] for line in lines) if name not in defined}
+    kept = "\r".join(line for line in lines if line[:3] in defined)
+    try:
+        tree = parse_message(kept, find_groups=True, validation_level=VALIDATION_LEVEL.TOLERANT)
     except Exception as exc:  # hl7apy raises many kinds on malformed input
         raise OrderRejected(
             ErrorCode.SEGMENT_SEQUENCE_ERROR,
@@ -264,12 +284,6 @@ def _groups(text: str) -> tuple[_Group | None, _Group]:
             "MSH^1",
             ack_code="AR",
         ) from exc
-    if tree.name not in ("ORM_O01", "OML_O21"):
-        raise OrderRejected(
-            ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
-            f"{tree.msh.msh_9.to_er7()} is not defined in HL7 {tree.version}",
-            "MSH^1^9",
-        )
     message = _as_group(tree, {})
     assert isinstance(message, _Group)
     sequence = list(message.segments())
@@ -301,7 +315,21 @@ def _groups(text: str) -> tuple[_Group | None, _Group]:
             "only one order (ORC group) per message is supported",
             "ORC^2",
         )
-    return (patients[0] if patients else None), orders[0]
+    return (patients[0] if patients else None), orders[0], ignored
+
+
+@functools.cache
+def _structure_segments(structure: str, version: str) -> frozenset[str]:
+    """Every segment name the HL7 message structure defines, at any depth."""
+
+    def names(reference: Any) -> Iterator[str]:
+        for name, child, _cardinality, kind in reference[1]:
+            if kind == "SEG":
+                yield name
+            elif kind == "GRP":
+                yield from names(child)
+
+    return frozenset(names(load_reference(structure, "Message", version)))
 
 
 def _as_group(element: Any, counts: dict[str, int]) -> _Ref | _Group:

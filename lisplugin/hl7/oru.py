@@ -9,6 +9,7 @@ validation is never returned, so a broken ORU never reaches the outbox.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -176,7 +177,7 @@ def parse_ack(text: str) -> tuple[str, str, str]:
     """
     try:
         message = hl7.parse(normalise_segments(text))
-        msa = message.segment("MSA")
+        message.segment("MSA")
     except Exception as exc:  # python-hl7 raises several kinds on garbage
         raise ValueError(f"not an HL7 acknowledgement: {exc}") from exc
 
@@ -186,7 +187,7 @@ def parse_ack(text: str) -> tuple[str, str, str]:
         except (IndexError, KeyError):
             return ""
 
-    code = str(msa(1)).strip().upper()
+    code = field("MSA", 1).upper()
     if code not in ("AA", "AE", "AR", "CA", "CE", "CR"):
         raise ValueError(f"MSA-1 {code!r} is not an acknowledgment code")
     return code, field("MSA", 2), field("ERR", 8) or field("ERR", 3, 2) or field("MSA", 3)
@@ -251,7 +252,7 @@ def _patient(result: Any, order: Order | None, dicom: dict[str, str]) -> None:
     pid.pid_1 = "1"
     set_field(pid.pid_3, patient_id, "", "", authority)
     set_field(pid.pid_5, family, given)
-    if birth_date:
+    if re.fullmatch(r"\d{4}(?:\d{2}){0,2}", birth_date):  # DICOM DA is YYYYMMDD
         pid.pid_7 = birth_date
     sex = sex.upper()
     if sex:

@@ -70,9 +70,7 @@ def build_annotations(
         parameters=dict(producer.model_versions) or None,
     )
     return [
-        _annotation_object(
-            headers[uid], frame, cells, algorithm, producer, series_uid, number
-        )
+        _annotation_object(headers[uid], frame, cells, algorithm, producer, series_uid, number)
         for number, ((uid, frame), cells) in enumerate(sorted(by_target.items(), key=_order), 1)
     ]
 

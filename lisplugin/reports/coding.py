@@ -17,6 +17,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from lisplugin import __version__
+from lisplugin.core.rules import result_key
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED
 
 #: Private coding scheme (PS3.16 8.2: designators of local schemes begin with "99").
@@ -105,25 +106,16 @@ def result_code(loinc_map: Mapping[str, Any], key: str) -> ResultCode | None:
     return ResultCode(CodedConcept(str(entry["code"]), scheme, meaning), str(entry["units"]))
 
 
+def named_result(loinc_map: Mapping[str, Any], key: str, meaning: str, units: str) -> ResultCode:
+    """Result ``key`` as the LOINC map codes it, else as a private code (a site may drop keys)."""
+    return result_code(loinc_map, key) or ResultCode(
+        CodedConcept(f"LPL-{key.upper()}"[:64], PRIVATE_SCHEME, meaning[:64]), units
+    )
+
+
 def differential_code(loinc_map: Mapping[str, Any], label: str) -> ResultCode:
-    """The coded name of a differential entry: ``<class>_pct`` or ``<class>_per_100wbc``."""
-    for key in (f"{label}_pct", f"{label}_per_100wbc"):
-        found = result_code(loinc_map, key)
-        if found is not None:
-            return found
-    own = cell_type(label)
-    return ResultCode(
-        CodedConcept(f"{own.value}-PCT"[:64], PRIVATE_SCHEME, f"{label} per 100 leukocytes"),
-        "%",
-    )
-
-
-def cells_code(loinc_map: Mapping[str, Any], key: str, meaning: str) -> ResultCode:
-    """The coded name of a number of cells (``wbc_classified``, ``rbc_counted``...)."""
-    found = result_code(loinc_map, key)
-    return found or ResultCode(
-        CodedConcept(f"LPL-{key.upper()}"[:64], PRIVATE_SCHEME, meaning), "{cells}"
-    )
+    """The coded name of a class's share of the leukocytes, keyed as in the ORU."""
+    return named_result(loinc_map, result_key(label), f"{label} per 100 leukocytes", "%")
 
 
 @dataclass(frozen=True)

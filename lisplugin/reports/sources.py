@@ -150,9 +150,7 @@ def frame_origin(ds: Dataset, frame: int) -> tuple[float, float]:
     optical paths); others list them in the Plane Position (Slide) functional group.
     """
     if ds.get("DimensionOrganizationType") == "TILED_FULL":
-        for number, (*_, column, row, _x, _y, _z) in enumerate(
-            iter_tiled_full_frame_data(ds), 1
-        ):
+        for number, (*_, column, row, _x, _y, _z) in enumerate(iter_tiled_full_frame_data(ds), 1):
             if number == frame:
                 return float(column - 1), float(row - 1)
         raise ValueError(f"frame {frame} is beyond the tiles of {ds.SOPInstanceUID}")

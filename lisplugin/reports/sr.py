@@ -140,11 +140,16 @@ def _specimen_group(
     """Counts per kind, the differential and the review status of the whole specimen."""
     measurements = [
         _measurement(
-            coding.cells_code(loinc_map, f"{kind.lower()}_counted", f"{kind} detected"), n
+            coding.named_result(
+                loinc_map, f"{kind.lower()}_counted", f"{kind} detected", "{cells}"
+            ),
+            n,
         )
         for kind, n in result.get("counts", {}).items()
     ]
-    classified = coding.cells_code(loinc_map, "wbc_classified", "Leukocytes classified")
+    classified = coding.named_result(
+        loinc_map, "wbc_classified", "Leukocytes classified", "{cells}"
+    )
     measurements.append(_measurement(classified, result.get("wbc_classified", 0)))
     differential = result.get("differential", {})
     measurements += [

@@ -153,7 +153,8 @@ class InstanceStore:
 
 def apply_order(db: Database, order: Order, message: str) -> Case:
     """Create or update the case an order names; captures already received are kept."""
-    order_json = _jsonable(dataclasses.asdict(order))
+    # Field by field: asdict() deep-copies, which python-hl7's tzinfo objects do not support.
+    order_json = {f.name: _jsonable(getattr(order, f.name)) for f in dataclasses.fields(order)}
     with db.session() as session:
         case = get_or_create_case(session, order.accession_number, None)
         session.add(OrderMessage(case_id=case.id, control_id=order.control_id, message=message))

@@ -36,6 +36,8 @@ def hl7_sender(settings: Settings) -> Sender:
             )
         except LisUnreachable as exc:
             raise ReceiverUnavailable(str(exc)) from exc
+        if ack.code in ("AR", "CR"):  # rejected for reasons other than content: try again later
+            raise ReceiverUnavailable(f"{ack.code}: {ack.text}")
         return Delivery(accepted=ack.code in ("AA", "CA"), code=ack.code, text=ack.text or "")
 
     return send
@@ -65,7 +67,11 @@ class Runtime:
         )
         self.scp = StorageSCP(settings.dicom, self.store_instance, self.quarantine_instance)
         self.mllp = MllpOrderListener(
-            settings.hl7.listen_host, settings.hl7.listen_port, self.accept_order
+            settings.hl7.listen_host,
+            settings.hl7.listen_port,
+            self.accept_order,
+            application=settings.hl7.sending_application,
+            facility=settings.hl7.sending_facility,
         )
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -1,0 +1,410 @@
+"""The case report as a PDF for people, and the same PDF as a DICOM Encapsulated PDF.
+
+The page shows what a technologist or pathologist needs to sign out a smear: patient and
+order, the differential with the patient's reference intervals and H/L flags (the same values
+the ORU carries), the review flags, a gallery of the cells of each class cropped from the
+captures, the image quality of each field and the model versions. It is drawn from the JSON
+report (``json_report.case_report``), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
+from reportlab.lib.units import mm
+from reportlab.platypus import (
+    Flowable,
+    Image,
+    KeepTogether,
+    Paragraph,
+    SimpleDocTemplate,
+    Spacer,
+    Table,
+    TableStyle,
+)
+from reportlab.platypus.doctemplate import BaseDocTemplate
+
+from lisplugin.reports import coding
+from lisplugin.reports.coding import Producer
+
+SERIES_NUMBER = 902
+SERIES_DESCRIPTION = "lisplugin differential (PDF)"
+DOCUMENT_TITLE = "Blood smear leukocyte differential"
+#: Thumbnails shown per class (highest detection scores first) and their size.
+GALLERY_PER_CLASS = 16
+GALLERY_COLUMNS = 8
+THUMB_PX = 96
+THUMB_SIZE = 20 * mm
+#: Context around a cell box in its thumbnail, as a share of the box size on each side.
+THUMB_MARGIN = 0.25
+
+_STATUS_BANNER = {
+    "preliminary": ("PRELIMINARY - technologist review required", colors.HexColor("#b45309")),
+    "final": ("FINAL - every review rule passed", colors.HexColor("#166534")),
+    "corrected": ("CORRECTED - replaces an earlier final result", colors.HexColor("#1d4ed8")),
+}
+_FLAG_COLOURS = {"H": colors.HexColor("#b91c1c"), "L": colors.HexColor("#1d4ed8")}
+#: How the report names the result keys it shows (the rest by their key).
+_VALUE_NAMES = {
+    "wbc_classified": "Leukocytes classified",
+    "rbc_counted": "Red cells detected",
+    "wbc_counted": "Leukocytes detected",
+    "plt_counted": "Platelets detected",
+}
+_GRID = [
+    ("GRID", (0, 0), (-1, -1), 0.25, colors.HexColor("#9ca3af")),
+    ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e5e7eb")),
+    ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+    ("FONTSIZE", (0, 0), (-1, -1), 8),
+]
+
+
+def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> bytes:
+    """The PDF of a JSON report; ``images`` maps field sources to their RGB pixels."""
+    styles = getSampleStyleSheet()
+    small = ParagraphStyle("small", parent=styles["Normal"], fontSize=8, leading=10)
+    buffer = io.BytesIO()
+    doc = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        leftMargin=15 * mm,
+        rightMargin=15 * mm,
+        topMargin=15 * mm,
+        bottomMargin=18 * mm,
+        title=f"{DOCUMENT_TITLE} - case {report['case']['id']}",
+        author=report["generator"],
+        subject=str(report["case"]["case_key"]),
+    )
+    story: list[Flowable] = [
+        Paragraph(DOCUMENT_TITLE, styles["Title"]),
+        _banner(report["report_status"], styles),
+        Spacer(1, 4 * mm),
+        _identity_table(report, small),
+        Spacer(1, 5 * mm),
+        Paragraph("Differential", styles["Heading2"]),
+        _values_table(report, small),
+    ]
+    flags = report["result"].get("flags", [])
+    story.append(Paragraph("Review flags", styles["Heading2"]))
+    story += [
+        Paragraph(
+            f"<b>{_escape(f['code'])}</b> ({_escape(f['severity'])}): {_escape(f['text'])}", small
+        )
+        for f in flags
+    ] or [Paragraph("None: every review rule passed.", small)]
+    story.append(Paragraph("Cells by class", styles["Heading2"]))
+    story += _gallery(report["result"], images, styles, small)
+    story.append(Paragraph("Field quality", styles["Heading2"]))
+    story.append(_fields_table(report["result"], small))
+    story.append(Paragraph("Models", styles["Heading2"]))
+    story.append(_models_table(report, small))
+    doc.build(story, onFirstPage=_footer(report), onLaterPages=_footer(report))
+    return buffer.getvalue()
+
+
+def _escape(text: Any) -> str:
+    """Text for a reportlab Paragraph (its markup is XML-like)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _banner(status: str, styles: Any) -> Table:
+    text, colour = _STATUS_BANNER[status]
+    style = ParagraphStyle(
+        "banner", parent=styles["Normal"], textColor=colors.white, fontName="Helvetica-Bold"
+    )
+    table = Table([[Paragraph(text, style)]], colWidths=[180 * mm])
+    table.setStyle(
+        TableStyle([("BACKGROUND", (0, 0), (-1, -1), colour), ("LEFTPADDING", (0, 0), (-1, -1), 6)])
+    )
+    return table
+
+
+def _date(text: str | None) -> str:
+    """YYYYMMDD (DICOM/HL7) or ISO dates and times as people read them."""
+    value = (text or "").strip()
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    try:
+        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return value
+
+
+def _identity_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
+    patient, order, case = report["patient"], report["order"] or {}, report["case"]
+    name = ", ".join(p for p in (patient.get("name_family"), patient.get("name_given")) if p)
+    provider = " ".join(
+        p
+        for p in (
+            order.get("ordering_provider_given_name"),
+            order.get("ordering_provider_family_name"),
+        )
+        if p
+    )
+    test = " ".join(p for p in (order.get("test_code"), order.get("test_text")) if p)
+    left = [
+        ("Patient", name or "-"),
+        ("Patient ID", patient.get("id") or "-"),
+        ("Birth date", _date(patient.get("birth_date")) or "-"),
+        ("Sex", patient.get("sex") or "-"),
+        ("Case", f"{case['id']} ({case['case_key']})"),
+    ]
+    right = [
+        ("Accession", case.get("accession_number") or "-"),
+        (
+            "Order",
+            " / ".join(
+                n for n in (order.get("placer_order_number"), order.get("filler_order_number")) if n
+            )
+            or "no order received",
+        ),
+        ("Test", test or "-"),
+        ("Ordered by", provider or "-"),
+        ("Collected", _date(order.get("collected_at")) or "-"),
+        ("Analysed", _date(case.get("analysed_at")) or "-"),
+        ("Report", _date(report["generated_at"])),
+    ]
+    rows = []
+    for i in range(max(len(left), len(right))):
+        row = []
+        for column in (left, right):
+            label, value = column[i] if i < len(column) else ("", "")
+            row += [Paragraph(f"<b>{label}</b>", style), Paragraph(_escape(value), style)]
+        rows.append(row)
+    table = Table(rows, colWidths=[24 * mm, 66 * mm, 24 * mm, 66 * mm])
+    table.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP")]))
+    return table
+
+
+def _value_name(key: str) -> str:
+    if key in _VALUE_NAMES:
+        return _VALUE_NAMES[key]
+    label = key.removesuffix("_pct").removesuffix("_per_100wbc")
+    return {"ig": "Immature granulocytes"}.get(label, label.replace("_", " ").capitalize())
+
+
+def _interval(value: Mapping[str, Any]) -> str:
+    low, high = value["reference_low"], value["reference_high"]
+    if low is None and high is None:
+        return ""
+    return f"{'' if low is None else f'{low:g}'} - {'' if high is None else f'{high:g}'}"
+
+
+def _values_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
+    class_counts = report["result"].get("class_counts", {})
+    rows: list[list[Any]] = [["", "Cells", "Result", "Units", "Reference", "Flag"]]
+    styles = list(_GRID)
+    for value in report["values"]:
+        label = value["key"].removesuffix("_pct").removesuffix("_per_100wbc")
+        is_share = label != value["key"]
+        rows.append(
+            [
+                _value_name(value["key"]),
+                str(class_counts.get(label, "")) if is_share else "",
+                f"{value['value']:.1f}" if is_share else f"{value['value']:.0f}",
+                value["units"],
+                _interval(value),
+                value["flag"],
+            ]
+        )
+        colour = _FLAG_COLOURS.get(value["flag"])
+        if colour is not None:
+            line = len(rows) - 1
+            styles += [
+                ("TEXTCOLOR", (0, line), (-1, line), colour),
+                ("FONTNAME", (0, line), (-1, line), "Helvetica-Bold"),
+            ]
+    table = Table(
+        rows, colWidths=[60 * mm, 20 * mm, 25 * mm, 25 * mm, 30 * mm, 15 * mm], repeatRows=1
+    )
+    styles.append(("ALIGN", (1, 0), (-1, -1), "RIGHT"))
+    table.setStyle(TableStyle(styles))
+    return table
+
+
+def crop_cell(image: np.ndarray, box: Sequence[float]) -> PILImage.Image:
+    """A square thumbnail of the cell in ``box`` with some context, THUMB_PX wide."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * THUMB_MARGIN)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    height, width = image.shape[:2]
+    left, top = int(max(cx - side / 2, 0)), int(max(cy - side / 2, 0))
+    right, bottom = int(min(cx + side / 2, width)), int(min(cy + side / 2, height))
+    crop = PILImage.fromarray(image[top : max(bottom, top + 1), left : max(right, left + 1)])
+    return crop.resize((THUMB_PX, THUMB_PX), PILImage.Resampling.LANCZOS)
+
+
+def _png(image: PILImage.Image) -> io.BytesIO:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    buffer.seek(0)
+    return buffer
+
+
+def _gallery(
+    result: Mapping[str, Any],
+    images: Mapping[str, np.ndarray],
+    styles: Any,
+    small: ParagraphStyle,
+) -> list[Flowable]:
+    sources = {int(f["index"]): str(f["source"]) for f in result.get("fields", [])}
+    by_class: dict[str, list[Mapping[str, Any]]] = {}
+    for cell in result.get("cells", []):
+        if sources.get(int(cell["field"])) in images:
+            by_class.setdefault(str(cell["class"]), []).append(cell)
+    if not by_class:
+        return [Paragraph("No cells, or the captures are no longer stored.", small)]
+    parts: list[Flowable] = []
+    for label in coding.ordered_labels(by_class):
+        cells = sorted(by_class[label], key=lambda c: -float(c["score"]))
+        shown = cells[:GALLERY_PER_CLASS]
+        thumbs = [
+            Image(
+                _png(crop_cell(images[sources[int(c["field"])]], c["box"])),
+                width=THUMB_SIZE,
+                height=THUMB_SIZE,
+            )
+            for c in shown
+        ]
+        rows = [thumbs[i : i + GALLERY_COLUMNS] for i in range(0, len(thumbs), GALLERY_COLUMNS)]
+        rows[-1] += [""] * (GALLERY_COLUMNS - len(rows[-1]))
+        grid = Table(rows, colWidths=[THUMB_SIZE + 2 * mm] * GALLERY_COLUMNS)
+        grid.setStyle(
+            TableStyle(
+                [("LEFTPADDING", (0, 0), (-1, -1), 1), ("RIGHTPADDING", (0, 0), (-1, -1), 1)]
+            )
+        )
+        title = f"{_escape(coding.cell_type(label).meaning)} ({_escape(label)})"
+        count = f"{len(shown)} of {len(cells)} shown" if len(cells) > len(shown) else len(cells)
+        parts.append(
+            KeepTogether([Paragraph(f"<b>{title}</b>: {count}", small), grid, Spacer(1, 2 * mm)])
+        )
+    return parts
+
+
+def _fields_table(result: Mapping[str, Any], style: ParagraphStyle) -> Table:
+    rows: list[list[Any]] = [["Field", "Source", "Size", "Focus", "Exposure", "Clipped", "QC"]]
+    for field in result.get("fields", []):
+        quality = field["quality"]
+        verdict = "passed" if quality["passed"] else "failed: " + "; ".join(quality["reasons"])
+        rows.append(
+            [
+                str(int(field["index"]) + 1),
+                Paragraph(_escape(field["source"]), style),
+                f"{field['width']} x {field['height']}",
+                f"{quality['focus']:.1f}",
+                f"{quality['exposure']:.2f}",
+                f"{quality['clipped_fraction']:.1%}",
+                Paragraph(_escape(verdict), style),
+            ]
+        )
+    table = Table(
+        rows,
+        colWidths=[12 * mm, 62 * mm, 20 * mm, 16 * mm, 16 * mm, 16 * mm, 33 * mm],
+        repeatRows=1,
+    )
+    table.setStyle(TableStyle(_GRID))
+    return table
+
+
+def _models_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
+    rows = [["Software", "Version"], ["lisplugin", report["generator"].removeprefix("lisplugin ")]]
+    rows += [
+        [name, version] for name, version in report["result"].get("model_versions", {}).items()
+    ]
+    table = Table(rows, colWidths=[80 * mm, 40 * mm], hAlign="LEFT")
+    table.setStyle(TableStyle(_GRID))
+    return table
+
+
+def _footer(report: Mapping[str, Any]) -> Any:
+    """Draws case, patient and page number on every page (patient ID: pages get separated)."""
+    line = (
+        f"Case {report['case']['id']} - patient {report['patient'].get('id') or '-'} - "
+        f"{report['report_status']} - {report['generator']}"
+    )
+
+    def draw(canvas: Any, doc: BaseDocTemplate) -> None:
+        canvas.saveState()
+        canvas.setFont("Helvetica", 7)
+        canvas.drawString(15 * mm, 10 * mm, line)
+        canvas.drawRightString(A4[0] - 15 * mm, 10 * mm, f"page {doc.page}")
+        canvas.restoreState()
+
+    return draw
+
+
+def build_encapsulated_pdf(
+    pdf: bytes,
+    header: Dataset,
+    sources: Sequence[Dataset],
+    *,
+    producer: Producer,
+    created_at: datetime,
+) -> Dataset:
+    """``pdf`` as an Encapsulated PDF instance in the study of ``header`` (a capture's header).
+
+    Patient and study attributes are copied from ``header``; ``sources`` are the captures the
+    PDF shows cells of (Source Instance Sequence); Burned In Annotation is YES because the
+    document names the patient.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = EncapsulatedPDFStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if "SpecificCharacterSet" in header:
+        ds.SpecificCharacterSet = header.SpecificCharacterSet
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    ):
+        setattr(ds, keyword, header.get(keyword))
+    ds.Modality = "DOC"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = SERIES_NUMBER
+    ds.SeriesDescription = SERIES_DESCRIPTION
+    ds.Manufacturer = coding.MANUFACTURER
+    ds.ManufacturerModelName = "lisplugin"
+    ds.SoftwareVersions = producer.software_versions
+    ds.ConversionType = "WSD"
+    ds.InstanceNumber = 1
+    ds.ContentDate = created_at.strftime("%Y%m%d")
+    ds.ContentTime = created_at.strftime("%H%M%S")
+    ds.AcquisitionDateTime = created_at.strftime("%Y%m%d%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = DOCUMENT_TITLE
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    references = []
+    for source in sources:
+        item = Dataset()
+        item.ReferencedSOPClassUID = source.SOPClassUID
+        item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        references.append(item)
+    ds.SourceInstanceSequence = references
+    ds.EncapsulatedDocument = pdf + b"\x00" * (len(pdf) % 2)  # OB values have even length
+    ds.EncapsulatedDocumentLength = len(pdf)
+    return ds

@@ -1,0 +1,254 @@
+"""Fields to a specimen result: labelling, the differential's arithmetic, result values, flags.
+
+The detector and classifier here are test doubles implementing the core's protocols; the
+shipped ONNX models are exercised in test_synthetic.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import yaml
+
+from lisplugin.config import DEFAULT_CONFIG_DIR, AnalysisSettings
+from lisplugin.core.analysis import (
+    DIFFERENTIAL_CLASSES,
+    aggregate,
+    analyse_field,
+    analyse_fields,
+    median_rbc_diameter,
+    result_values,
+)
+from lisplugin.core.crops import PBC_CROP_PX
+from lisplugin.core.reference import parse_reference_ranges
+from lisplugin.core.rules import PatientContext, parse_rules
+from lisplugin.core.types import (
+    LEUKOCYTE_CLASSES,
+    UNIDENTIFIED,
+    Cell,
+    CellKind,
+    Detection,
+    Field,
+    FieldQuality,
+    FieldResult,
+)
+from lisplugin.synthetic import synthetic_field
+
+SETTINGS = AnalysisSettings()
+CLASSES = LEUKOCYTE_CLASSES
+GOOD = FieldQuality(focus=70.0, exposure=0.7, clipped_fraction=0.0, passed=True)
+
+
+class ListDetector:
+    """Returns fixed detections and regression counts, and remembers how often it ran."""
+
+    version = "test-detector-1"
+
+    def __init__(self, detections: list[Detection], counts: dict[str, float] | None = None):
+        self.detections = detections
+        self.counts = counts
+        self.calls = 0
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        self.calls += 1
+        return list(self.detections)
+
+    def regress_counts(self, image: np.ndarray) -> dict[str, float] | None:
+        return self.counts
+
+
+class RowClassifier:
+    """Gives the next prepared probability rows; records every batch of crops it saw."""
+
+    version = "test-classifier-1"
+    classes: Sequence[str] = CLASSES
+
+    def __init__(self, rows: list[list[float]]):
+        self.rows = [np.asarray(r, dtype=float) for r in rows]
+        self.batches: list[list[np.ndarray]] = []
+
+    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        self.batches.append(list(crops))
+        out, self.rows = self.rows[: len(crops)], self.rows[len(crops) :]
+        return np.stack(out)
+
+
+def one_hot(cls: str, p: float = 0.9) -> list[float]:
+    rest = (1.0 - p) / (len(CLASSES) - 1)
+    return [p if c == cls else rest for c in CLASSES]
+
+
+def wbc(field_index: int, label: str, top: float = 0.9) -> Cell:
+    probs = dict(
+        zip(CLASSES, one_hot(label if label != UNIDENTIFIED else "neutrophil", top), strict=True)
+    )
+    return Cell(field_index, "WBC", label, 0.9, (10.0, 10.0, 150.0, 150.0), None, probs)
+
+
+def other(field_index: int, kind: CellKind) -> Cell:
+    return Cell(field_index, kind, kind, 0.9, (0.0, 0.0, 100.0, 100.0))
+
+
+def field_result(
+    index: int, cells: list[Cell], counts: dict[str, float] | None = None
+) -> FieldResult:
+    return FieldResult(index, f"f{index}", 640, 480, GOOD, tuple(cells), counts)
+
+
+@pytest.fixture(scope="module")
+def smear() -> tuple[np.ndarray, list]:
+    return synthetic_field(5, wbc_types=["neutrophil", "lymphocyte"])
+
+
+def detections_of(truth: list) -> list[Detection]:
+    return [Detection(kind, 0.9, box) for kind, box in truth]
+
+
+def test_aggregate_arithmetic() -> None:
+    """6 neutrophils, 2 lymphocytes, 1 unidentified: 9 leukocytes; NRBC and platelet per 100."""
+    cells = [wbc(0, "neutrophil")] * 4 + [wbc(0, "lymphocyte")] * 2 + [other(0, "RBC")] * 10
+    more = [wbc(1, "neutrophil")] * 2 + [wbc(1, UNIDENTIFIED, 0.4)]
+    more += [wbc(1, "erythroblast"), wbc(1, "platelet"), other(1, "PLT")]
+    specimen = aggregate(
+        [field_result(0, cells), field_result(1, more)], SETTINGS, {"detector": "d1"}, rules=[]
+    )
+    assert specimen.counts == {"RBC": 10, "WBC": 11, "PLT": 1}
+    assert specimen.wbc_classified == 9
+    assert specimen.class_counts["neutrophil"] == 6
+    assert specimen.class_counts[UNIDENTIFIED] == 1
+    assert specimen.differential["neutrophil"] == pytest.approx(600 / 9)
+    assert specimen.differential["lymphocyte"] == pytest.approx(200 / 9)
+    assert specimen.differential[UNIDENTIFIED] == pytest.approx(100 / 9)
+    # not leukocytes: per 100 leukocytes, outside the 100 %
+    assert specimen.differential["erythroblast"] == pytest.approx(100 / 9)
+    assert specimen.differential["platelet"] == pytest.approx(100 / 9)
+    assert sum(specimen.differential[c] for c in DIFFERENTIAL_CLASSES) == pytest.approx(100.0)
+    assert specimen.model_versions == {"detector": "d1"}
+    assert specimen.flags == ()
+    assert len(specimen.cells) == len(cells) + len(more)
+
+
+def test_no_leukocytes_gives_empty_differential() -> None:
+    specimen = aggregate([field_result(0, [other(0, "RBC")])], SETTINGS, {}, rules=[])
+    assert specimen.wbc_classified == 0
+    assert specimen.differential == {}
+    values = {v.key: v.value for v in result_values(specimen)}
+    assert values == {"wbc_classified": 0, "rbc_counted": 1, "wbc_counted": 0, "plt_counted": 0}
+
+
+def test_result_values_match_the_loinc_map() -> None:
+    loinc = yaml.safe_load((DEFAULT_CONFIG_DIR / "loinc.yaml").read_text(encoding="utf-8"))
+    cells = [wbc(0, c) for c in (*CLASSES, UNIDENTIFIED)]
+    specimen = aggregate([field_result(0, cells)], SETTINGS, {}, rules=[])
+    values = result_values(specimen)
+    assert [v.key for v in values] == list(loinc["results"])
+    for value in values:
+        assert value.units == loinc["results"][value.key]["units"], value.key
+
+
+def test_result_values_rounded_with_reference_intervals() -> None:
+    ranges = parse_reference_ranges(
+        yaml.safe_load((DEFAULT_CONFIG_DIR / "reference-ranges.yaml").read_text(encoding="utf-8"))
+    )
+    cells = [wbc(0, "neutrophil")] * 2 + [wbc(0, "lymphocyte")]
+    specimen = aggregate([field_result(0, cells)], SETTINGS, {}, rules=[])
+    adult = {v.key: v for v in result_values(specimen, ranges, PatientContext(age_years=40))}
+    assert adult["neutrophil_pct"].value == 66.7
+    assert (adult["neutrophil_pct"].reference_low, adult["neutrophil_pct"].reference_high) == (
+        40,
+        75,
+    )
+    assert adult["neutrophil_pct"].abnormal_flag == "N"
+    assert adult["lymphocyte_pct"].value == 33.3
+    assert adult["monocyte_pct"].abnormal_flag == "L"  # 0 % against 2-10 %
+    assert adult["wbc_classified"].abnormal_flag == ""
+    infant = {v.key: v for v in result_values(specimen, ranges, PatientContext(age_years=1))}
+    assert infant["neutrophil_pct"].abnormal_flag == "H"  # 15-50 % under 2 years
+
+
+def test_analyse_field_labels_and_batches(smear: tuple[np.ndarray, list]) -> None:
+    image, truth = smear
+    detector = ListDetector(detections_of(truth), {"RBC": 20.0, "WBC": 2.0, "PLT": 1.0})
+    classifier = RowClassifier([one_hot("neutrophil", 0.95), one_hot("lymphocyte", 0.55)])
+    result = analyse_field(3, Field(image, "syn#3"), detector, classifier, SETTINGS)
+    assert result.quality.passed
+    assert (result.index, result.source, result.width, result.height) == (3, "syn#3", 640, 480)
+    assert len(classifier.batches) == 1  # every leukocyte of the field in one batch
+    assert [c.shape for c in classifier.batches[0]] == [(PBC_CROP_PX, PBC_CROP_PX, 3)] * 2
+    wbcs = [c for c in result.cells if c.kind == "WBC"]
+    assert [c.label for c in wbcs] == ["neutrophil", UNIDENTIFIED]  # 0.55 < 0.6
+    assert wbcs[1].probabilities is not None
+    assert wbcs[1].probabilities["lymphocyte"] == pytest.approx(0.55)
+    assert all(
+        c.label == c.kind and c.probabilities is None for c in result.cells if c.kind != "WBC"
+    )
+    assert len(result.cells) == len(truth)
+    assert all(c.field_index == 3 for c in result.cells)
+    assert result.regressed_counts == {"RBC": 20.0, "WBC": 2.0, "PLT": 1.0}
+
+
+def test_failed_field_is_not_analysed(smear: tuple[np.ndarray, list]) -> None:
+    image, truth = smear
+    detector = ListDetector(detections_of(truth))
+    dark = (image * 0.2).astype(np.uint8)
+    result = analyse_field(0, Field(dark, "dark"), detector, RowClassifier([]), SETTINGS)
+    assert not result.quality.passed
+    assert result.cells == ()
+    assert result.regressed_counts is None
+    assert detector.calls == 0
+
+
+def test_field_without_leukocytes_skips_the_classifier(smear: tuple[np.ndarray, list]) -> None:
+    image, truth = smear
+    rbcs = [d for d in detections_of(truth) if d.kind == "RBC"]
+    classifier = RowClassifier([])
+    result = analyse_field(0, Field(image, "x"), ListDetector(rbcs), classifier, SETTINGS)
+    assert classifier.batches == []
+    assert len(result.cells) == len(rbcs)
+
+
+def test_unknown_classifier_class_is_refused(smear: tuple[np.ndarray, list]) -> None:
+    classifier = RowClassifier([])
+    classifier.classes = ("neutrophil", "blast")
+    with pytest.raises(ValueError, match="blast"):
+        analyse_field(0, Field(smear[0], "x"), ListDetector([]), classifier, SETTINGS)
+
+
+def test_median_rbc_diameter_ignores_cells_cut_by_the_edge() -> None:
+    whole = [Detection("RBC", 0.9, (100.0 + i, 100.0, 200.0 + i, 190.0)) for i in range(3)]
+    cut = [
+        Detection("RBC", 0.9, (0.0, 10.0, 40.0, 110.0)),
+        Detection("WBC", 0.9, (300, 300, 460, 460)),
+    ]
+    assert median_rbc_diameter(whole + cut, 640, 480) == 100.0
+    assert median_rbc_diameter(whole[:2] + cut, 640, 480) is None
+
+
+def test_analyse_fields_flags_and_versions(smear: tuple[np.ndarray, list]) -> None:
+    image, truth = smear
+    rules = parse_rules(
+        {
+            "rules": [
+                {"code": "FEW", "kind": "min_wbc_classified", "severity": "review"},
+                {"code": "QC", "kind": "field_quality", "severity": "review"},
+            ]
+        },
+        SETTINGS,
+    )
+    fields = [Field(image, "a"), Field((image * 0.2).astype(np.uint8), "b")]
+    classifier = RowClassifier([one_hot("monocyte")] * 2)
+    specimen = analyse_fields(
+        fields, ListDetector(detections_of(truth)), classifier, SETTINGS, rules
+    )
+    assert specimen.model_versions == {
+        "detector": "test-detector-1",
+        "classifier": "test-classifier-1",
+    }
+    assert specimen.differential["monocyte"] == 100.0
+    assert [f.code for f in specimen.flags] == ["FEW", "QC"]
+    assert "only 2 leukocytes classified (minimum 100)" in specimen.flags[0].text
+    assert "1 of 2 fields failed" in specimen.flags[1].text
+    assert "under-exposed (mean grey 0.15 < 0.25)" in specimen.flags[1].text
+    assert specimen.needs_review

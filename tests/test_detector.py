@@ -1,0 +1,157 @@
+"""Cell detector: training step + ONNX parity, shipped model, decoding, masks, WBF, augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lisplugin.inference.detector import decode, instance_masks, nms, prepare
+from lisplugin.inference.fusion import weighted_boxes_fusion
+from lisplugin.training.field_augment import flip_rotate, scale_crop
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def test_train_steps_then_onnx_matches_torch(shared_data: Path, tmp_path: Path):
+    import onnxruntime as ort
+
+    from lisplugin.training import detector as td
+    from lisplugin.training.fields import read_voc
+
+    torch.manual_seed(0)
+    fields = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "train")[:4]
+    data = td.Preloaded(fields)
+    model = td.CellNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(3):
+        x, tgt = data.batch(np.arange(4), 128, rng)
+        loss = td.detector_loss(model(x), tgt)
+        opt.zero_grad()
+        loss["total"].backward()
+        opt.step()
+        losses.append(loss["total"].item())
+    assert all(np.isfinite(losses))
+    path = tmp_path / "d.onnx"
+    td.export_onnx(model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in ((256, 320), (320, 224)):  # dynamic height and width
+        x = torch.rand(1, 3, h, w)
+        with torch.no_grad():
+            ref = [t.numpy() for t in model(x)]
+        got = session.run(None, {"image": x.numpy()})
+        for r, g in zip(ref, got, strict=True):
+            assert r.shape == g.shape
+            np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4)
+
+
+def test_targets_mark_centres_and_regression_region():
+    from lisplugin.training.detector import build_targets
+
+    boxes = np.array([[10, 10, 50, 42], [80, 80, 92, 92]], np.float32)
+    t = build_targets(boxes, np.array([0, 2]), 128, 128)
+    assert t["heat"][0].max() == 1 and t["heat"][2].max() == 1 and t["heat"][1].max() == 0
+    assert t["counts"].tolist() == [1, 0, 1]
+    i, j = np.unravel_index(t["heat"][0].argmax(), t["heat"][0].shape)
+    px, py = j * 4 + 1.5, i * 4 + 1.5
+    np.testing.assert_allclose(t["ltrb"][:, i, j], [px - 10, py - 10, 50 - px, 42 - py])
+    assert t["fg"][i, j] == 1 and t["fg"][0, 0] == 0
+
+
+def test_shipped_model_finds_cells(shared_data: Path):
+    if not (MODELS / "cell-detector.md").is_file():
+        pytest.skip("no shipped cell detector yet")
+    from lisplugin.inference.detector import OnnxCellDetector
+    from lisplugin.training.fields import read_voc
+
+    detector = OnnxCellDetector.from_models_dir(MODELS)
+    f = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "test")[0]
+    image = f.load_image()
+    dets = detector.detect(image)
+    truth = f.counts()
+    found = {k: sum(d.kind == k for d in dets) for k in ("RBC", "WBC", "PLT")}
+    assert abs(found["RBC"] - truth["RBC"]) <= max(3, 0.3 * truth["RBC"])
+    assert found["WBC"] == truth["WBC"]
+    for d in dets:
+        x0, y0, x1, y1 = (round(v) for v in d.box)
+        assert d.mask is not None and d.mask.dtype == bool
+        assert d.mask.shape == (max(y1 - y0, 1), max(x1 - x0, 1))
+        assert 0 <= d.score <= 1
+    assert sum(d.mask.any() for d in dets) >= 0.9 * len(dets)
+    counts = detector.regress_counts(image)
+    assert set(counts) == {"RBC", "WBC", "PLT"}
+    assert abs(counts["RBC"] - truth["RBC"]) <= max(4, 0.4 * truth["RBC"])
+
+
+def test_prepare_pads_to_multiple_of_32():
+    x, scale = prepare(np.zeros((480, 640, 3), np.uint8), 320)
+    assert x.shape == (1, 3, 256, 320) and scale == 0.5
+    x, scale = prepare(np.zeros((100, 50, 3), np.uint8), 320)
+    assert x.shape == (1, 3, 320, 160) and x.dtype == np.float32
+
+
+def test_decode_peaks_and_nms():
+    heat = np.zeros((3, 16, 16), np.float32)
+    heat[0, 4, 4], heat[0, 4, 5] = 0.9, 0.8  # a plateau neighbour: not a 3x3 maximum
+    heat[2, 10, 10] = 0.6
+    heat[1, 10, 10] = 0.3  # same cell claimed by a second class with a lower score
+    ltrb = np.full((4, 16, 16), 6.0, np.float32)
+    boxes, labels, scores = decode(heat, ltrb, np.array([0.5, 0.2, 0.5]), stride=4)
+    assert labels.tolist() == [0, 2]
+    np.testing.assert_allclose(boxes[0], [17.5 - 6, 17.5 - 6, 17.5 + 6, 17.5 + 6])
+    assert nms(np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], float),
+               np.array([0.5, 0.9, 0.7]), 0.5).tolist() == [1, 2]  # fmt: skip
+
+
+def test_masks_split_touching_cells():
+    boxes = np.array([[0, 0, 40, 40], [30, 0, 70, 40]], float)
+    fg = np.ones((20, 20), np.float32)
+    masks = instance_masks(boxes, fg, scale=1.0, stride=4)
+    assert masks[0].shape == (40, 40) and masks[1].shape == (40, 40)
+    # overlap columns 30..39 of the field: each pixel goes to one cell only
+    overlap = masks[0][:, 30:40] & masks[1][:, 0:10]
+    assert not overlap.any()
+    assert masks[0][20, 20] and masks[1][20, 20] and not masks[0][0, 0]
+
+
+def test_wbf_hand_made_boxes():
+    a = (
+        np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float),
+        np.array([0, 0]),
+        np.array([0.9, 0.8]),
+    )
+    b = (np.array([[1, 1, 11, 11], [0, 0, 10, 10]], float), np.array([0, 1]), np.array([0.6, 0.5]))
+    boxes, labels, scores = weighted_boxes_fusion([a[0], b[0]], [a[1], b[1]], [a[2], b[2]])
+    assert len(boxes) == 3
+    np.testing.assert_allclose(boxes[0], [0.4, 0.4, 10.4, 10.4])  # (0.9 * A + 0.6 * B) / 1.5
+    assert scores[0] == pytest.approx(0.75) and labels[0] == 0  # both passes agree
+    assert scores.tolist()[1:] == pytest.approx([0.4, 0.25])  # single-pass boxes halved
+    assert labels.tolist()[1:] == [0, 1]  # the other class is never fused in
+
+
+def _box_image(box: np.ndarray, h: int, w: int) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    x0, y0, x1, y1 = box.astype(int)
+    img[y0:y1, x0:x1] = 255
+    return img
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_rotate_moves_boxes_with_pixels(k: int, flip: bool):
+    box = np.array([[10, 5, 30, 15]], np.float32)
+    img, out = flip_rotate(_box_image(box[0], 40, 60), box, k, flip)
+    x0, y0, x1, y1 = out[0].astype(int)
+    assert img[y0:y1, x0:x1].min() == 255 and img.sum() == 255 * 3 * 200
+
+
+def test_scale_crop_cuts_cells_at_the_border():
+    boxes = np.array([[0, 0, 100, 100], [150, 150, 200, 200]], np.float32)
+    image = np.zeros((300, 300, 3), np.uint8)
+    rng = np.random.default_rng(0)
+    _, b, lab = scale_crop(image, boxes, np.array([0, 1]), (100, 100), 1.0, rng)
+    assert (b >= 0).all() and (b <= 100).all() and len(b) == len(lab)

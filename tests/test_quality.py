@@ -1,0 +1,108 @@
+"""Field quality control: sharp, well-exposed fields pass; blurred, dark, bright ones do not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pytest_benchmark.fixture import BenchmarkFixture
+from scipy import ndimage
+
+from lisplugin.config import AnalysisSettings
+from lisplugin.core.quality import ASSUMED_SPACING_UM, assess, focus_measure, grey_levels
+from lisplugin.core.types import Field
+from lisplugin.synthetic import synthetic_field
+
+SETTINGS = AnalysisSettings()
+
+
+def blurred(image: np.ndarray, sigma: float) -> np.ndarray:
+    out = ndimage.gaussian_filter(image.astype(np.float64), (sigma, sigma, 0))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def scaled(image: np.ndarray, factor: float) -> np.ndarray:
+    return np.clip(np.rint(image * factor), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def smear() -> np.ndarray:
+    return synthetic_field(3)[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_synthetic_fields_pass(seed: int) -> None:
+    quality = assess(Field(synthetic_field(seed)[0], "syn"), SETTINGS)
+    assert quality.passed, quality.reasons
+    assert quality.reasons == ()
+    assert 0.6 < quality.exposure < 0.8
+    assert quality.clipped_fraction == 0.0
+
+
+def test_blur_fails_focus(smear: np.ndarray) -> None:
+    sharp = assess(Field(smear, "s"), SETTINGS)
+    soft = assess(Field(blurred(smear, 5), "s"), SETTINGS)
+    assert soft.focus < SETTINGS.min_focus < sharp.focus
+    assert not soft.passed
+    assert any(r.startswith("out of focus") for r in soft.reasons)
+
+
+def test_dark_field_fails_exposure(smear: np.ndarray) -> None:
+    quality = assess(Field(scaled(smear, 0.3), "s"), SETTINGS)
+    assert not quality.passed
+    assert quality.exposure < SETTINGS.exposure_range[0]
+    assert any(r.startswith("under-exposed") for r in quality.reasons)
+
+
+def test_bright_field_fails_exposure_and_clipping(smear: np.ndarray) -> None:
+    quality = assess(Field(scaled(smear, 1.5), "s"), SETTINGS)
+    assert quality.exposure > SETTINGS.exposure_range[1]
+    assert quality.clipped_fraction > SETTINGS.max_clipped_fraction
+    kinds = {r.split(" ")[0] for r in quality.reasons}
+    assert kinds == {"over-exposed", "clipped"}
+
+
+def test_limits_come_from_settings(smear: np.ndarray) -> None:
+    strict = AnalysisSettings(min_focus=1e6, exposure_range=(0.0, 0.1), max_clipped_fraction=0.0)
+    quality = assess(Field(smear, "s"), strict)
+    assert not quality.passed
+    assert len(quality.reasons) == 2  # focus and over-exposure; nothing is clipped
+
+
+def test_focus_is_measured_at_one_physical_scale(smear: np.ndarray) -> None:
+    """The same smear at a 4x coarser pixel spacing scores the same focus."""
+    grey = grey_levels(smear)
+    coarse = grey.reshape(120, 4, 160, 4).mean(axis=(1, 3))
+    at_bccd_scale = focus_measure(grey, ASSUMED_SPACING_UM)
+    assert focus_measure(coarse, 4 * ASSUMED_SPACING_UM) == pytest.approx(at_bccd_scale)
+    assert focus_measure(grey, None) == pytest.approx(at_bccd_scale)
+    # a field coarser than the reference scale is measured as it is
+    assert focus_measure(coarse, 1.0) == pytest.approx(at_bccd_scale)
+
+
+def test_grey_accepts_grey_images() -> None:
+    grey = np.full((8, 8), 100, dtype=np.uint8)
+    assert grey_levels(grey).mean() == 100.0
+    rgb = np.stack([grey] * 3, axis=-1)
+    assert grey_levels(rgb).mean() == pytest.approx(100.0)
+
+
+@pytest.mark.data
+def test_calibration_on_real_fields(shared_data: Path) -> None:
+    """Defaults pass real BCCD fields and fail the same fields degraded (module notes)."""
+    files = sorted((shared_data / "bccd" / "JPEGImages").glob("*.jpg"))[::30]
+    assert len(files) >= 10
+    for path in files:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        assert assess(Field(image, path.name), SETTINGS).passed, path.name
+        assert not assess(Field(blurred(image, 5), path.name), SETTINGS).passed
+        assert not assess(Field(scaled(image, 0.3), path.name), SETTINGS).passed
+        assert not assess(Field(scaled(image, 1.5), path.name), SETTINGS).passed
+
+
+def test_assess_speed(benchmark: BenchmarkFixture, smear: np.ndarray) -> None:
+    """QC must stay a small part of a field's time budget (run with --benchmark-enable)."""
+    quality = benchmark(assess, Field(smear, "s"), SETTINGS)
+    assert quality.passed
