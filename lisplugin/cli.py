@@ -50,7 +50,9 @@ def _serve(args: argparse.Namespace) -> int:
     runtime.start()
     try:
         uvicorn.run(
-            create_app(runtime), host=settings.http.host, port=settings.http.port,
+            create_app(runtime),
+            host=settings.http.host,
+            port=settings.http.port,
             log_level="info",
         )
     finally:

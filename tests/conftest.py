@@ -58,4 +58,3 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'lisplugin.db'}"
     return _postgres_database(request)
-

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 from dicom_factory import instance, save, smear
 from PIL import Image
-from pydicom import Dataset, dcmread
-from pydicom.uid import MultiFrameTrueColorSecondaryCaptureImageStorage, generate_uid
+from pydicom import dcmread
+from pydicom.uid import MultiFrameTrueColorSecondaryCaptureImageStorage
 
 from lisplugin.core.report import specimen_to_json
 from lisplugin.core.types import Cell, FieldQuality, FieldResult, Flag, SpecimenResult
 from lisplugin.dicom.scu import wrap_image_as_vl_microscopic
+from lisplugin.synthetic import save_synthetic
 
 ROWS, COLUMNS = 240, 320
 PATIENT_ID, ACCESSION = "P0042", "ACC0042"
@@ -50,6 +51,20 @@ def vl_capture(folder: Path, name: str = "field", *, seed: int = 0, study_uid: s
     ds.PatientSex = "F"
     ds.PixelSpacing = [SPACING_MM, SPACING_MM]
     return save(ds, folder / f"{name}.dcm")
+
+
+def smear_capture(folder: Path, seed: int, study_uid: str) -> Path:
+    """A realistic synthetic smear field (cells the models find) as a VL Microscopic Image."""
+    jpeg = folder / f"smear-{seed}.jpg"
+    save_synthetic(jpeg, seed=seed)
+    ds = wrap_image_as_vl_microscopic(
+        jpeg,
+        patient_id=PATIENT_ID,
+        accession=f"{ACCESSION}-{seed}",
+        study_uid=study_uid,
+        instance_number=seed,
+    )
+    return save(ds, folder / f"smear-{seed}.dcm")
 
 
 def multiframe_capture(folder: Path, frames: int = 2) -> Path:
@@ -144,11 +159,3 @@ def dciodvfy_errors(path: Path) -> list[str]:
     assert binary is not None
     run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-
-
-def headers(paths: list[Path]) -> list[Dataset]:
-    return [dcmread(p, stop_before_pixels=True) for p in paths]
-
-
-def new_study_uid() -> str:
-    return str(generate_uid())

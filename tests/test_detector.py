@@ -101,7 +101,7 @@ def test_decode_peaks_and_nms():
     heat[1, 10, 10] = 0.3  # same cell claimed by a second class with a lower score
     ltrb = np.full((4, 16, 16), 6.0, np.float32)
     boxes, labels, scores = decode(heat, ltrb, np.array([0.5, 0.2, 0.5]), stride=4)
-    assert labels.tolist() == [0, 2]
+    assert labels.tolist() == [0, 2] and scores.tolist() == pytest.approx([0.9, 0.6])
     np.testing.assert_allclose(boxes[0], [17.5 - 6, 17.5 - 6, 17.5 + 6, 17.5 + 6])
     assert nms(np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], float),
                np.array([0.5, 0.9, 0.7]), 0.5).tolist() == [1, 2]  # fmt: skip

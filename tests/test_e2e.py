@@ -15,6 +15,8 @@ from pathlib import Path
 import hl7
 import pytest
 import yaml
+from daemon import Daemon, free_port
+from dicom_factory import dcmtk
 from hl7.client import MLLPClient
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
@@ -22,8 +24,6 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from daemon import Daemon, free_port
-from dicom_factory import dcmtk
 from lisplugin.config import DEFAULT_CONFIG_DIR
 from lisplugin.dicom.scu import send, wrap_image_as_vl_microscopic
 from lisplugin.hl7.lis_sim import LisSimulator, build_test_order
@@ -39,7 +39,10 @@ def capture(folder: Path, seed: int, accession: str, study_uid: str, patient_id:
     jpeg = folder / f"field-{seed}.jpg"
     save_synthetic(jpeg, seed=seed)
     ds = wrap_image_as_vl_microscopic(
-        jpeg, patient_id=patient_id, accession=accession, study_uid=study_uid,
+        jpeg,
+        patient_id=patient_id,
+        accession=accession,
+        study_uid=study_uid,
         instance_number=seed,
     )
     path = folder / f"field-{seed}.dcm"
@@ -101,8 +104,14 @@ def test_order_and_captures_to_validated_oru(
     accession, patient_id = "ACC1001", "PAT1001"
     ack = send_order(
         daemon.hl7_port,
-        build_test_order(accession=accession, patient_id=patient_id, family="Doe",
-                         given="Jane", birth_date="19800101", sex="F"),
+        build_test_order(
+            accession=accession,
+            patient_id=patient_id,
+            family="Doe",
+            given="Jane",
+            birth_date="19800101",
+            sex="F",
+        ),
     )
     assert str(ack.segment("MSA")[1]) == "AA"
 
@@ -114,20 +123,26 @@ def test_order_and_captures_to_validated_oru(
         pytest.skip("DCMTK storescu not installed (apt-get install dcmtk)")
     subprocess.run(
         [storescu, "-xy", "-aec", "LISPLUGIN", "127.0.0.1", str(daemon.dicom_port), str(first)],
-        check=True, capture_output=True, timeout=60,
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     assert all(r.ok for r in send([second], "127.0.0.1", daemon.dicom_port, "LISPLUGIN"))
 
     assert lis.wait_for(1, timeout=120), daemon.log_path.read_text()[-2000:]
     (oru,) = oru_messages(lis, accession)
-    parsed = parse_message(oru.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT,
-                           find_groups=True)
+    parsed = parse_message(
+        oru.replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True
+    )
     parsed.validate()
     assert parsed.msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
 
     analyze = subprocess.run(
         [sys.executable, "-m", "lisplugin", "analyze", str(first), str(second), "--json"],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = json.loads(analyze.stdout)
     observed = obx_values(oru)
@@ -193,8 +208,9 @@ def test_bad_input_is_refused_clearly_and_loses_nothing(
 def test_restart_while_queued_posts_exactly_once(
     tmp_path: Path, database_url: str, lis: LisSimulator
 ) -> None:
-    daemon = Daemon(tmp_path / "var", database_url, lis.port,
-                    extra_env={"LISPLUGIN_CASES__STABLE_SECONDS": "3"})
+    daemon = Daemon(
+        tmp_path / "var", database_url, lis.port, extra_env={"LISPLUGIN_CASES__STABLE_SECONDS": "3"}
+    )
     daemon.start()
     try:
         path = capture(tmp_path / "in", 4, "ACC3001", generate_uid(), "PAT3001")

@@ -28,8 +28,12 @@ def _case_with_message(db: Database, control_id: str = "LP1-1") -> int:
         session.flush()
         session.add(
             OutboxMessage(
-                case_id=case.id, channel="hl7", control_id=control_id, result_status="P",
-                payload=f"MSH|^~\\&|...|{control_id}", status=OutboxStatus.PENDING,
+                case_id=case.id,
+                channel="hl7",
+                control_id=control_id,
+                result_status="P",
+                payload=f"MSH|^~\\&|...|{control_id}",
+                status=OutboxStatus.PENDING,
             )
         )
         return case.id
@@ -83,17 +87,23 @@ def test_outbox_records_rejection_and_does_not_retry(db: Database) -> None:
     with db.session() as session:
         row = session.scalars(select(OutboxMessage)).one()
         assert (row.status, row.ack_code, row.last_error) == (
-            OutboxStatus.REJECTED, "AE", "OBX-3 unknown code",
+            OutboxStatus.REJECTED,
+            "AE",
+            "OBX-3 unknown code",
         )
 
 
 def test_control_ids_are_unique_per_channel(db: Database) -> None:
     case_id = _case_with_message(db, "LP3-1")
-    with pytest.raises(Exception, match="(?i)unique|duplicate"), db.session() as session:
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"), db.session() as session:
         session.add(
             OutboxMessage(
-                case_id=case_id, channel="hl7", control_id="LP3-1", result_status="F",
-                payload="x", status=OutboxStatus.PENDING,
+                case_id=case_id,
+                channel="hl7",
+                control_id="LP3-1",
+                result_status="F",
+                payload="x",
+                status=OutboxStatus.PENDING,
             )
         )
 
@@ -101,7 +111,7 @@ def test_control_ids_are_unique_per_channel(db: Database) -> None:
 def test_concurrent_case_edits_conflict(db: Database) -> None:
     """Optimistic locking: the second writer of a stale copy gets an error, not a lost update."""
     case_id = _case_with_message(db, "LP4-1")
-    with db.session() as first, pytest.raises(StaleDataError):  # noqa: PT012
+    with db.session() as first, pytest.raises(StaleDataError):
         stale = first.get(Case, case_id)
         assert stale is not None
         with db.session() as second:

@@ -20,9 +20,14 @@ def cell_to_json(cell_id: int, cell: Cell) -> dict[str, Any]:
         "class": cell.label,
         "score": round(float(cell.score), 4),
         "box": _box(cell.box),
-        "outline": [list(p) for p in (
-            ellipse_outline(cell.box) if cell.mask is None else mask_outline(cell.mask, cell.box)
-        )],
+        "outline": [
+            list(p)
+            for p in (
+                ellipse_outline(cell.box)
+                if cell.mask is None
+                else mask_outline(cell.mask, cell.box)
+            )
+        ],
         "probabilities": None
         if cell.probabilities is None
         else {k: round(float(v), 4) for k, v in cell.probabilities.items()},

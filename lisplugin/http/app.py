@@ -138,7 +138,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         }
 
     @app.post(
-        "/api/cases/{case_id}/analyze", response_model=AnalyzeAccepted, status_code=202,
+        "/api/cases/{case_id}/analyze",
+        response_model=AnalyzeAccepted,
+        status_code=202,
         tags=["cases"],
     )
     def analyze_case(case_id: int, runtime: RuntimeDep, session: SessionDep) -> dict[str, Any]:

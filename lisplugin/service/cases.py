@@ -11,19 +11,21 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pydicom
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from lisplugin.config import Settings
-from lisplugin.core.types import Field
+from lisplugin.config import Hl7Settings, Settings
+from lisplugin.core.rules import PreviousResult
+from lisplugin.core.types import Field, Flag, ResultValue
 from lisplugin.dicom.decode import fields_from_dataset
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
-from lisplugin.core.rules import PreviousResult
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
@@ -31,6 +33,60 @@ from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage,
 log = logging.getLogger(__name__)
 
 DELTA_WINDOW = timedelta(hours=72)
+
+
+def queue_oru(
+    session: Session,
+    case: Case,
+    values: list[ResultValue],
+    flags: list[Flag],
+    status: str,
+    loinc_map: dict[str, Any],
+    settings: Hl7Settings,
+    observed_at: datetime,
+) -> str:
+    """Build the case's ORU^R01 and add it to the outbox in the caller's transaction.
+
+    Control ids are ``LP<case>-<n>``: unique, stable across resends, readable in the LIS.
+    """
+    sequence = 1 + (
+        session.scalar(select(func.count()).where(OutboxMessage.case_id == case.id)) or 0
+    )
+    control_id = f"LP{case.id}-{sequence}"
+    order_text = session.scalar(
+        select(OrderMessage.message)
+        .where(OrderMessage.case_id == case.id)
+        .order_by(OrderMessage.id.desc())
+        .limit(1)
+    )
+    order = parse_order(order_text) if order_text else None
+    # Without an accession number lisplugin, as order filler, numbers the case itself.
+    dicom_patient = {
+        **(case.patient or {}),
+        "accession_number": case.accession_number or f"LP{case.id}",
+    }
+    message = build_oru(
+        result_values=values,
+        flags=flags,
+        status=status,  # type: ignore[arg-type]
+        order=order,
+        patient_from_dicom=None if order else dicom_patient,
+        loinc_map=loinc_map,
+        control_id=control_id,
+        settings=settings,
+        observed_at=observed_at,
+    )
+    session.add(
+        OutboxMessage(
+            case_id=case.id,
+            channel="hl7",
+            control_id=control_id,
+            result_status=status,
+            payload=message,
+            status=OutboxStatus.PENDING,
+        )
+    )
+    return control_id
 
 
 def result_status(needs_review: bool, final_already_sent: bool) -> str:
@@ -64,7 +120,9 @@ class CaseScheduler:
         limit = now - timedelta(seconds=self.settings.cases.stable_seconds)
         with self.db.session() as session:
             cases = session.scalars(select(Case).where(Case.status == CaseStatus.RECEIVING)).all()
-            stable = [c for c in cases if c.last_instance_at and as_utc(c.last_instance_at) <= limit]
+            stable = [
+                c for c in cases if c.last_instance_at and as_utc(c.last_instance_at) <= limit
+            ]
             for case in stable:
                 case.status = CaseStatus.QUEUED
             return [c.id for c in stable]
@@ -88,15 +146,7 @@ class CaseScheduler:
             version = case.version
             paths = [i.path for i in case.instances]
             patient = dict(case.patient or {})
-            # Without an accession number lisplugin, as order filler, numbers the case itself.
-            accession = case.accession_number or f"LP{case_id}"
             final_sent = case.final_sent
-            order_text = session.scalar(
-                select(OrderMessage.message)
-                .where(OrderMessage.case_id == case_id)
-                .order_by(OrderMessage.id.desc())
-                .limit(1)
-            )
             previous = self._previous_result(session, case)
         try:
             fields = load_fields(paths)
@@ -108,47 +158,28 @@ class CaseScheduler:
             self._fail(case_id, f"analysis failed: {exc}")
             return
         status = result_status(result.needs_review, final_sent)
-        order = parse_order(order_text) if order_text else None
         try:
             with self.db.session() as session:
                 case = session.get(Case, case_id)
                 assert case is not None
                 if case.version != version:
                     raise StaleDataError("case changed while it was analysed")
-                sequence = 1 + (
-                    session.scalar(
-                        select(func.count()).where(OutboxMessage.case_id == case_id)
-                    )
-                    or 0
-                )
-                control_id = f"LP{case_id}-{sequence}"
                 now = datetime.now(UTC)
-                message = build_oru(
-                    result_values=values,
-                    flags=list(result.flags),
-                    status=status,
-                    order=order,
-                    patient_from_dicom=None if order else {**patient, "accession_number": accession},
-                    loinc_map=pipeline.loinc_map,
-                    control_id=control_id,
-                    settings=self.settings.hl7,
-                    observed_at=now,
+                control_id = queue_oru(
+                    session,
+                    case,
+                    values,
+                    list(result.flags),
+                    status,
+                    pipeline.loinc_map,
+                    self.settings.hl7,
+                    now,
                 )
                 case.result = pipeline.to_json(result)
                 case.status = CaseStatus.REVIEW if result.needs_review else CaseStatus.VERIFIED
                 case.analysed_at = now
                 case.error = None
                 case.final_sent = final_sent or status in ("F", "C")
-                session.add(
-                    OutboxMessage(
-                        case_id=case_id,
-                        channel="hl7",
-                        control_id=control_id,
-                        result_status=status,
-                        payload=message,
-                        status=OutboxStatus.PENDING,
-                    )
-                )
         except StaleDataError:
             log.info("case %s received new captures during analysis; it will be redone", case_id)
             return

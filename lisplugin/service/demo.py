@@ -50,7 +50,9 @@ def cli(argv: list[str]) -> int:
     settings.storage.path = args.storage
     settings.dicom.host = settings.hl7.listen_host = settings.http.host = "127.0.0.1"
     settings.dicom.port, settings.hl7.listen_port, settings.http.port = (
-        _free_port(), _free_port(), _free_port(),
+        _free_port(),
+        _free_port(),
+        _free_port(),
     )
     settings.cases.stable_seconds = 2.0
     args.storage.mkdir(parents=True, exist_ok=True)
@@ -60,22 +62,29 @@ def cli(argv: list[str]) -> int:
     runtime = Runtime(settings)
     runtime.start()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(runtime), host="127.0.0.1", port=settings.http.port,
-                       log_level="warning")
+        uvicorn.Config(
+            create_app(runtime), host="127.0.0.1", port=settings.http.port, log_level="warning"
+        )
     )
     threading.Thread(target=server.run, daemon=True).start()
     api = f"http://127.0.0.1:{settings.http.port}"
     try:
         _heading("lisplugin demo")
         print(f"DICOM SCP  {settings.dicom.ae_title}@127.0.0.1:{settings.dicom.port}")
-        print(f"MLLP in    127.0.0.1:{settings.hl7.listen_port}   LIS simulator 127.0.0.1:{lis.port}")
+        print(
+            f"MLLP in    127.0.0.1:{settings.hl7.listen_port}   LIS simulator 127.0.0.1:{lis.port}"
+        )
         print(f"HTTP API   {api}/docs")
         accession = datetime.now(UTC).strftime("DEMO%Y%m%d%H%M%S")
 
         _heading(f"1. the LIS orders a smear review (accession {accession})")
         order = build_test_order(
-            accession=accession, patient_id="DEMO001", family="Doe", given="Jane",
-            birth_date="19800101", sex="F",
+            accession=accession,
+            patient_id="DEMO001",
+            family="Doe",
+            given="Jane",
+            birth_date="19800101",
+            sex="F",
         )
         ack = send_message("127.0.0.1", settings.hl7.listen_port, order, timeout=10)
         print(order.replace("\r", "\n"))
@@ -86,8 +95,14 @@ def cli(argv: list[str]) -> int:
             image = args.storage / "synthetic-field.jpg"
             save_synthetic(image, seed=7)
         _heading(f"2. the microscope sends a capture ({image})")
-        for result in send([image], "127.0.0.1", settings.dicom.port, settings.dicom.ae_title,
-                           accession=accession, patient_id="DEMO001"):
+        for result in send(
+            [image],
+            "127.0.0.1",
+            settings.dicom.port,
+            settings.dicom.ae_title,
+            accession=accession,
+            patient_id="DEMO001",
+        ):
             print(f"C-STORE {result.path.name}: status 0x{result.status or 0:04X} {result.comment}")
 
         _heading("3. lisplugin analyses the case once it is stable and reports to the LIS")
@@ -101,12 +116,21 @@ def cli(argv: list[str]) -> int:
             case_id = client.get("/api/cases").json()[0]["id"]
             case = client.get(f"/api/cases/{case_id}").json()
         result = case["result"] or {}
-        print(json.dumps({
-            "id": case["id"], "status": case["status"], "accession": case["accession_number"],
-            "counts": result.get("counts"), "differential": result.get("differential"),
-            "wbc_classified": result.get("wbc_classified"), "flags": result.get("flags"),
-            "messages": case["messages"],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "id": case["id"],
+                    "status": case["status"],
+                    "accession": case["accession_number"],
+                    "counts": result.get("counts"),
+                    "differential": result.get("differential"),
+                    "wbc_classified": result.get("wbc_classified"),
+                    "flags": result.get("flags"),
+                    "messages": case["messages"],
+                },
+                indent=2,
+            )
+        )
         print(f"\nFull case: GET {api}/api/cases/{case_id}")
         if args.serve:
             print("Serving; Ctrl-C to stop.")

@@ -17,7 +17,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lisplugin.dicom.decode import UnusableInstance, iter_fields, validate_identity
+from lisplugin.dicom.decode import iter_fields, validate_identity
 from lisplugin.hl7.orders import Order
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import safe_name, write_durably
@@ -108,9 +108,7 @@ class InstanceStore:
             if not case.patient:
                 case.patient = patient_from_dicom(ds)
             case.study_instance_uid = case.study_instance_uid or study_uid
-            existing = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == sop_uid)
-            )
+            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
             if existing is None:
                 session.add(
                     Instance(

@@ -11,18 +11,26 @@ INSTANCES = Counter(
     registry=REGISTRY,
 )
 ORDERS = Counter(
-    "lisplugin_orders_received_total", "HL7 orders received, by ACK code", ["ack"],
+    "lisplugin_orders_received_total",
+    "HL7 orders received, by ACK code",
+    ["ack"],
     registry=REGISTRY,
 )
 CASES_ANALYSED = Counter(
-    "lisplugin_cases_analysed_total", "Cases analysed, by outcome (verified, review, failed)",
-    ["outcome"], registry=REGISTRY,
+    "lisplugin_cases_analysed_total",
+    "Cases analysed, by outcome (verified, review, failed)",
+    ["outcome"],
+    registry=REGISTRY,
 )
 ANALYSIS_SECONDS = Histogram(
-    "lisplugin_case_analysis_seconds", "Wall time to analyse one case", registry=REGISTRY,
+    "lisplugin_case_analysis_seconds",
+    "Wall time to analyse one case",
+    registry=REGISTRY,
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 OUTBOX_PENDING = Gauge(
-    "lisplugin_outbox_pending", "Outgoing messages not yet delivered", ["channel"],
+    "lisplugin_outbox_pending",
+    "Outgoing messages not yet delivered",
+    ["channel"],
     registry=REGISTRY,
 )

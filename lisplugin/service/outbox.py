@@ -106,8 +106,13 @@ class OutboxWorker:
             row.attempts += 1
             row.last_error = error
             row.next_attempt_at = datetime.now(UTC) + timedelta(seconds=self.backoff(row.attempts))
-            log.warning("%s %s not delivered (%s); attempt %d", row.channel, row.control_id,
-                        error, row.attempts)
+            log.warning(
+                "%s %s not delivered (%s); attempt %d",
+                row.channel,
+                row.control_id,
+                error,
+                row.attempts,
+            )
 
     def run_forever(self, poll_seconds: float = 1.0) -> None:
         while not self._stop.is_set():
