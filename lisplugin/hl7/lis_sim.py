@@ -13,7 +13,6 @@ it received in ``.received``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import sys
 import threading
@@ -33,7 +32,7 @@ from lisplugin.hl7.ack import (
     hl7_timestamp,
     set_field,
 )
-from lisplugin.hl7.mllp import LisUnreachable, MllpServer, send_message
+from lisplugin.hl7.mllp import BackgroundServer, LisUnreachable, MllpServer, send_message
 from lisplugin.hl7.oru import OruInvalid, validate_oru
 
 ORDER_VERSION = "2.5.1"
@@ -63,8 +62,7 @@ class LisSimulator:
         self.received: list[str] = []
         self._arrived = threading.Condition()
         self._server = MllpServer(host, port, self.answer)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._background = BackgroundServer(self._server, "lis-sim")
 
     @property
     def port(self) -> int:
@@ -72,41 +70,11 @@ class LisSimulator:
 
     def start(self) -> LisSimulator:
         """Listen in a background thread; returns once listening, or raises why it cannot."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
-        self._thread = threading.Thread(
-            target=self._run, args=(ready, failure), name="lis-sim", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._thread.join()
-            raise failure[0]
+        self._background.start()
         return self
 
-    def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._server.start())
-        except OSError as exc:  # e.g. the port is taken
-            failure.append(exc)
-            loop.close()
-            ready.set()
-            return
-        self._loop = loop
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(self._server.stop())
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
-
     def stop(self) -> None:
-        if self._loop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop = self._thread = None
+        self._background.stop()
 
     def __enter__(self) -> LisSimulator:
         return self.start()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,61 @@ class MllpServer:
         finally:
             self._clients.discard(writer)
             writer.close()
+
+
+class BackgroundServer:
+    """Runs an ``MllpServer`` on its own event loop in a daemon thread (``start``/``stop``).
+
+    The daemon and the LIS simulator are threaded programs; this keeps asyncio inside.
+    """
+
+    def __init__(self, server: MllpServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and self._loop.is_running()
+
+    def start(self) -> None:
+        """Listen; returns once listening, or raises why it cannot (e.g. the port is taken)."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._run, args=(ready, failure), name=self.name, daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self.server.start())
+        except OSError as exc:
+            failure.append(exc)
+            loop.close()
+            ready.set()
+            return
+        self._loop = loop
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(self.server.stop())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop = self._thread = None
 
 
 class MllpOrderListener(MllpServer):

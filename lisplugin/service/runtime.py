@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -12,7 +11,13 @@ from pydicom import Dataset
 
 from lisplugin.config import Settings
 from lisplugin.dicom.scp import StorageSCP
-from lisplugin.hl7.mllp import LisUnreachable, MllpOrderListener, next_retry_delay, send_message
+from lisplugin.hl7.mllp import (
+    BackgroundServer,
+    LisUnreachable,
+    MllpOrderListener,
+    next_retry_delay,
+    send_message,
+)
 from lisplugin.hl7.orders import Order
 from lisplugin.service.cases import CaseScheduler
 from lisplugin.service.ingest import InstanceStore, apply_order
@@ -66,15 +71,15 @@ class Runtime:
             self.db, settings, self.pipeline, on_outbox=self.outbox.notify
         )
         self.scp = StorageSCP(settings.dicom, self.store_instance, self.quarantine_instance)
-        self.mllp = MllpOrderListener(
+        listener = MllpOrderListener(
             settings.hl7.listen_host,
             settings.hl7.listen_port,
             self.accept_order,
             application=settings.hl7.sending_application,
             facility=settings.hl7.sending_facility,
         )
+        self.mllp = BackgroundServer(listener, "lisplugin-mllp")
         self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def pipeline(self) -> Pipeline:
         """Models are loaded once, on first use or at start-up."""
@@ -103,7 +108,7 @@ class Runtime:
         return {
             "models": self._pipeline is not None,
             "dicom": self.scp_running,
-            "hl7": self._loop is not None and self._loop.is_running(),
+            "hl7": self.mllp.running,
         }
 
     @property
@@ -117,9 +122,7 @@ class Runtime:
     def start(self) -> None:
         self.pipeline()
         self.scp.start()
-        ready = threading.Event()
-        self._spawn("mllp", lambda: self._run_mllp(ready))
-        ready.wait(10)
+        self.mllp.start()
         self._spawn("scheduler", self.scheduler.run_forever)
         self._spawn("outbox", self.outbox.run_forever)
 
@@ -128,21 +131,10 @@ class Runtime:
         thread.start()
         self._threads.append(thread)
 
-    def _run_mllp(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(self.mllp.start())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(self.mllp.stop())
-        loop.close()
-
     def stop(self) -> None:
         self.scheduler.stop()
         self.outbox.stop()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self.mllp.stop()
         self.scp.stop()
         for thread in self._threads:
             thread.join(timeout=15)

@@ -299,31 +299,35 @@ def validate(model: CellNet, sets: dict[str, list[tuple[np.ndarray, AnnotatedFie
 
 
 def calibrate_thresholds(
-    model: CellNet, items: list[tuple[np.ndarray, AnnotatedField]]
+    model: CellNet, sets: dict[str, list[tuple[np.ndarray, AnnotatedField]]]
 ) -> dict[str, float]:
-    """Per-class score threshold with the best count accuracy (ties: higher F1) on validation."""
-    from lisplugin.evaluation.detection import Boxes, count_accuracy, recall_at
+    """Per-class score threshold with the best count accuracy, plus a little recall, averaged
+    over the validation sets so that the small BCCD set weighs as much as the large TXL one."""
+    from lisplugin.evaluation.detection import Boxes, count_accuracy, recall_at, threshold
 
     model.eval()
-    preds = [predict(model, image)[0] for image, _ in items]
-    gts = [Boxes(f.boxes, f.labels) for _, f in items]
+    per_set = {
+        name: (
+            [Boxes(f.boxes, f.labels) for _, f in items],
+            [predict(model, im)[0] for im, _ in items],
+        )
+        for name, items in sets.items()
+    }
     chosen = {}
     for c, kind in enumerate(CELL_KINDS):
         best = (-np.inf, 0.3)
-        for thr in np.arange(0.1, 0.71, 0.02):
-            ops = [
-                Boxes(
-                    p.boxes[p.scores >= thr], p.labels[p.scores >= thr], p.scores[p.scores >= thr]
+        for thr in np.round(np.arange(0.1, 0.71, 0.02), 2):
+            scores = []
+            for gts, preds in per_set.values():
+                ops = [threshold(p, dict.fromkeys(CELL_KINDS, thr)) for p in preds]
+                acc, n = count_accuracy(
+                    [int((g.labels == c).sum()) for g in gts],
+                    [int((p.labels == c).sum()) for p in ops],
                 )
-                for p in preds
-            ]
-            acc, _ = count_accuracy(
-                [int((g.labels == c).sum()) for g in gts], [int((p.labels == c).sum()) for p in ops]
-            )
-            rec = recall_at(gts, ops, c)
-            score = acc + 0.1 * rec
-            if score > best[0]:
-                best = (score, round(float(thr), 2))
+                if n:
+                    scores.append(acc + 0.1 * recall_at(gts, ops, c))
+            if scores and np.mean(scores) > best[0]:
+                best = (float(np.mean(scores)), float(thr))
         chosen[kind] = best[1]
     return chosen
 
@@ -411,6 +415,10 @@ def train(args: argparse.Namespace) -> int:
     from lisplugin.training.augment import photometric
 
     model = CellNet()
+    if args.export_only:
+        model.load_state_dict(torch.load(ckpt_dir / "best.pt"))
+        history = json.loads((ckpt_dir / "history.json").read_text())
+        return finish(model, out, val_sets, info, args, history[-1]["wall_s"], len(history))
     samples_per_epoch = int(data.weights.sum())
     steps_per_epoch = max(1, samples_per_epoch // args.batch)
     total = steps_per_epoch * args.epochs
@@ -453,6 +461,7 @@ def train(args: argparse.Namespace) -> int:
                 sums[k] = sums.get(k, 0.0) + v.item()
         epoch += 1
         row = {"epoch": epoch, "s": round(time.time() - t0, 1), "lr": round(lr_at(step), 5)}
+        row["wall_s"] = round(time.time() - start)
         row.update({k: round(v / steps_per_epoch, 4) for k, v in sums.items()})
         last = epoch == args.epochs or progress(step) >= 1.0
         if epoch % args.val_every == 0 or last:
@@ -469,6 +478,70 @@ def train(args: argparse.Namespace) -> int:
     return finish(model, out, val_sets, info, args, time.time() - start, epoch)
 
 
+def card_body(meta: dict) -> str:
+    """The human-readable card; the Metrics section is filled from the evaluate commands."""
+    t = meta["training"]
+    d = t["data"]
+    return f"""
+# Cell detector (RBC, WBC, platelets)
+
+Finds and outlines every red cell, leukocyte and platelet of a field: class, score, box and
+instance mask per cell, plus an image-level count estimate used as a cross-check.
+
+## Data and split
+
+- BCCD, cleaned "Complete Blood Count" split (`bccd/cbc_split.csv`): `train` ({d["bccd_train"]}
+  images, oversampled x2) for training, `val` for model selection and score thresholds, `test`
+  only for the reported metrics. BCCD images absent from the CSV (bad RBC labels) are unused.
+- TXL-PBC `train` ({d["txl_train"]} images; BCCD, BCD, PBC and Raabin-WBC fields re-annotated)
+  for training, `val` for model selection, thresholds and reported metrics.
+- TXL-PBC re-publishes BCCD images under UUID names, resized, stretched to 416x416, turned and
+  re-coloured. {d["txl_train_excluded_copies_of_bccd_val_test"]} TXL-PBC `train` images are
+  copies of BCCD cbc `val`/`test` images and were left out of training (match: best
+  correlation of 32x32 grey thumbnails over the 8 flips/quarter turns >= 0.6 and >= 0.1 above
+  the second best BCCD image; `find_reused` in `lisplugin/training/detector.py`).
+- Masks: the field sets have boxes only. The foreground head is trained on box-inscribed
+  ellipses (weak labels), so masks are ellipse-like cell outlines, not pixel-accurate ones.
+
+## Architecture, and why it is fast on CPU
+
+TTFNet-style anchor-free CenterNet, one ONNX graph with dynamic height and width. The field is
+scaled to a {LONG_SIDE} px long side (640x480 -> 320x240, padded to 320x256; an RBC is then
+~50 px, a platelet ~12-20 px) and goes through a plain-conv ResNet-like encoder (16-32-64-96-128
+channels, strides 2-32) and an FPN decoder back to stride {STRIDE}. Outputs at stride 4:
+per-class centre heatmaps (`heat`, sigmoid), distances to the four box sides (`ltrb`, input
+px), a cell-foreground map (`mask`), and `counts` (1, 3): a count-density map from the stride-8
+features summed over the image (enumeration by regression, issue 3 item 4b). About 1.3 M
+parameters and ~0.5 GMAC per 640x480 field: plain 3x3 convolutions at small widths are what
+onnxruntime's CPU kernels run fastest; no anchors, no NMS-heavy decoding (3x3 max-pool peaks).
+
+Decoding (numpy, `lisplugin/inference/detector.py`): 3x3 local maxima of the heatmaps above
+the per-class score threshold, boxes from the side distances, per-class NMS (IoU 0.5) and a
+class-agnostic NMS (IoU 0.7) so a cell gets one label. Instance mask = foreground map
+(bilinear, >= 0.5) inside the box's inscribed ellipse (x1.1), each pixel given to the nearest
+overlapping cell centre in box-size units, which separates touching cells. Cells cut by the
+field border are trained as the visible part of their box, as the annotations draw them.
+
+Losses: penalty-reduced focal loss on the heatmaps (Gaussian sigma = 0.54 x side / 6), GIoU
+on the side distances at every position near a centre (dense regression, the TTFNet trick
+that makes a short CPU training budget enough), BCE on the foreground, relative L1 on counts.
+Augmentation: random scale 0.7-1.4, 256x256 crops (cutting cells at the border), flips and
+quarter turns (`lisplugin/training/field_augment.py`), photometric stain/illumination/blur/
+noise/JPEG/debris (`lisplugin/training/augment.py`).
+
+## Training
+
+`{t["command"]}` (seed {t["seed"]}), {t["epochs"]} epochs of AdamW with a cosine schedule
+bounded by the time budget, 1 CPU thread shared with other jobs, {t["wall_time_min"]} min
+wall time. The best checkpoint by mean validation mAP@0.5 is exported; per-class score
+thresholds are the ones with the best validation count accuracy (+0.1 x recall).
+
+## Metrics
+
+Filled in from `lisplugin evaluate detection` (see below).
+"""
+
+
 def finish(
     model: CellNet,
     out: Path,
@@ -480,8 +553,7 @@ def finish(
 ) -> int:
     """Pick thresholds on validation, export ONNX and write the card."""
     model.eval()
-    items = [it for v in val_sets.values() for it in v]
-    thresholds = calibrate_thresholds(model, items)
+    thresholds = calibrate_thresholds(model, val_sets)
     onnx_path = out / "cell-detector.onnx"
     export_onnx(model, onnx_path)
     meta = {
@@ -499,9 +571,7 @@ def finish(
         },
         "validation_map50": validate(model, val_sets),
     }
-    card = write_card(
-        out, onnx_path, args.version, meta, "\n# Cell detector\n\n(see training log)\n"
-    )
+    card = write_card(out, onnx_path, args.version, meta, card_body(meta))
     log(f"wrote {onnx_path} and {card}; thresholds {thresholds}")
     (Path(args.checkpoints) / "excluded.json").write_text(json.dumps(info["excluded"], indent=1))
     return 0
@@ -528,6 +598,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--val-every", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=50.0, help="training-loop budget")
     parser.add_argument("--version", default="1.0.0")
+    parser.add_argument(
+        "--export-only", action="store_true", help="export best.pt of --checkpoints, no training"
+    )
     args = parser.parse_args(argv)
     args.argv = argv
     return train(args)
