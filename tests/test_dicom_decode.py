@@ -135,3 +135,25 @@ def test_image_files(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(UnusableInstance, match="unreadable image file"):
         field_from_image_file(tmp_path / "notes.txt")
+
+
+def test_only_the_finest_wsi_volume_level_is_analysed() -> None:
+    from pydicom.uid import VLMicroscopicImageStorage, VLWholeSlideMicroscopyImageStorage
+
+    from lisplugin.dicom.decode import analysable
+
+    def wsi(image_type: str, size: int, series: str = "1.2.3") -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID = VLWholeSlideMicroscopyImageStorage
+        ds.SeriesInstanceUID = series
+        ds.ImageType = ["DERIVED", "PRIMARY", image_type, "NONE"]
+        ds.TotalPixelMatrixColumns = ds.TotalPixelMatrixRows = size
+        return ds
+
+    base, level2 = wsi("VOLUME", 4096), wsi("VOLUME", 1024)
+    label, overview, thumbnail = wsi("LABEL", 512), wsi("OVERVIEW", 800), wsi("THUMBNAIL", 256)
+    other_slide = wsi("VOLUME", 2048, series="1.2.4")
+    field = Dataset()
+    field.SOPClassUID = VLMicroscopicImageStorage
+    kept = analysable([label, level2, field, base, overview, thumbnail, other_slide])
+    assert kept == [field, base, other_slide]

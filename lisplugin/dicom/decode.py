@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,12 @@ from PIL import Image
 from pydicom import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, iter_pixels
-from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+from pydicom.uid import (
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    VLWholeSlideMicroscopyImageStorage,
+)
 
 from lisplugin.core.types import Field
 
@@ -199,3 +204,45 @@ def _spacing_from_value(value: object) -> float | None:
     if row <= 0 or column <= 0:
         return None
     return (row + column) / 2.0 * 1000.0
+
+
+#: Whole-slide images that show no smear field to count (ImageType value 3).
+NOT_A_FIELD = frozenset({"LABEL", "OVERVIEW", "THUMBNAIL"})
+
+
+def _level_size(ds: Dataset) -> int:
+    columns = int(ds.get("TotalPixelMatrixColumns", ds.get("Columns", 0)) or 0)
+    rows = int(ds.get("TotalPixelMatrixRows", ds.get("Rows", 0)) or 0)
+    return columns * rows
+
+
+def analysable(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The instances whose frames are fields to analyse, in the given order.
+
+    A whole slide arrives as a pyramid of VOLUME instances plus LABEL, OVERVIEW and THUMBNAIL
+    images. Counting every level would count the same cells again and the label may show who
+    the patient is, so of each WSI series only the finest VOLUME level is kept. Other images
+    are all kept.
+    """
+    finest: dict[str, int] = {}
+    for ds in datasets:
+        if _is_wsi_volume(ds):
+            series = str(ds.get("SeriesInstanceUID", ""))
+            finest[series] = max(finest.get(series, 0), _level_size(ds))
+    return [ds for ds in datasets if not _is_wsi(ds) or _is_finest_volume(ds, finest)]
+
+
+def _is_wsi(ds: Dataset) -> bool:
+    return str(ds.get("SOPClassUID", "")) == VLWholeSlideMicroscopyImageStorage
+
+
+def _is_finest_volume(ds: Dataset, finest: dict[str, int]) -> bool:
+    series = str(ds.get("SeriesInstanceUID", ""))
+    return _is_wsi_volume(ds) and _level_size(ds) == finest.get(series)
+
+
+def _is_wsi_volume(ds: Dataset) -> bool:
+    if not _is_wsi(ds):
+        return False
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    return len(image_type) < 3 or image_type[2] not in NOT_A_FIELD

@@ -11,22 +11,21 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from lisplugin.config import Hl7Settings, Settings
 from lisplugin.core.rules import PreviousResult
-from lisplugin.core.types import Field, Flag, ResultValue
-from lisplugin.dicom.decode import fields_from_dataset
+from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import Pipeline
+from lisplugin.service.pipeline import Pipeline, read_fields
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
 
@@ -149,7 +148,7 @@ class CaseScheduler:
             final_sent = case.final_sent
             previous = self._previous_result(session, case)
         try:
-            fields = load_fields(paths)
+            fields = read_fields([Path(p) for p in paths])
             pipeline = self._pipeline()
             result = pipeline.analyse(fields, patient, previous)
             values = pipeline.values(result, patient)
@@ -229,11 +228,3 @@ class CaseScheduler:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-
-
-def load_fields(paths: list[str]) -> list[Field]:
-    """Every frame of every stored instance of a case, in arrival order."""
-    fields: list[Field] = []
-    for path in paths:
-        fields.extend(fields_from_dataset(pydicom.dcmread(path)))
-    return fields

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import socket
 import threading
 import time
@@ -44,7 +45,10 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--storage", type=Path, default=Path("var/demo"))
     parser.add_argument("--serve", action="store_true", help="keep running after the demo")
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--log", action="store_true", help="show the daemon's log too")
     args = parser.parse_args(argv)
+    if not args.log:
+        logging.getLogger().setLevel(logging.WARNING)
 
     settings = load_settings(args.config)
     settings.storage.path = args.storage
@@ -75,7 +79,7 @@ def cli(argv: list[str]) -> int:
             f"MLLP in    127.0.0.1:{settings.hl7.listen_port}   LIS simulator 127.0.0.1:{lis.port}"
         )
         print(f"HTTP API   {api}/docs")
-        accession = datetime.now(UTC).strftime("DEMO%Y%m%d%H%M%S")
+        accession = datetime.now(UTC).strftime("D%y%m%d%H%M%S")  # DICOM SH: 16 characters
 
         _heading(f"1. the LIS orders a smear review (accession {accession})")
         order = build_test_order(

@@ -25,7 +25,7 @@ from lisplugin.core.types import (
     ResultValue,
     SpecimenResult,
 )
-from lisplugin.dicom.decode import field_from_image_file, fields_from_dataset
+from lisplugin.dicom.decode import analysable, field_from_image_file, fields_from_dataset
 from lisplugin.service.models import load_models
 
 __all__ = ["Pipeline", "PreviousResult", "read_fields"]
@@ -117,16 +117,19 @@ def _files(paths: Iterable[Path]) -> list[Path]:
 
 
 def read_fields(paths: Iterable[Path]) -> list[Field]:
-    """Fields of every DICOM instance and image file in ``paths`` (folders walked, sorted)."""
-    fields: list[Field] = []
+    """Fields of every image file and analysable DICOM instance in ``paths`` (folders walked,
+    sorted): images first in path order, then the DICOM frames in path order.
+    """
+    images: list[Field] = []
+    datasets = []
     for path in _files(paths):
         if _is_dicom(path):
-            fields.extend(fields_from_dataset(pydicom.dcmread(path)))
+            datasets.append(pydicom.dcmread(path, defer_size="1 MB"))
             continue
         try:
             with Image.open(path):
                 pass
         except UnidentifiedImageError:
             continue  # not an image: folders may hold other files
-        fields.append(field_from_image_file(path))
-    return fields
+        images.append(field_from_image_file(path))
+    return images + [f for ds in analysable(datasets) for f in fields_from_dataset(ds)]
