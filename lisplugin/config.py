@@ -48,6 +48,8 @@ class Hl7Settings(BaseModel):
 class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
+    #: A review-station session ends after this many minutes without a request.
+    session_idle_minutes: float = 480.0
 
 
 class DatabaseSettings(BaseModel):

@@ -60,7 +60,7 @@ def smear_capture(folder: Path, seed: int, study_uid: str) -> Path:
     ds = wrap_image_as_vl_microscopic(
         jpeg,
         patient_id=PATIENT_ID,
-        accession=f"{ACCESSION}-{seed}",
+        accession=ACCESSION,
         study_uid=study_uid,
         instance_number=seed,
     )

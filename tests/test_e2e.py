@@ -263,3 +263,29 @@ def test_lis_outage_delivers_every_result_once_it_is_back(
             lis.stop()
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_lis_error_answer_is_recorded_with_its_text(tmp_path: Path, database_url: str) -> None:
+    """AE is the LIS refusing the content: recorded with the LIS's error text, not resent."""
+    lis = LisSimulator(port=free_port(), fail_first=1).start()
+    daemon = Daemon(tmp_path / "var", database_url, lis.port)
+    daemon.start()
+    try:
+        path = capture(tmp_path / "in", 9, "ACC5001", generate_uid(), "PAT5001")
+        assert all(r.ok for r in send([path], "127.0.0.1", daemon.dicom_port, "LISPLUGIN"))
+        deadline = time.monotonic() + 120
+        while True:
+            case = daemon.wait_for_case("ACC5001", {"review", "verified"})
+            if case["messages"] and case["messages"][0]["status"] != "pending":
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        message = case["messages"][0]
+        assert (message["status"], message["ack_code"]) == ("rejected", "AE")
+        assert message["last_error"]
+        time.sleep(3)
+        assert len(oru_messages(lis, "ACC5001")) == 1
+    finally:
+        daemon.stop()
+        lis.stop()

@@ -17,7 +17,7 @@ not counted, since blur or bad exposure makes the classes unreliable.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -127,6 +127,31 @@ def analyse_field(
     )
 
 
+@dataclass(frozen=True)
+class Tally:
+    """Counts and differential of a set of cells (see the module docstring for the semantics)."""
+
+    counts: dict[str, int]
+    class_counts: dict[str, int]
+    differential: dict[str, float]
+    wbc_classified: int
+
+
+def tally(cells: Iterable[Cell]) -> Tally:
+    """The one place cells become counts: analysis and expert review both use it."""
+    counts = dict.fromkeys(CELL_KINDS, 0)
+    class_counts = dict.fromkeys((*LEUKOCYTE_CLASSES, UNIDENTIFIED), 0)
+    for cell in cells:
+        counts[cell.kind] += 1
+        if cell.kind == "WBC":
+            class_counts[cell.label] += 1
+    leukocytes = sum(class_counts[c] for c in DIFFERENTIAL_CLASSES)
+    differential = (
+        {c: 100.0 * n / leukocytes for c, n in class_counts.items()} if leukocytes else {}
+    )
+    return Tally(counts, class_counts, differential, leukocytes)
+
+
 def aggregate(
     field_results: Sequence[FieldResult],
     settings: AnalysisSettings,
@@ -140,22 +165,12 @@ def aggregate(
     ``settings`` is taken for symmetry with the other stages; the rules carry their limits.
     """
     del settings  # the parsed rules already hold every limit taken from the settings
-    counts = dict.fromkeys(CELL_KINDS, 0)
-    class_counts = dict.fromkeys((*LEUKOCYTE_CLASSES, UNIDENTIFIED), 0)
-    for result in field_results:
-        for cell in result.cells:
-            counts[cell.kind] += 1
-            if cell.kind == "WBC":
-                class_counts[cell.label] += 1
-    leukocytes = sum(class_counts[c] for c in DIFFERENTIAL_CLASSES)
-    differential = (
-        {c: 100.0 * n / leukocytes for c, n in class_counts.items()} if leukocytes else {}
-    )
+    counted = tally(c for result in field_results for c in result.cells)
     specimen = SpecimenResult(
-        counts=counts,
-        differential=differential,
-        class_counts=class_counts,
-        wbc_classified=leukocytes,
+        counts=counted.counts,
+        differential=counted.differential,
+        class_counts=counted.class_counts,
+        wbc_classified=counted.wbc_classified,
         flags=(),
         fields=tuple(field_results),
         model_versions=dict(model_versions),
