@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
+import lisplugin.storage.orm_review  # noqa: F401 - registers the review tables in Base
 from lisplugin.storage.orm import Base
 
 config = context.config
