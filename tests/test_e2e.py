@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import hl7
+import jsonschema
 import pytest
 import yaml
 from daemon import Daemon, free_port
@@ -145,6 +146,8 @@ def test_order_and_captures_to_validated_oru(
         timeout=300,
     )
     report = json.loads(analyze.stdout)
+    schema = json.loads((REPO / "interfaces/schemas/specimen-result.schema.json").read_text())
+    jsonschema.validate(report, schema)
     observed = obx_values(oru)
     expected = expected_values(report)
     assert set(expected) <= set(observed)

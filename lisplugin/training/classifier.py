@@ -150,6 +150,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def _ema_step(average: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    decay = min(0.999, (1.0 + float(count)) / (10.0 + float(count)))
+    return decay * average + (1.0 - decay) * current
+
+
 def train(
     model: nn.Module,
     images: np.ndarray,
@@ -182,10 +187,9 @@ def train(
             else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))
         ),
     )
-    # The EMA of the weights generalises better than the last iterate of a short schedule.
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True
-    )
+    # The EMA of the weights generalises better than the last iterate of a short schedule. Its
+    # decay ramps up from 0.1 so that the random initial weights are forgotten quickly.
+    ema = torch.optim.swa_utils.AveragedModel(model, avg_fn=_ema_step, use_buffers=True)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     best: tuple[float, dict[str, Any]] = (-1.0, copy.deepcopy(ema.module.state_dict()))
