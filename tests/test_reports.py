@@ -46,7 +46,13 @@ from report_factory import (
     vl_capture,
 )
 
-from lisplugin.config import DEFAULT_CONFIG_DIR, PacsSettings, Settings, StorageSettings
+from lisplugin.config import (
+    DEFAULT_CONFIG_DIR,
+    DatabaseSettings,
+    PacsSettings,
+    Settings,
+    StorageSettings,
+)
 from lisplugin.core.analysis import result_values
 from lisplugin.core.reference import parse_reference_ranges
 from lisplugin.core.rules import PatientContext
@@ -60,7 +66,7 @@ from lisplugin.reports.pacs import pacs_sender
 from lisplugin.reports.pdf import build_encapsulated_pdf, build_pdf
 from lisplugin.reports.sources import read_headers
 from lisplugin.reports.sr import SPECIMEN_GROUP, build_sr, field_identifier
-from lisplugin.service.outbox import ReceiverUnavailable
+from lisplugin.service.outbox import OutboxWorker, ReceiverUnavailable
 from lisplugin.service.reports import write_case_reports
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.db import Database
@@ -468,9 +474,10 @@ def test_pacs_sender_maps_answers_to_deliveries(captures: list[Path], tmp_path: 
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
+def runtime(tmp_path: Path, database_url: str) -> Iterator[Runtime]:
     settings = Settings(
         storage=StorageSettings(path=tmp_path / "var"),
+        database=DatabaseSettings(url=database_url),
         pacs=PacsSettings(enabled=True, host="127.0.0.1", port=free_port(), ae_title="PACS"),
     )
     runtime = Runtime(settings)
@@ -524,6 +531,22 @@ def test_write_case_reports_keeps_files_and_queues_dicom(
         )
         assert {(m.result_status, m.status) for m in queued} == {("P", OutboxStatus.PENDING)}
         assert all(Path(m.payload).is_file() for m in queued)
+
+    pacs = StorageSCP()
+    settings = runtime.settings.pacs.model_copy(update={"port": pacs.port})
+    worker = OutboxWorker(
+        runtime.db, {"dicom": pacs_sender(settings, "LISPLUGIN")}, backoff=lambda n: 60.0
+    )
+    try:
+        worker.run_once()
+    finally:
+        pacs.stop()
+    assert sorted(ds.SOPInstanceUID for ds in pacs.received) == sorted(
+        d["sop_instance_uid"] for d in report["documents"]
+    )
+    with runtime.db.session() as session:
+        delivered = session.query(OutboxMessage).filter_by(channel="dicom").all()
+        assert {(m.status, m.ack_code) for m in delivered} == {(OutboxStatus.DELIVERED, "0000")}
 
 
 def test_http_routes_serve_the_reports(runtime: Runtime, captures: list[Path]) -> None:
