@@ -21,6 +21,7 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("send",): "lisplugin.dicom.scu",
     ("lis-sim",): "lisplugin.hl7.lis_sim",
     ("demo",): "lisplugin.service.demo",
+    ("user",): "lisplugin.service.users",
 }
 
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a model: classifier | detector"),
         ("evaluate", "evaluate a model: detection | differential"),
         ("bench", "time the whole analysis per field on this machine"),
+        ("user", "review-station accounts: add NAME --role ROLE (password on stdin) | list"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -1,8 +1,14 @@
-"""`lisplugin serve` as a real subprocess on free loopback ports, for end-to-end tests."""
+"""`lisplugin serve` as a real subprocess on free loopback ports, for end-to-end tests.
+
+Before its first start the daemon's database gets an account (``lisplugin user add``, as IT
+would make one); after every start the fixture signs in and reads the API with that bearer
+token.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +38,9 @@ class Daemon:
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    username: str = "e2e"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    token: str | None = None
 
     @property
     def api(self) -> str:
@@ -63,8 +72,30 @@ class Daemon:
         env.update(self.extra_env)
         return env
 
+    def add_user(self, name: str, role: str, password: str) -> None:
+        """``lisplugin user add`` against the daemon's database (password on stdin)."""
+        subprocess.run(
+            [sys.executable, "-m", "lisplugin", "user", "add", name, "--role", role],
+            input=password + "\n",
+            env=self.env(),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def sign_in(self, name: str, password: str) -> str:
+        """A bearer token for ``name`` (``POST /api/session``)."""
+        response = httpx.post(
+            f"{self.api}/api/session", json={"username": name, "password": password}, timeout=10
+        )
+        response.raise_for_status()
+        return str(response.json()["token"])
+
     def start(self, timeout: float = 90.0) -> Daemon:
         self.storage.mkdir(parents=True, exist_ok=True)
+        if self.starts == 0:
+            self.add_user(self.username, "admin", self.password)
         self.starts += 1
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
@@ -79,6 +110,7 @@ class Daemon:
                 raise RuntimeError(f"daemon exited: {self.log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{self.api}/readyz", timeout=2).status_code == 200:
+                    self.token = self.sign_in(self.username, self.password)
                     return self
             except httpx.HTTPError:
                 pass
@@ -100,7 +132,9 @@ class Daemon:
         self.stop(signal.SIGKILL)
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.api}{path}", timeout=10)
+        response = httpx.get(
+            f"{self.api}{path}", headers={"Authorization": f"Bearer {self.token}"}, timeout=10
+        )
         response.raise_for_status()
         return response.json()
 

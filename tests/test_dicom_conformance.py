@@ -99,3 +99,19 @@ def test_decoder_reasons_are_documented() -> None:
     patterns = _documented_comment_patterns()
     for reason in reasons:
         assert any(p.match(error_comment(reason)) for p in patterns), reason
+
+
+def test_pacs_scu_table_names_the_report_objects() -> None:
+    from pydicom.uid import (
+        Comprehensive3DSRStorage,
+        EncapsulatedPDFStorage,
+        MicroscopyBulkSimpleAnnotationsStorage,
+    )
+
+    rows = table_after("Storage SCU: results to PACS")
+    assert {row["UID"] for row in rows} == {
+        Comprehensive3DSRStorage,
+        MicroscopyBulkSimpleAnnotationsStorage,
+        EncapsulatedPDFStorage,
+    }
+    assert {row["Role"] for row in rows} == {"SCU"}

@@ -1,16 +1,26 @@
-"""HTTP API (FastAPI): health, metrics and the case API for LIS vendors and IT."""
+"""HTTP API (FastAPI): health, metrics, the case API for LIS vendors and IT, the review station.
+
+Everything but ``/healthz``, ``/readyz`` and ``/metrics`` (left open for Prometheus and the
+service manager; they reveal no patient data), the sign-in page, its static files and
+``POST /api/session`` itself needs a signed-in user (:mod:`lisplugin.http.auth`), the
+OpenAPI description included.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import func, select, text
 
 from lisplugin import __version__
+from lisplugin.http import pages, reports, review
+from lisplugin.http.auth import signed_in_user
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
 from lisplugin.service.metrics import OUTBOX_PENDING, REGISTRY
 from lisplugin.service.runtime import Runtime
@@ -74,9 +84,24 @@ def create_app(runtime: Runtime) -> FastAPI:
     app = FastAPI(
         title="lisplugin",
         version=__version__,
-        description="Digital-morphology plugin: blood-smear captures in, differential out.",
+        description=(
+            "Digital-morphology plugin: blood-smear captures in, differential out. Sign in with "
+            "`POST /api/session` and send `Authorization: Bearer <token>`."
+        ),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.runtime = runtime
+    signed_in = [Depends(signed_in_user)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=signed_in)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=signed_in)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="lisplugin API")
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:
@@ -110,7 +135,9 @@ def create_app(runtime: Runtime) -> FastAPI:
             OUTBOX_PENDING.labels(channel).set(dict(pending).get(channel, 0))
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/cases", response_model=list[CaseSummary], tags=["cases"])
+    cases = APIRouter(prefix="/api/cases", tags=["cases"], dependencies=signed_in)
+
+    @cases.get("", response_model=list[CaseSummary])
     def list_cases(
         session: SessionDep,
         status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
@@ -121,7 +148,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             query = query.where(Case.status == status)
         return [_summary(case) for case in session.scalars(query)]
 
-    @app.get("/api/cases/{case_id}", response_model=CaseDetail, tags=["cases"])
+    @cases.get("/{case_id}", response_model=CaseDetail)
     def get_case(case_id: int, session: SessionDep) -> dict[str, Any]:
         case = case_or_404(session, case_id)
         messages = session.scalars(
@@ -137,12 +164,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             "messages": [OutboxEntry.model_validate(m, from_attributes=True) for m in messages],
         }
 
-    @app.post(
-        "/api/cases/{case_id}/analyze",
-        response_model=AnalyzeAccepted,
-        status_code=202,
-        tags=["cases"],
-    )
+    @cases.post("/{case_id}/analyze", response_model=AnalyzeAccepted, status_code=202)
     def analyze_case(case_id: int, runtime: RuntimeDep, session: SessionDep) -> dict[str, Any]:
         """Analyse now, without waiting for the case to be stable."""
         case = case_or_404(session, case_id)
@@ -153,4 +175,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.wake_scheduler()
         return {"id": case.id, "status": case.status}
 
+    app.include_router(cases)
+    app.include_router(reports.router, dependencies=signed_in)
+    app.include_router(review.router)
+    pages.install(app)
     return app

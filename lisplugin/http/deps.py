@@ -21,7 +21,9 @@ def get_session(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Iterator[S
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+#: Committed when the route returns, before the response is sent ("function" scope): a client
+#: that got an answer finds the change made, and a failed commit is an error, not a lost write.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 

@@ -127,6 +127,7 @@ def _annotation_object(
         content_label=CONTENT_LABEL,
         pixel_origin_interpretation="VOLUME" if whole_slide else "FRAME",
         series_description=SERIES_DESCRIPTION,
+        coding_schemes=[coding.PRIVATE_SCHEME_ITEM],
     )
     if frame is not None:
         ann.ReferencedImageSequence[0].ReferencedFrameNumber = frame

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -23,6 +24,13 @@ from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED
 #: Private coding scheme (PS3.16 8.2: designators of local schemes begin with "99").
 PRIVATE_SCHEME = "99LISPLUGIN"
 MANUFACTURER = "lisplugin"
+#: The private scheme's entry in Coding Scheme Identification Sequence (0008,0110) of every
+#: object that uses it.
+PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=PRIVATE_SCHEME,
+    name="lisplugin local codes",
+    responsible_organization=MANUFACTURER,
+)
 
 #: Annotation Property Category of every cell (CID 7150).
 CELL_CATEGORY: Code = codes.cid7150.AnatomicalStructure
@@ -52,7 +60,6 @@ _UNIT_MEANINGS = {
     "1": "no units",
     "{cells}": "cells",
     "/100{WBCs}": "per 100 leukocytes",
-    "um2": "square micrometer",
 }
 
 #: Field image-quality measures (lisplugin's own definitions, hence private codes).
@@ -96,14 +103,16 @@ class ResultCode:
     units: str
 
 
+def map_concept(entry: Mapping[str, Any]) -> CodedConcept:
+    """An entry of the LOINC map (code, display, HL7 system LN or L) as a DICOM code."""
+    scheme = "LN" if entry["system"] == "LN" else PRIVATE_SCHEME
+    return CodedConcept(str(entry["code"]), scheme, str(entry["display"])[:64])
+
+
 def result_code(loinc_map: Mapping[str, Any], key: str) -> ResultCode | None:
     """The coded name of result ``key`` from the LOINC map; None when the map lacks it."""
     entry = (loinc_map.get("results") or {}).get(key)
-    if entry is None:
-        return None
-    scheme = "LN" if entry["system"] == "LN" else PRIVATE_SCHEME
-    meaning = str(entry["display"])[:64]
-    return ResultCode(CodedConcept(str(entry["code"]), scheme, meaning), str(entry["units"]))
+    return None if entry is None else ResultCode(map_concept(entry), str(entry["units"]))
 
 
 def named_result(loinc_map: Mapping[str, Any], key: str, meaning: str, units: str) -> ResultCode:

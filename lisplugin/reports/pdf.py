@@ -62,6 +62,8 @@ _VALUE_NAMES = {
     "wbc_counted": "Leukocytes detected",
     "plt_counted": "Platelets detected",
 }
+#: UCUM units as the table prints them.
+_UNITS = {"{cells}": "cells", "/100{WBCs}": "/100 WBC"}
 _GRID = [
     ("GRID", (0, 0), (-1, -1), 0.25, colors.HexColor("#9ca3af")),
     ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e5e7eb")),
@@ -93,7 +95,7 @@ def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> by
         _identity_table(report, small),
         Spacer(1, 5 * mm),
         Paragraph("Differential", styles["Heading2"]),
-        _values_table(report, small),
+        _values_table(report),
     ]
     flags = report["result"].get("flags", [])
     story.append(Paragraph("Review flags", styles["Heading2"]))
@@ -104,11 +106,11 @@ def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> by
         for f in flags
     ] or [Paragraph("None: every review rule passed.", small)]
     story.append(Paragraph("Cells by class", styles["Heading2"]))
-    story += _gallery(report["result"], images, styles, small)
+    story += _gallery(report["result"], images, small)
     story.append(Paragraph("Field quality", styles["Heading2"]))
     story.append(_fields_table(report["result"], small))
     story.append(Paragraph("Models", styles["Heading2"]))
-    story.append(_models_table(report, small))
+    story.append(_models_table(report))
     doc.build(story, onFirstPage=_footer(report), onLaterPages=_footer(report))
     return buffer.getvalue()
 
@@ -131,12 +133,12 @@ def _banner(status: str, styles: Any) -> Table:
 
 
 def _date(text: str | None) -> str:
-    """YYYYMMDD (DICOM/HL7) or ISO dates and times as people read them."""
+    """YYYYMMDD (DICOM/HL7) or ISO dates and times as people read them (local time)."""
     value = (text or "").strip()
     if len(value) == 8 and value.isdigit():
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     try:
-        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M")
+        return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M")
     except ValueError:
         return value
 
@@ -201,7 +203,7 @@ def _interval(value: Mapping[str, Any]) -> str:
     return f"{'' if low is None else f'{low:g}'} - {'' if high is None else f'{high:g}'}"
 
 
-def _values_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
+def _values_table(report: Mapping[str, Any]) -> Table:
     class_counts = report["result"].get("class_counts", {})
     rows: list[list[Any]] = [["", "Cells", "Result", "Units", "Reference", "Flag"]]
     styles = list(_GRID)
@@ -213,7 +215,7 @@ def _values_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
                 _value_name(value["key"]),
                 str(class_counts.get(label, "")) if is_share else "",
                 f"{value['value']:.1f}" if is_share else f"{value['value']:.0f}",
-                value["units"],
+                _UNITS.get(value["units"], value["units"]),
                 _interval(value),
                 value["flag"],
             ]
@@ -255,7 +257,6 @@ def _png(image: PILImage.Image) -> io.BytesIO:
 def _gallery(
     result: Mapping[str, Any],
     images: Mapping[str, np.ndarray],
-    styles: Any,
     small: ParagraphStyle,
 ) -> list[Flowable]:
     sources = {int(f["index"]): str(f["source"]) for f in result.get("fields", [])}
@@ -318,7 +319,7 @@ def _fields_table(result: Mapping[str, Any], style: ParagraphStyle) -> Table:
     return table
 
 
-def _models_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
+def _models_table(report: Mapping[str, Any]) -> Table:
     rows = [["Software", "Version"], ["lisplugin", report["generator"].removeprefix("lisplugin ")]]
     rows += [
         [name, version] for name, version in report["result"].get("model_versions", {}).items()

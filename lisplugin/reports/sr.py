@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodedConcept,
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
     Measurement,
@@ -33,19 +33,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from lisplugin.reports import coding
-from lisplugin.reports.coding import CodedConcept, Producer, ResultCode
+from lisplugin.reports.coding import Producer, ResultCode
 from lisplugin.reports.sources import FieldRef, fields_by_source
 
 SERIES_NUMBER = 900
 SERIES_DESCRIPTION = "lisplugin differential (SR)"
 #: Identifier of the specimen-wide measurement group (fields are "Field <n>", n from 1).
 SPECIMEN_GROUP = "Specimen"
-#: The private scheme's entry in Coding Scheme Identification Sequence (0008,0110).
-PRIVATE_SCHEME_ITEM = CodingSchemeIdentificationItem(
-    designator=coding.PRIVATE_SCHEME,
-    name="lisplugin local codes",
-    responsible_organization=coding.MANUFACTURER,
-)
 
 
 def build_sr(
@@ -98,18 +92,13 @@ def build_sr(
         manufacturer_model_name="lisplugin",
         # a list, as pydicom wants multiple values (highdicom's hint says tuple)
         software_versions=producer.software_versions,  # type: ignore[arg-type]
-        coding_schemes=[PRIVATE_SCHEME_ITEM],
+        coding_schemes=[coding.PRIVATE_SCHEME_ITEM],
     )
 
 
 def _procedures(loinc_map: Mapping[str, Any]) -> list[CodedConcept]:
     """Procedure reported: the site's differential panel (as in the ORU) by light microscopy."""
-    panel = loinc_map["panel"]
-    scheme = "LN" if panel["system"] == "LN" else coding.PRIVATE_SCHEME
-    return [
-        CodedConcept(str(panel["code"]), scheme, str(panel["display"])[:64]),
-        coding.concept(codes.SCT.LightMicroscopy),
-    ]
+    return [coding.map_concept(loinc_map["panel"]), coding.concept(codes.SCT.LightMicroscopy)]
 
 
 def _observation_context(producer: Producer, first: Dataset) -> ObservationContext:

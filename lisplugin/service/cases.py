@@ -26,6 +26,7 @@ from lisplugin.hl7.oru import build_oru
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline, read_fields
+from lisplugin.service.reports import write_case_reports
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
 
@@ -182,6 +183,10 @@ class CaseScheduler:
         except StaleDataError:
             log.info("case %s received new captures during analysis; it will be redone", case_id)
             return
+        try:
+            write_case_reports(self.db, case_id, self.settings)
+        except Exception:  # the ORU is queued already; reports can be made again later
+            log.exception("reports of case %s failed", case_id)
         CASES_ANALYSED.labels("review" if result.needs_review else "verified").inc()
         ANALYSIS_SECONDS.observe(time.perf_counter() - started)
         log.info("case %s analysed: %s, ORU %s queued", case_id, status, control_id)

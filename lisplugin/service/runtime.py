@@ -19,6 +19,7 @@ from lisplugin.hl7.mllp import (
     send_message,
 )
 from lisplugin.hl7.orders import Order
+from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler
 from lisplugin.service.ingest import InstanceStore, apply_order
 from lisplugin.service.metrics import INSTANCES, ORDERS
@@ -60,7 +61,10 @@ class Runtime:
         hl7 = settings.hl7
         self.outbox = OutboxWorker(
             self.db,
-            senders={"hl7": hl7_sender(settings)},
+            senders={
+                "hl7": hl7_sender(settings),
+                "dicom": pacs_sender(settings.pacs, settings.dicom.ae_title),
+            },
             backoff=lambda attempt: next_retry_delay(
                 attempt, hl7.retry_initial_seconds, hl7.retry_max_seconds
             ),

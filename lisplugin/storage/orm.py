@@ -127,6 +127,6 @@ class OutboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
-    ack_code: Mapped[str | None] = mapped_column(String(2))
+    ack_code: Mapped[str | None] = mapped_column(String(16))  # HL7 MSA-1 or DICOM status
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

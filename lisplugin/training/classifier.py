@@ -453,10 +453,11 @@ MobileNet-style layers train slowly in PyTorch on CPU), and {meta["input_size"]}
 colour and nuclear shape that separate the classes (BloodMNIST reaches ~96 % even at 28 px).
 
 Training: AdamW (lr 2e-3, weight decay 0.05), warm-up then cosine decay, label smoothing 0.05,
-batch 64, EMA of the weights (0.999). Augmentation: any rotation, mirror, +-10 % scale, small
-shift; photometric (`lisplugin/training/augment.py`, strength 0.8): stain/colour cast, uneven
-illumination, defocus blur, sensor noise, JPEG-like block quantisation, debris blobs. Best
-validation accuracy {best["val_accuracy"]:.4f} at epoch {best["epoch"]} of {len(history)}.
+batch 64, EMA of the weights (decay ramping up to 0.999). Augmentation: any rotation, mirror,
++-10 % scale, small shift; photometric (`lisplugin/training/augment.py`, strength 0.8):
+stain/colour cast, uneven illumination, defocus blur, sensor noise, JPEG-like block
+quantisation, debris blobs. Best validation accuracy {best["val_accuracy"]:.4f} at epoch
+{best["epoch"]} of {len(history)}.
 
 ## Reproduce
 

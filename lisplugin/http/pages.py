@@ -1,0 +1,200 @@
+"""The review station's pages: sign-in, worklist and case, rendered on the server (Jinja2).
+
+The pages carry the data they show; every change goes through the JSON API
+(:mod:`lisplugin.http.review`) with the session's CSRF token, which each page embeds. A
+strict Content-Security-Policy (scripts and styles only from ``/static``) keeps injected
+markup from running.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+
+from lisplugin.core.revision import REVIEW_CLASSES
+from lisplugin.core.rules import result_key
+from lisplugin.core.types import UNIDENTIFIED
+from lisplugin.http.auth import Principal, optional_user
+from lisplugin.http.deps import RuntimeDep, SessionDep
+from lisplugin.service import review
+from lisplugin.service.outbox import as_utc
+from lisplugin.storage.orm import Case, CaseStatus
+from lisplugin.storage.orm_review import CaseComment, Role
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=HERE / "templates")
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+#: Display name, colour (Okabe-Ito and Tol palettes: told apart with colour-vision
+#: deficiencies) and keyboard shortcut of every class a leukocyte detection can have.
+CLASS_STYLE: dict[str, tuple[str, str, str]] = {
+    "neutrophil": ("Neutrophil", "#0072B2", "1"),
+    "lymphocyte": ("Lymphocyte", "#009E73", "2"),
+    "monocyte": ("Monocyte", "#CC79A7", "3"),
+    "eosinophil": ("Eosinophil", "#E69F00", "4"),
+    "basophil": ("Basophil", "#56B4E9", "5"),
+    "ig": ("Immature granulocyte", "#D55E00", "6"),
+    "erythroblast": ("Erythroblast (NRBC)", "#882255", "7"),
+    "platelet": ("Platelet / clump", "#999933", "8"),
+    "artefact": ("Artefact", "#7A7A7A", "A"),
+    "smudge": ("Smudge cell", "#332288", "S"),
+    UNIDENTIFIED: ("Unidentified", "#1A1A1A", ""),
+}
+KIND_STYLE = {"RBC": ("Red cells", "#E07B7B"), "PLT": ("Platelets", "#8E6BB8")}
+
+router = APIRouter(include_in_schema=False)
+
+
+def _page(request: Request, template: str, context: dict[str, Any]) -> HTMLResponse:
+    response = templates.TemplateResponse(request, template, context)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def _to_sign_in(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path on this site: an open redirect would help phishing."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/worklist"
+
+
+def waiting_text(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours // 24} d {hours % 24} h"
+
+
+templates.env.filters["waiting"] = waiting_text
+
+
+def _chrome(principal: Principal) -> dict[str, Any]:
+    return {"user": principal, "csrf_token": principal.csrf_token}
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/worklist", status_code=303)
+
+
+@router.get("/login", response_model=None)
+def login_page(
+    request: Request,
+    runtime: RuntimeDep,
+    target: Annotated[str | None, Query(alias="next")] = None,
+) -> Response:
+    if optional_user(request, runtime) is not None:
+        return RedirectResponse(_safe_next(target), status_code=303)
+    return _page(request, "login.html", {"next": _safe_next(target)})
+
+
+@router.get("/worklist", response_model=None)
+def worklist_page(request: Request, runtime: RuntimeDep, session: SessionDep) -> Response:
+    principal = optional_user(request, runtime)
+    if principal is None:
+        return _to_sign_in(request)
+    released = session.scalars(
+        select(Case)
+        .where(Case.status.in_([CaseStatus.VERIFIED, CaseStatus.FINAL]))
+        .order_by(Case.updated_at.desc())
+        .limit(15)
+    ).all()
+    return _page(
+        request,
+        "worklist.html",
+        {**_chrome(principal), "entries": review.worklist(session), "released": released},
+    )
+
+
+def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[str, Any]:
+    """Everything the case page's script needs, embedded in the page as JSON."""
+    pipeline = runtime.pipeline()
+    context = pipeline.patient_context(dict(case.patient or {}), None)
+    intervals = {}
+    for cls in CLASS_STYLE:
+        found = pipeline.ranges.lookup(result_key(cls), context.age_years, context.sex)
+        if found is not None:
+            intervals[cls] = [found.low, found.high]
+    result = case.result or {}
+    reviewer = principal.role in (Role.TECHNOLOGIST, Role.PATHOLOGIST)
+    return {
+        "id": case.id,
+        "version": case.version,
+        "status": case.status.value,
+        "final_sent": case.final_sent,
+        "can_review": reviewer and case.status in review.REVIEWABLE,
+        "can_sign_out": principal.role == Role.PATHOLOGIST,
+        "classes": [
+            {"key": k, "name": n, "colour": c, "shortcut": s}
+            for k, (n, c, s) in CLASS_STYLE.items()
+        ],
+        "review_classes": list(REVIEW_CLASSES),
+        "kinds": {k: {"name": n, "colour": c} for k, (n, c) in KIND_STYLE.items()},
+        "intervals": intervals,
+        "result": {
+            "fields": result.get("fields") or [],
+            "cells": result.get("cells") or [],
+            "counts": result.get("counts") or {},
+            "class_counts": result.get("class_counts") or {},
+            "excluded_counts": result.get("excluded_counts") or {},
+            "differential": result.get("differential") or {},
+            "wbc_classified": result.get("wbc_classified", 0),
+            "flags": result.get("flags") or [],
+        },
+    }
+
+
+@router.get("/cases/{case_id}", response_model=None)
+def case_page(case_id: int, request: Request, runtime: RuntimeDep, session: SessionDep) -> Response:
+    principal = optional_user(request, runtime)
+    if principal is None:
+        return _to_sign_in(request)
+    case = session.get(Case, case_id)
+    if case is None:
+        return _page(request, "missing.html", {**_chrome(principal), "case_id": case_id})
+    comments = session.scalars(
+        select(CaseComment).where(CaseComment.case_id == case.id).order_by(CaseComment.id)
+    ).all()
+    since = case.analysed_at or case.updated_at
+    return _page(
+        request,
+        "case.html",
+        {
+            **_chrome(principal),
+            "case": case,
+            "patient": case.patient or {},
+            "stat": (case.order or {}).get("priority") == "S",
+            "waiting": (datetime.now(UTC) - as_utc(since)).total_seconds(),
+            "comments": comments,
+            "data": _case_data(case, principal, runtime),
+        },
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Add the pages and their static files (scripts, styles) to ``app``."""
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(router)

@@ -1,0 +1,349 @@
+"""The review API: sessions, the worklist, reclassification, comments, sign-out, audit, images.
+
+Changes name the case ``version`` the client saw; a stale version answers 409 (see
+:mod:`lisplugin.service.review`). Reviewers (technologist, pathologist) change cells and
+comment; only a pathologist signs out; an admin may look but not change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from lisplugin.core.revision import DERIVED_KEYS, REVIEW_CLASSES
+from lisplugin.http.auth import (
+    COOKIE,
+    Pathologist,
+    PrincipalDep,
+    Reviewer,
+    authenticate,
+    open_session,
+)
+from lisplugin.http.deps import RuntimeDep, SessionDep
+from lisplugin.service import review
+from lisplugin.storage.orm import CaseStatus
+from lisplugin.storage.orm_review import AuditEvent, CaseComment, Role, UserSession
+
+PNG = {200: {"content": {"image/png": {}}}}
+#: Case images do not change while the case keeps its analysis; the browser may keep them.
+IMAGE_HEADERS = {"Cache-Control": "private, max-age=600"}
+
+router = APIRouter(prefix="/api", tags=["review"])
+saliency_cache = review.SaliencyCache()
+
+
+class SignIn(BaseModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class UserInfo(BaseModel):
+    username: str
+    role: Role
+
+
+class SessionInfo(BaseModel):
+    token: str = Field(description="bearer token for the API; browsers use the cookie instead")
+    csrf_token: str = Field(description="send as X-CSRF-Token with cookie-authenticated changes")
+    expires_at: datetime = Field(description="renewed by every request (idle timeout)")
+    user: UserInfo
+
+
+class CurrentSession(BaseModel):
+    csrf_token: str
+    expires_at: datetime
+    user: UserInfo
+
+
+class FlagInfo(BaseModel):
+    code: str
+    text: str
+    severity: Literal["info", "review", "critical"]
+
+
+class WorklistEntry(BaseModel):
+    id: int
+    accession_number: str | None
+    patient_id: str | None
+    patient_name: str
+    stat: bool = Field(description="the order's priority is STAT (HL7 table 0027: S)")
+    reasons: list[FlagInfo] = Field(description="the flags that hold the result for review")
+    waiting_seconds: float
+    waiting_since: datetime
+    wbc_classified: int
+    version: int
+
+
+class Reclassify(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    cell_class: Literal[REVIEW_CLASSES] = Field(  # type: ignore[valid-type]
+        alias="class", description="a leukocyte class, artefact or smudge"
+    )
+    version: int = Field(description="the case version the change was made on")
+
+
+class ReviewedCase(BaseModel):
+    """The case after a change: its new version and everything derived from the classes."""
+
+    id: int
+    version: int
+    status: CaseStatus
+    cell: dict[str, Any]
+    counts: dict[str, int]
+    class_counts: dict[str, int]
+    excluded_counts: dict[str, int]
+    differential: dict[str, float]
+    wbc_classified: int
+    needs_review: bool
+    flags: list[FlagInfo]
+
+
+class NewComment(BaseModel):
+    text: str = Field(min_length=1, max_length=review.MAX_COMMENT)
+
+
+class Comment(BaseModel):
+    id: int
+    username: str
+    text: str
+    created_at: datetime
+
+
+class SignOut(BaseModel):
+    version: int
+
+
+class SignedOut(BaseModel):
+    id: int
+    status: CaseStatus
+    version: int
+    result_status: Literal["F", "C"]
+    control_id: str = Field(description="MSH-10 of the ORU^R01 put in the outbox")
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: datetime
+    username: str
+    case_id: int | None
+    action: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+def _errors(exc: review.ReviewError) -> HTTPException:
+    return HTTPException(exc.status, detail=exc.detail)
+
+
+@router.post(
+    "/session",
+    response_model=SessionInfo,
+    tags=["session"],
+    responses={401: {"description": "wrong username or password, or account disabled"}},
+)
+def sign_in(body: SignIn, request: Request, response: Response, runtime: RuntimeDep) -> Any:
+    """Sign in: sets the session cookie and returns the bearer token and the CSRF token."""
+    idle = timedelta(minutes=runtime.settings.http.session_idle_minutes)
+    info: SessionInfo | None = None
+    with runtime.db.session() as session:
+        user = authenticate(session, body.username, body.password)
+        if user is not None:
+            token, row = open_session(session, user, idle)
+            info = SessionInfo(
+                token=token,
+                csrf_token=row.csrf_token,
+                expires_at=row.expires_at,
+                user=UserInfo(username=user.username, role=user.role),
+            )
+    if info is None:  # outside the transaction, so the refusal stays in the audit trail
+        raise HTTPException(401, detail="wrong username or password, or account disabled")
+    response.set_cookie(
+        COOKIE,
+        info.token,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return info
+
+
+@router.get("/session", response_model=CurrentSession, tags=["session"])
+def current_session(principal: PrincipalDep) -> Any:
+    """Who is signed in, and the CSRF token for cookie-authenticated changes."""
+    return CurrentSession(
+        csrf_token=principal.csrf_token,
+        expires_at=principal.expires_at,
+        user=UserInfo(username=principal.username, role=principal.role),
+    )
+
+
+@router.delete("/session", status_code=204, tags=["session"])
+def sign_off(principal: PrincipalDep, session: SessionDep, response: Response) -> Response:
+    """End the session (the token stops working at once) and clear the cookie."""
+    row = session.get(UserSession, principal.session_id)
+    if row is not None:
+        session.delete(row)
+    review.audit(session, principal.username, "session.close")
+    response.status_code = 204
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+@router.get("/worklist", response_model=list[WorklistEntry])
+def get_worklist(principal: PrincipalDep, session: SessionDep) -> Any:
+    """Cases waiting for review, STAT first, then the longest waiting."""
+    return review.worklist(session)
+
+
+@router.patch(
+    "/cases/{case_id}/cells/{cell_id}",
+    response_model=ReviewedCase,
+    responses={409: {"description": "the case changed since the version sent"}},
+)
+def reclassify_cell(
+    case_id: int,
+    cell_id: int,
+    body: Reclassify,
+    principal: Reviewer,
+    runtime: RuntimeDep,
+    session: SessionDep,
+) -> Any:
+    """Give a leukocyte detection a class; counts, differential and flags are recomputed."""
+    try:
+        case = review.reclassify_cell(
+            session,
+            runtime.pipeline(),
+            case_id,
+            cell_id,
+            body.cell_class,
+            body.version,
+            principal.username,
+        )
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    result = case.result or {}
+    return {
+        "id": case.id,
+        "version": case.version,
+        "status": case.status,
+        "cell": result["cells"][cell_id],
+        "excluded_counts": result.get("excluded_counts", {}),
+        **{k: result[k] for k in DERIVED_KEYS},
+    }
+
+
+@router.get("/cases/{case_id}/comments", response_model=list[Comment])
+def list_comments(case_id: int, principal: PrincipalDep, session: SessionDep) -> Any:
+    try:
+        review.get_case(session, case_id)
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    return session.scalars(
+        select(CaseComment).where(CaseComment.case_id == case_id).order_by(CaseComment.id)
+    ).all()
+
+
+@router.post("/cases/{case_id}/comments", response_model=Comment, status_code=201)
+def add_comment(case_id: int, body: NewComment, principal: Reviewer, session: SessionDep) -> Any:
+    """A note on the case for the other reviewers (kept with the case, not sent to the LIS)."""
+    try:
+        return review.add_comment(session, case_id, body.text, principal.username)
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+
+
+@router.post(
+    "/cases/{case_id}/signout",
+    response_model=SignedOut,
+    responses={
+        403: {"description": "not a pathologist"},
+        409: {"description": "the case changed since the version sent, or is not in review"},
+    },
+)
+def sign_out(case_id: int, body: SignOut, principal: Pathologist, runtime: RuntimeDep) -> Any:
+    """Release the reviewed result to the LIS: ``F``, or ``C`` if a final went out before."""
+    try:
+        with runtime.db.session() as session:
+            done = review.sign_out(
+                session,
+                runtime.pipeline(),
+                runtime.settings.hl7,
+                case_id,
+                body.version,
+                principal.username,
+            )
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    runtime.outbox.notify()  # committed: the outbox finds the message at once
+    return SignedOut(
+        id=case_id,
+        status=CaseStatus.FINAL,
+        version=done.version,
+        result_status=done.result_status,  # type: ignore[arg-type]
+        control_id=done.control_id,
+    )
+
+
+@router.get("/cases/{case_id}/audit", response_model=list[AuditEntry])
+def case_audit(case_id: int, principal: PrincipalDep, session: SessionDep) -> Any:
+    """Every change to the case, oldest first."""
+    try:
+        review.get_case(session, case_id)
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    return session.scalars(
+        select(AuditEvent).where(AuditEvent.case_id == case_id).order_by(AuditEvent.id)
+    ).all()
+
+
+def _image(render: Any) -> Response:
+    try:
+        return Response(render(), media_type="image/png", headers=IMAGE_HEADERS)
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+
+
+@router.get("/cases/{case_id}/fields/{index}.png", response_class=Response, responses=PNG)
+def field_image(case_id: int, index: int, principal: PrincipalDep, session: SessionDep) -> Any:
+    """A field as analysed, decoded from the stored DICOM instance."""
+    return _image(lambda: review.field_png(review.get_case(session, case_id), index))
+
+
+@router.get("/cases/{case_id}/cells/{cell_id}.png", response_class=Response, responses=PNG)
+def cell_image(case_id: int, cell_id: int, principal: PrincipalDep, session: SessionDep) -> Any:
+    """The cell as the classifier saw it: the scale-normalised 160 px crop."""
+    return _image(lambda: review.png(review.cell_crop(review.get_case(session, case_id), cell_id)))
+
+
+@router.get("/cases/{case_id}/cells/{cell_id}/saliency.png", response_class=Response, responses=PNG)
+def cell_saliency(
+    case_id: int,
+    cell_id: int,
+    principal: PrincipalDep,
+    runtime: RuntimeDep,
+    session: SessionDep,
+) -> Any:
+    """Occlusion sensitivity of the classifier's top class, as a heat overlay (2x).
+
+    Headers ``X-Saliency-Class`` and ``X-Saliency-Probability`` name the class explained.
+    """
+    try:
+        case = review.get_case(session, case_id)
+        image, top_class, probability = saliency_cache.render(case, cell_id, runtime.pipeline())
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    return Response(
+        image,
+        media_type="image/png",
+        headers={
+            **IMAGE_HEADERS,
+            "X-Saliency-Class": top_class,
+            "X-Saliency-Probability": f"{probability:.4f}",
+        },
+    )

@@ -1,0 +1,337 @@
+"""Expert review of a case: the worklist, reclassifying cells, comments and sign-out.
+
+Changes to a case are guarded by its optimistic-locking counter (``Case.version``): the client
+names the version it saw, and a change made to an older version is refused with a conflict
+instead of silently overwriting someone else's work. Every change writes an audit event in
+the same transaction. Sign-out releases the reviewed result to the LIS through the outbox:
+``F``, or ``C`` when a final result for the case was sent before.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from lisplugin.config import Hl7Settings
+from lisplugin.core.analysis import median_rbc_diameter
+from lisplugin.core.crops import leukocyte_crop, pbc_scale
+from lisplugin.core.revision import RevisionError, reclassify, revise
+from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
+from lisplugin.core.types import Detection, Field, Flag, SpecimenResult
+from lisplugin.dicom.decode import iter_fields
+from lisplugin.service.cases import queue_oru
+from lisplugin.service.outbox import as_utc
+from lisplugin.service.pipeline import Pipeline
+from lisplugin.storage.orm import Case, CaseStatus
+from lisplugin.storage.orm_review import AuditEvent, CaseComment
+
+#: States whose result a reviewer may change; a change to a released result reopens the case.
+REVIEWABLE = frozenset({CaseStatus.REVIEW, CaseStatus.VERIFIED, CaseStatus.FINAL})
+MAX_COMMENT = 4000
+
+
+class ReviewError(Exception):
+    """A review action that cannot be done; ``status`` is the HTTP status that says why."""
+
+    status = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ReviewError):
+    status = 404
+
+
+class Conflict(ReviewError):
+    status = 409
+
+
+class Invalid(ReviewError):
+    status = 422
+
+
+def audit(
+    session: Session,
+    username: str,
+    action: str,
+    case_id: int | None = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        AuditEvent(username=username, case_id=case_id, action=action, before=before, after=after)
+    )
+
+
+def get_case(session: Session, case_id: int) -> Case:
+    case = session.get(Case, case_id)
+    if case is None:
+        raise NotFound(f"no case {case_id}")
+    return case
+
+
+def _case_to_change(session: Session, case_id: int, version: int) -> Case:
+    case = get_case(session, case_id)
+    if case.version != version:
+        raise Conflict(
+            f"case {case_id} was changed after you loaded it (you saw version {version}, it is "
+            f"now version {case.version}); reload the case and make your change again"
+        )
+    return case
+
+
+def _flush(session: Session, case_id: int) -> None:
+    """Write now, so that a concurrent change is a conflict here and not a failed commit."""
+    try:
+        session.flush()
+    except StaleDataError:
+        raise Conflict(
+            f"case {case_id} was changed by someone else at the same moment; reload it"
+        ) from None
+
+
+def _revised(
+    pipeline: Pipeline, case: Case, result: dict[str, Any]
+) -> tuple[SpecimenResult, dict[str, Any]]:
+    patient = pipeline.patient_context(dict(case.patient or {}), None)
+    return revise(result, pipeline.rules, pipeline.ranges, patient)
+
+
+def reclassify_cell(
+    session: Session,
+    pipeline: Pipeline,
+    case_id: int,
+    cell_id: int,
+    new_class: str,
+    version: int,
+    username: str,
+) -> Case:
+    """Give one leukocyte detection a class and recount; a released result is reopened."""
+    case = _case_to_change(session, case_id, version)
+    if case.status not in REVIEWABLE or case.result is None:
+        raise Conflict(f"case {case_id} is {case.status.value}; only analysed cases are reviewed")
+    try:
+        changed = reclassify(case.result, cell_id, new_class)
+    except RevisionError as exc:
+        raise Invalid(str(exc)) from None
+    old_class = case.result["cells"][cell_id]["class"]
+    if old_class == new_class:
+        return case
+    _, revised = _revised(pipeline, case, changed)
+    before_status = case.status
+    case.result = revised
+    case.status = CaseStatus.REVIEW
+    audit(
+        session,
+        username,
+        "cell.reclassify",
+        case.id,
+        before={"cell_id": cell_id, "class": old_class, "status": before_status.value},
+        after={"cell_id": cell_id, "class": new_class, "status": case.status.value},
+    )
+    _flush(session, case_id)
+    return case
+
+
+def add_comment(session: Session, case_id: int, text: str, username: str) -> CaseComment:
+    case = get_case(session, case_id)
+    text = text.strip()
+    if not 0 < len(text) <= MAX_COMMENT:
+        raise Invalid(f"a comment has 1 to {MAX_COMMENT} characters")
+    comment = CaseComment(case_id=case.id, username=username, text=text)
+    session.add(comment)
+    session.flush()
+    audit(session, username, "comment.add", case.id, after={"comment_id": comment.id, "text": text})
+    return comment
+
+
+@dataclass(frozen=True)
+class SignedOut:
+    control_id: str
+    result_status: str  # F or C
+    version: int
+
+
+def _reviewed_cells(result: dict[str, Any]) -> tuple[int, int]:
+    leukocytes = [c for c in result.get("cells") or [] if c["kind"] == "WBC"]
+    changed = [c for c in leukocytes if c.get("original_class", c["class"]) != c["class"]]
+    return len(changed), len(leukocytes)
+
+
+def sign_out(
+    session: Session,
+    pipeline: Pipeline,
+    hl7: Hl7Settings,
+    case_id: int,
+    version: int,
+    username: str,
+) -> SignedOut:
+    """Release the reviewed result: ORU with ``F`` (``C`` after an earlier final) in the outbox.
+
+    The caller wakes the outbox once the transaction is committed.
+    """
+    case = _case_to_change(session, case_id, version)
+    if case.status != CaseStatus.REVIEW or case.result is None:
+        hint = "; change a cell to correct it" if case.status in REVIEWABLE else ""
+        raise Conflict(f"case {case_id} is {case.status.value}, not in review{hint}")
+    specimen, revised = _revised(pipeline, case, case.result)
+    values = pipeline.values(specimen, dict(case.patient or {}))
+    status = "C" if case.final_sent else "F"
+    changed, leukocytes = _reviewed_cells(revised)
+    note = Flag(
+        "SIGNED_OUT",
+        f"verified by {username}; {changed} of {leukocytes} leukocyte detections reclassified",
+        "info",
+    )
+    now = datetime.now(UTC)
+    control_id = queue_oru(
+        session,
+        case,
+        values,
+        [*specimen.flags, note],
+        status,
+        pipeline.loinc_map,
+        hl7,
+        as_utc(case.analysed_at) if case.analysed_at else now,
+    )
+    before = {"status": case.status.value, "final_sent": case.final_sent}
+    case.result = revised
+    case.status = CaseStatus.FINAL
+    case.final_sent = True
+    audit(
+        session,
+        username,
+        "case.signout",
+        case.id,
+        before=before,
+        after={
+            "status": case.status.value,
+            "result_status": status,
+            "control_id": control_id,
+            "values": {v.key: v.value for v in values},
+        },
+    )
+    _flush(session, case_id)
+    return SignedOut(control_id, status, case.version)
+
+
+def worklist(session: Session, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Cases waiting for review: STAT first, then the longest waiting."""
+    now = now or datetime.now(UTC)
+    entries = []
+    for case in session.scalars(select(Case).where(Case.status == CaseStatus.REVIEW)):
+        since = as_utc(case.analysed_at or case.updated_at)
+        flags = (case.result or {}).get("flags") or []
+        patient = case.patient or {}
+        entries.append(
+            {
+                "id": case.id,
+                "accession_number": case.accession_number,
+                "patient_id": patient.get("id"),
+                "patient_name": ", ".join(
+                    p for p in (patient.get("name_family"), patient.get("name_given")) if p
+                ),
+                "stat": (case.order or {}).get("priority") == "S",
+                "reasons": [f for f in flags if f.get("severity") != "info"],
+                "waiting_seconds": max((now - since).total_seconds(), 0.0),
+                "waiting_since": since,
+                "wbc_classified": (case.result or {}).get("wbc_classified", 0),
+                "version": case.version,
+            }
+        )
+    entries.sort(key=lambda e: (not e["stat"], e["waiting_since"]))
+    return entries
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def _field(case: Case, index: int) -> Field:
+    """The analysed field ``index`` of a case, decoded from its stored DICOM instance."""
+    fields = (case.result or {}).get("fields") or []
+    if not 0 <= index < len(fields):
+        raise NotFound(f"case {case.id} has {len(fields)} fields")
+    uid, _, frame = fields[index]["source"].partition("#frame=")
+    instance = next((i for i in case.instances if i.sop_instance_uid == uid), None)
+    if instance is None:
+        raise NotFound(f"field {index} of case {case.id} is not a stored DICOM instance")
+    number = int(frame or 1)
+    for n, field in enumerate(iter_fields(pydicom.dcmread(instance.path)), start=1):
+        if n == number:
+            return field
+    raise NotFound(f"instance {uid} has no frame {number}")
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def field_png(case: Case, index: int) -> bytes:
+    return png(_field(case, index).image)
+
+
+def _cell(case: Case, cell_id: int) -> dict[str, Any]:
+    cells = (case.result or {}).get("cells") or []
+    if not 0 <= cell_id < len(cells):
+        raise NotFound(f"case {case.id} has no cell {cell_id}")
+    return cells[cell_id]
+
+
+def cell_crop(case: Case, cell_id: int) -> np.ndarray:
+    """The scale-normalised crop the classifier saw (same scale evidence as the analysis)."""
+    cell = _cell(case, cell_id)
+    field = _field(case, cell["field"])
+    height, width = field.image.shape[:2]
+    neighbours = [
+        Detection(c["kind"], c["score"], tuple(c["box"]))  # type: ignore[arg-type]
+        for c in case.result["cells"]  # type: ignore[index]
+        if c["field"] == cell["field"]
+    ]
+    box = tuple(cell["box"])
+    scale = pbc_scale(
+        field.pixel_spacing_um,
+        median_rbc_diameter(neighbours, width, height),
+        box,  # type: ignore[arg-type]
+    )
+    return leukocyte_crop(field.image, box, scale)  # type: ignore[arg-type]
+
+
+class SaliencyCache:
+    """Occlusion maps are costly (about 150 classifier runs): one at a time, and kept."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._images: OrderedDict[tuple[Any, ...], tuple[bytes, str, float]] = OrderedDict()
+        self._size = size
+
+    def render(self, case: Case, cell_id: int, pipeline: Pipeline) -> tuple[bytes, str, float]:
+        """PNG of the cell with its saliency overlaid (2x), the top class and its probability."""
+        if _cell(case, cell_id)["kind"] != "WBC":
+            raise Invalid(f"cell {cell_id} is not a leukocyte detection; it was not classified")
+        key = (case.id, case.analysed_at, cell_id, pipeline.classifier.version)
+        with self._lock:
+            if key not in self._images:
+                crop = cell_crop(case, cell_id)
+                found = occlusion_sensitivity(crop, pipeline.classifier)
+                overlay = Image.fromarray(heat_overlay(crop, found.heat))
+                image = np.asarray(overlay.resize((crop.shape[1] * 2, crop.shape[0] * 2)))
+                self._images[key] = (png(image), found.top_class, found.probability)
+                while len(self._images) > self._size:
+                    self._images.popitem(last=False)
+            self._images.move_to_end(key)
+            return self._images[key]
