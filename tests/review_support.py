@@ -11,24 +11,28 @@ with the real ONNX classifier, rules and reference ranges, reported through the 
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import hl7
 import httpx
 import numpy as np
 import pydicom
 import uvicorn
+import yaml
 from PIL import Image
 
-from lisplugin.config import Settings
+from lisplugin.config import DEFAULT_CONFIG_DIR, Settings
 from lisplugin.core.types import Detection
 from lisplugin.dicom.scu import wrap_image_as_vl_microscopic
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.service.runtime import Runtime
 from lisplugin.synthetic import synthetic_field
 
+PASSWORD = "correct horse battery"
 #: Leukocytes drawn in each review field: enough to reclassify several of them.
 WBC_TYPES = ("neutrophil", "lymphocyte", "monocyte", "neutrophil", "eosinophil")
 
@@ -121,3 +125,21 @@ class ServerThread:
     def __exit__(self, *exc_info: object) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def obx_values(message: str) -> dict[str, tuple[str, str]]:
+    """Result key (config/loinc.yaml) -> (OBX-5 value, OBX-11 status)."""
+    codes = {
+        entry["code"]: key
+        for key, entry in yaml.safe_load((DEFAULT_CONFIG_DIR / "loinc.yaml").read_text())[
+            "results"
+        ].items()
+    }
+    parsed = hl7.parse(message.replace("\n", "\r"))
+    return {codes[str(obx[3][0][0])]: (str(obx[5]), str(obx[11])) for obx in parsed.segments("OBX")}

@@ -7,13 +7,15 @@ comment; only a pathologist signs out; an admin may look but not change.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from lisplugin.core.crops import PBC_CROP_PX
 from lisplugin.core.revision import DERIVED_KEYS, REVIEW_CLASSES
 from lisplugin.http.auth import (
     COOKIE,
@@ -25,8 +27,12 @@ from lisplugin.http.auth import (
 )
 from lisplugin.http.deps import RuntimeDep, SessionDep
 from lisplugin.service import review
+from lisplugin.service.reports import write_case_reports
+from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import CaseStatus
 from lisplugin.storage.orm_review import AuditEvent, CaseComment, Role, UserSession
+
+log = logging.getLogger(__name__)
 
 PNG = {200: {"content": {"image/png": {}}}}
 #: Case images do not change while the case keeps its analysis; the browser may keep them.
@@ -266,8 +272,17 @@ def add_comment(case_id: int, body: NewComment, principal: Reviewer, session: Se
         409: {"description": "the case changed since the version sent, or is not in review"},
     },
 )
-def sign_out(case_id: int, body: SignOut, principal: Pathologist, runtime: RuntimeDep) -> Any:
-    """Release the reviewed result to the LIS: ``F``, or ``C`` if a final went out before."""
+def sign_out(
+    case_id: int,
+    body: SignOut,
+    principal: Pathologist,
+    runtime: RuntimeDep,
+    background: BackgroundTasks,
+) -> Any:
+    """Release the reviewed result to the LIS: ``F``, or ``C`` if a final went out before.
+
+    The case's reports (SR, annotations, PDF) are made again after the answer is sent.
+    """
     try:
         with runtime.db.session() as session:
             done = review.sign_out(
@@ -281,6 +296,7 @@ def sign_out(case_id: int, body: SignOut, principal: Pathologist, runtime: Runti
     except review.ReviewError as exc:
         raise _errors(exc) from None
     runtime.outbox.notify()  # committed: the outbox finds the message at once
+    background.add_task(_write_reports, runtime, case_id)
     return SignedOut(
         id=case_id,
         status=CaseStatus.FINAL,
@@ -288,6 +304,15 @@ def sign_out(case_id: int, body: SignOut, principal: Pathologist, runtime: Runti
         result_status=done.result_status,  # type: ignore[arg-type]
         control_id=done.control_id,
     )
+
+
+def _write_reports(runtime: Runtime, case_id: int) -> None:
+    try:
+        write_case_reports(runtime.db, case_id, runtime.settings)
+    except Exception:  # the ORU is queued already; reports can be made again later
+        log.exception("reports of case %s failed after sign-out", case_id)
+        return
+    runtime.outbox.notify()  # PACS copies, when the PACS is enabled
 
 
 @router.get("/cases/{case_id}/audit", response_model=list[AuditEntry])
@@ -317,8 +342,12 @@ def field_image(case_id: int, index: int, principal: PrincipalDep, session: Sess
 
 @router.get("/cases/{case_id}/cells/{cell_id}.png", response_class=Response, responses=PNG)
 def cell_image(case_id: int, cell_id: int, principal: PrincipalDep, session: SessionDep) -> Any:
-    """The cell as the classifier saw it: the scale-normalised 160 px crop."""
-    return _image(lambda: review.png(review.cell_crop(review.get_case(session, case_id), cell_id)))
+    """The window the classifier saw around the cell (scale-normalised), at 320 px."""
+    return _image(
+        lambda: review.png(
+            review.cell_crop(review.get_case(session, case_id), cell_id, 2 * PBC_CROP_PX)
+        )
+    )
 
 
 @router.get("/cases/{case_id}/cells/{cell_id}/saliency.png", response_class=Response, responses=PNG)

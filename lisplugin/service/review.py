@@ -25,7 +25,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from lisplugin.config import Hl7Settings
 from lisplugin.core.analysis import median_rbc_diameter
-from lisplugin.core.crops import leukocyte_crop, pbc_scale
+from lisplugin.core.crops import PBC_CROP_PX, leukocyte_crop, pbc_scale
 from lisplugin.core.revision import RevisionError, reclassify, revise
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import Detection, Field, Flag, SpecimenResult
@@ -123,6 +123,7 @@ def reclassify_cell(
     case = _case_to_change(session, case_id, version)
     if case.status not in REVIEWABLE or case.result is None:
         raise Conflict(f"case {case_id} is {case.status.value}; only analysed cases are reviewed")
+    _cell(case, cell_id)  # 404 for a cell that is not there
     try:
         changed = reclassify(case.result, cell_id, new_class)
     except RevisionError as exc:
@@ -292,8 +293,12 @@ def _cell(case: Case, cell_id: int) -> dict[str, Any]:
     return cells[cell_id]
 
 
-def cell_crop(case: Case, cell_id: int) -> np.ndarray:
-    """The scale-normalised crop the classifier saw (same scale evidence as the analysis)."""
+def cell_crop(case: Case, cell_id: int, out_size: int = PBC_CROP_PX) -> np.ndarray:
+    """The scale-normalised window the classifier saw (same scale evidence as the analysis).
+
+    ``out_size`` above the classifier's 160 px shows the same window with more of the
+    field's detail, where the field has it.
+    """
     cell = _cell(case, cell_id)
     field = _field(case, cell["field"])
     height, width = field.image.shape[:2]
@@ -308,7 +313,7 @@ def cell_crop(case: Case, cell_id: int) -> np.ndarray:
         median_rbc_diameter(neighbours, width, height),
         box,  # type: ignore[arg-type]
     )
-    return leukocyte_crop(field.image, box, scale)  # type: ignore[arg-type]
+    return leukocyte_crop(field.image, box, scale, out_size)  # type: ignore[arg-type]
 
 
 class SaliencyCache:

@@ -415,6 +415,8 @@ def train(args: argparse.Namespace) -> int:
     from lisplugin.training.augment import photometric
 
     model = CellNet()
+    if args.init:
+        model.load_state_dict(torch.load(args.init))
     if args.export_only:
         model.load_state_dict(torch.load(ckpt_dir / "best.pt"))
         history = json.loads((ckpt_dir / "history.json").read_text())
@@ -598,6 +600,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--val-every", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=50.0, help="training-loop budget")
     parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--init", type=Path, help="start from these weights (a previous run)")
     parser.add_argument(
         "--export-only", action="store_true", help="export best.pt of --checkpoints, no training"
     )

@@ -17,7 +17,7 @@
   const EXCLUDED = ["artefact", "smudge"];
   const SVG = "http://www.w3.org/2000/svg";
 
-  const state = { field: 0, selected: null, hidden: new Set(), pending: Promise.resolve() };
+  const state = { field: 0, selected: null, hidden: new Set(), pending: Promise.resolve(), order: null };
   const $ = (id) => document.getElementById(id);
 
   function el(tag, attrs = {}, ...children) {
@@ -328,7 +328,9 @@
   }
 
   function move(step) {
-    const ids = [...document.querySelectorAll(".tile")].map((t) => Number(t.dataset.id));
+    // The order of the gallery as first shown: a reclassified cell moves to another group,
+    // but the way through the cells stays the same.
+    const ids = state.order;
     if (!ids.length) return;
     const at = ids.indexOf(state.selected);
     const next = at < 0 ? (step > 0 ? 0 : ids.length - 1) : Math.min(Math.max(at + step, 0), ids.length - 1);
@@ -475,6 +477,7 @@
   renderLegend();
   renderDifferential();
   renderGallery();
+  state.order = [...document.querySelectorAll(".tile")].map((t) => Number(t.dataset.id));
   renderInspector();
   setUpSignOut();
   setUpComments();

@@ -1,0 +1,160 @@
+"""Expert review as pure data: reclassified cells recounted with the analysis's own semantics,
+and occlusion saliency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import yaml
+
+from lisplugin.config import DEFAULT_CONFIG_DIR, AnalysisSettings
+from lisplugin.core.analysis import aggregate
+from lisplugin.core.reference import parse_reference_ranges
+from lisplugin.core.report import specimen_to_json
+from lisplugin.core.revision import DERIVED_KEYS, RevisionError, reclassify, revise
+from lisplugin.core.rules import PatientContext, parse_rules
+from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
+from lisplugin.core.types import LEUKOCYTE_CLASSES, Cell, FieldQuality, FieldResult
+
+SETTINGS = AnalysisSettings()
+RULES = parse_rules(yaml.safe_load((DEFAULT_CONFIG_DIR / "rules.yaml").read_text()), SETTINGS)
+RANGES = parse_reference_ranges(
+    yaml.safe_load((DEFAULT_CONFIG_DIR / "reference-ranges.yaml").read_text())
+)
+ADULT = PatientContext(age_years=40, sex="F")
+GOOD = FieldQuality(focus=100.0, exposure=0.6, clipped_fraction=0.0, passed=True)
+
+
+def leukocyte(label: str, x: float, top: float = 0.9) -> Cell:
+    rest = (1.0 - top) / (len(LEUKOCYTE_CLASSES) - 1)
+    shown = label if label in LEUKOCYTE_CLASSES else "neutrophil"
+    probabilities = {c: (top if c == shown else rest) for c in LEUKOCYTE_CLASSES}
+    return Cell(0, "WBC", label, 0.9, (x, 10.0, x + 40.0, 50.0), None, probabilities)
+
+
+def specimen_json(labels: Sequence[str]) -> dict:
+    cells = [leukocyte(label, 50.0 * i) for i, label in enumerate(labels)]
+    cells += [Cell(0, "RBC", "RBC", 0.9, (5.0 * i, 300.0, 5.0 * i + 30, 330.0)) for i in range(8)]
+    field = FieldResult(0, "1.2.3", 640, 480, GOOD, tuple(cells), None)
+    return specimen_to_json(aggregate([field], SETTINGS, {}, RULES, RANGES, ADULT))
+
+
+def analysed(labels: Sequence[str]) -> dict:
+    """What the analysis itself reports for cells with these labels (artefacts left out)."""
+    return specimen_json([label for label in labels if label not in ("artefact", "smudge")])
+
+
+LABELS = ["neutrophil"] * 5 + ["lymphocyte"] * 3 + ["monocyte", "unidentified"]
+
+
+def test_an_unchanged_result_is_recounted_exactly_as_analysed() -> None:
+    result = specimen_json(LABELS)
+    _, revised = revise(result, RULES, RANGES, ADULT)
+    for key in DERIVED_KEYS:
+        assert revised[key] == result[key], key
+    assert revised["excluded_counts"] == {"artefact": 0, "smudge": 0}
+    assert revised["cells"] == result["cells"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "new_class"),
+    [(0, "lymphocyte"), (9, "neutrophil"), (1, "erythroblast"), (2, "platelet"), (3, "ig")],
+)
+def test_reclassified_counts_equal_an_analysis_of_the_new_labels(cell: int, new_class: str) -> None:
+    specimen, revised = revise(
+        reclassify(specimen_json(LABELS), cell, new_class), RULES, RANGES, ADULT
+    )
+    labels = list(LABELS)
+    labels[cell] = new_class
+    expected = analysed(labels)
+    for key in ("counts", "differential", "class_counts", "wbc_classified"):
+        assert revised[key] == expected[key], key
+    assert revised["cells"][cell]["original_class"] == LABELS[cell]
+    assert specimen.wbc_classified == expected["wbc_classified"]
+
+
+@pytest.mark.parametrize("excluded", ["artefact", "smudge"])
+def test_artefacts_and_smudge_cells_leave_the_leukocyte_count(excluded: str) -> None:
+    result = specimen_json(LABELS)
+    _, revised = revise(reclassify(result, 0, excluded), RULES, RANGES, ADULT)
+    labels = [excluded, *LABELS[1:]]
+    expected = analysed(labels)
+    for key in ("counts", "differential", "class_counts", "wbc_classified"):
+        assert revised[key] == expected[key], key
+    assert revised["counts"]["WBC"] == result["counts"]["WBC"] - 1
+    assert revised["wbc_classified"] == result["wbc_classified"] - 1
+    assert revised["excluded_counts"][excluded] == 1
+    assert sum(revised["differential"][c] for c in ("neutrophil", "lymphocyte")) == pytest.approx(
+        100.0 * 7 / 9, abs=0.02
+    )
+
+
+def test_the_classifiers_class_is_kept_through_several_changes() -> None:
+    once = reclassify(specimen_json(LABELS), 0, "monocyte")
+    twice = reclassify(once, 0, "lymphocyte")
+    assert twice["cells"][0]["class"] == "lymphocyte"
+    assert twice["cells"][0]["original_class"] == "neutrophil"
+    assert "original_class" not in twice["cells"][1]
+    assert "original_class" not in specimen_json(LABELS)["cells"][0]  # the input is not changed
+
+
+def test_rules_judge_the_reviewed_result() -> None:
+    result = specimen_json(["neutrophil"] * 6 + ["unidentified"] * 4)
+    assert {"LOW_CONF", "WBC_FEW"} <= {f["code"] for f in result["flags"]}
+    for cell in range(6, 10):  # a person placed every unidentified cell
+        result = reclassify(result, cell, "lymphocyte")
+    _, revised = revise(result, RULES, RANGES, ADULT)
+    codes = {f["code"] for f in revised["flags"]}
+    assert "LOW_CONF" not in codes and "LOW_CONF_CELLS" not in codes
+    assert "WBC_FEW" in codes  # still ten leukocytes
+    _, revised = revise(reclassify(result, 0, "ig"), RULES, RANGES, ADULT)
+    assert "IG_PRESENT" in {f["code"] for f in revised["flags"]}
+
+
+def test_delta_check_flags_are_kept_as_the_analysis_raised_them() -> None:
+    result = specimen_json(LABELS)
+    delta = {"code": "DELTA_DIFF", "text": "neutrophil 20.0 -> 50.0", "severity": "review"}
+    result["flags"].append(delta)
+    _, revised = revise(reclassify(result, 0, "monocyte"), RULES, RANGES, ADULT)
+    assert delta in revised["flags"]
+    assert revised["needs_review"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "new_class", "reason"),
+    [(12, "neutrophil", "detected as RBC"), (0, "blast", "unknown class"), (99, "ig", "no cell")],
+)
+def test_impossible_reclassifications_are_refused(cell: int, new_class: str, reason: str) -> None:
+    with pytest.raises(RevisionError, match=reason):
+        reclassify(specimen_json(LABELS), cell, new_class)
+
+
+class DarkCentreClassifier:
+    """Says "lymphocyte" the more, the darker the crop's centre: its evidence is known."""
+
+    version = "test"
+    classes = ("neutrophil", "lymphocyte")
+
+    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        darkness = np.array([1.0 - c[70:90, 70:90].mean() / 255.0 for c in crops])
+        lymphocyte = 1.0 / (1.0 + np.exp(-8.0 * (darkness - 0.3)))
+        return np.stack([1.0 - lymphocyte, lymphocyte], axis=1)
+
+
+def test_occlusion_saliency_finds_what_the_answer_rests_on() -> None:
+    crop = np.full((160, 160, 3), 220, dtype=np.uint8)
+    crop[65:95, 65:95] = 40  # the dark "nucleus" the classifier looks at
+    crop[10:30, 120:150] = 40  # dark, but ignored by the classifier
+    found = occlusion_sensitivity(crop, DarkCentreClassifier())
+    assert found.top_class == "lymphocyte" and found.probability > 0.9
+    y, x = np.unravel_index(np.argmax(found.heat), found.heat.shape)
+    assert 60 <= y <= 100 and 60 <= x <= 100
+    assert found.heat[20, 135] < 0.1 * found.heat.max()
+
+    overlay = heat_overlay(crop, found.heat)
+    assert overlay.shape == crop.shape and overlay.dtype == np.uint8
+    assert np.array_equal(overlay[0, 0], crop[0, 0])  # no evidence there: left as it is
+    assert not np.array_equal(overlay[80, 80], crop[80, 80])
