@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a model: classifier | detector"),
         ("evaluate", "evaluate a model: detection | differential"),
         ("bench", "time the whole analysis per field on this machine"),
-        ("user", "review-station accounts: add NAME --role ROLE (password on stdin) | list"),
+        ("user", "review-station accounts: add NAME --role ROLE | list | disable NAME"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -37,6 +37,7 @@ def test_train_few_steps_and_onnx_matches_torch(tmp_path: Path) -> None:
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
+    model = training.ViewAverage(model, 8).eval()
     path = tmp_path / "m.onnx"
     training.export_onnx(model, path, size)
     x = torch.randn(5, 3, size, size)  # batch of 5: the exported batch axis must be dynamic
@@ -45,6 +46,17 @@ def test_train_few_steps_and_onnx_matches_torch(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_view_average_is_rotation_invariant() -> None:
+    torch.manual_seed(0)
+    model = training.ViewAverage(training.LeukocyteNet(len(LEUKOCYTE_CLASSES)), 8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        base = model(x)
+        assert base.shape == (3, len(LEUKOCYTE_CLASSES))
+        for view in (torch.rot90(x, 1, (2, 3)), torch.rot90(x, 3, (2, 3)), x.flip(3)):
+            torch.testing.assert_close(model(view), base, rtol=1e-4, atol=1e-5)
 
 
 def test_fit_temperature_recovers_overconfidence() -> None:

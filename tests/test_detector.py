@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lisplugin.inference.detector import decode, instance_masks, nms, prepare
+from lisplugin.inference.detector import decode, foreground_in_field, instance_masks, nms, prepare
 from lisplugin.inference.fusion import weighted_boxes_fusion
 from lisplugin.training.field_augment import flip_rotate, scale_crop
 
@@ -109,8 +109,9 @@ def test_decode_peaks_and_nms():
 
 def test_masks_split_touching_cells():
     boxes = np.array([[0, 0, 40, 40], [30, 0, 70, 40]], float)
-    fg = np.ones((20, 20), np.float32)
-    masks = instance_masks(boxes, fg, scale=1.0, stride=4)
+    fg = foreground_in_field(np.ones((10, 18), np.float32), scale=1.0, stride=4, h=40, w=70)
+    assert fg.shape == (40, 70) and fg.min() == 1
+    masks = instance_masks(boxes, fg)
     assert masks[0].shape == (40, 40) and masks[1].shape == (40, 40)
     # overlap columns 30..39 of the field: each pixel goes to one cell only
     overlap = masks[0][:, 30:40] & masks[1][:, 0:10]

@@ -12,12 +12,16 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from lisplugin.config import DEFAULT_MODELS_DIR, AnalysisSettings
 from lisplugin.core.analysis import analyse_field
 from lisplugin.core.types import CellDetector, Field, LeukocyteClassifier
+from lisplugin.inference.detector import OnnxCellDetector
+from lisplugin.inference.registry import load_card
 from lisplugin.service.models import load_models
 from lisplugin.synthetic import WBC_TYPES, save_synthetic, synthetic_field
 
 SETTINGS = AnalysisSettings()
-#: Recall at IoU 0.5 the shipped detector must reach on synthetic fields (measured: see below).
-MIN_RECALL = {"RBC": 0.0, "WBC": 0.0, "PLT": 0.0}
+#: Recall at IoU 0.5 the shipped detector must reach on synthetic fields. Measured with
+#: cell-detector 1.0.0 (trained on BCCD and TXL-PBC only): seeds 100-107 RBC 166/176 (0.94),
+#: WBC 12/12, PLT 11/11; seeds 0-39 RBC 0.958, WBC 65/65, PLT 56/60 (0.93), 12 extra boxes.
+MIN_RECALL = {"RBC": 0.88, "WBC": 0.9, "PLT": 0.8}
 
 
 def whole(box: tuple[float, float, float, float], w: int = 640, h: int = 480) -> bool:
@@ -97,9 +101,16 @@ def test_save_synthetic(tmp_path: Path) -> None:
 
 # --- With the shipped models ------------------------------------------------------------------
 
+
+def _card(name: str) -> bool:
+    return (DEFAULT_MODELS_DIR / f"{name}.md").is_file()
+
+
+needs_detector = pytest.mark.skipif(
+    not _card("cell-detector"), reason="shipped detector not built yet (models/cell-detector.md)"
+)
 needs_models = pytest.mark.skipif(
-    not (DEFAULT_MODELS_DIR / "cell-detector.md").is_file()
-    or not (DEFAULT_MODELS_DIR / "leukocyte-classifier.md").is_file(),
+    not (_card("cell-detector") and _card("leukocyte-classifier")),
     reason="shipped models not built yet (models/*.md)",
 )
 
@@ -129,10 +140,10 @@ def models() -> tuple[CellDetector, LeukocyteClassifier]:
     return load_models(AnalysisSettings())
 
 
-@needs_models
-def test_detector_finds_synthetic_cells(models: tuple[CellDetector, LeukocyteClassifier]) -> None:
+@needs_detector
+def test_detector_finds_synthetic_cells() -> None:
     """The shipped detector, trained on real smears only, finds most synthetic cells."""
-    detector, _ = models
+    detector = OnnxCellDetector(load_card(DEFAULT_MODELS_DIR, "cell-detector"))
     totals = {k: [0, 0] for k in ("RBC", "WBC", "PLT")}
     for seed in range(100, 108):
         image, truth = synthetic_field(seed)

@@ -19,9 +19,11 @@ from pydantic import BaseModel
 from sqlalchemy import func, select, text
 
 from lisplugin import __version__
-from lisplugin.http import pages, reports, review
-from lisplugin.http.auth import signed_in_user
+from lisplugin.http import pages, reports
+from lisplugin.http import review as review_api
+from lisplugin.http.auth import PrincipalDep, signed_in_user
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
+from lisplugin.service import review
 from lisplugin.service.metrics import OUTBOX_PENDING, REGISTRY
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
@@ -165,11 +167,21 @@ def create_app(runtime: Runtime) -> FastAPI:
         }
 
     @cases.post("/{case_id}/analyze", response_model=AnalyzeAccepted, status_code=202)
-    def analyze_case(case_id: int, runtime: RuntimeDep, session: SessionDep) -> dict[str, Any]:
+    def analyze_case(
+        case_id: int, principal: PrincipalDep, runtime: RuntimeDep, session: SessionDep
+    ) -> dict[str, Any]:
         """Analyse now, without waiting for the case to be stable."""
         case = case_or_404(session, case_id)
         if not case.instances:
             raise HTTPException(status_code=409, detail=f"case {case_id} has no captures yet")
+        review.audit(
+            session,
+            principal.username,
+            "case.analyze",
+            case.id,
+            before={"status": case.status.value},
+            after={"status": CaseStatus.QUEUED.value},
+        )
         case.status = CaseStatus.QUEUED
         session.flush()
         runtime.wake_scheduler()
@@ -177,6 +189,6 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app.include_router(cases)
     app.include_router(reports.router, dependencies=signed_in)
-    app.include_router(review.router)
+    app.include_router(review_api.router)
     pages.install(app)
     return app

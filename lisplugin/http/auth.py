@@ -12,6 +12,7 @@ Passwords are stored as argon2id hashes (:mod:`lisplugin.service.users`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -35,8 +36,11 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Sliding expiry is written at most this often, not on every request.
 _TOUCH_INTERVAL = timedelta(minutes=1)
 
-#: Verified against when the user does not exist, so timing does not reveal user names.
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the user does not exist, so timing does not reveal user names."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def token_hash(token: str) -> str:
@@ -45,21 +49,19 @@ def token_hash(token: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """The signed-in user of one request, and how the session was presented."""
+    """The signed-in user of one request and their session."""
 
-    user_id: int
     username: str
     role: Role
     session_id: int
     csrf_token: str
     expires_at: datetime
-    via_cookie: bool
 
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """The active user with this name and password; None (and an audit event) otherwise."""
     user = session.scalar(select(User).where(User.username == username))
-    valid = verify_password(user.password_hash if user else _DUMMY_HASH, password)
+    valid = verify_password(user.password_hash if user else _dummy_hash(), password)
     if user is None or not valid or not user.active:
         session.add(
             AuditEvent(
@@ -128,13 +130,11 @@ def signed_in_user(request: Request, runtime: RuntimeDep) -> Principal:
         if as_utc(row.expires_at) - now < idle - _TOUCH_INTERVAL:
             row.expires_at = now + idle
         return Principal(
-            user_id=row.user.id,
             username=row.user.username,
             role=row.user.role,
             session_id=row.id,
             csrf_token=row.csrf_token,
             expires_at=as_utc(row.expires_at),
-            via_cookie=via_cookie,
         )
 
 

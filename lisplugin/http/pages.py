@@ -131,14 +131,8 @@ def worklist_page(request: Request, runtime: RuntimeDep, session: SessionDep) ->
 
 def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[str, Any]:
     """Everything the case page's script needs, embedded in the page as JSON."""
-    pipeline = runtime.pipeline()
-    context = pipeline.patient_context(dict(case.patient or {}), None)
-    intervals = {}
-    for cls in CLASS_STYLE:
-        found = pipeline.ranges.lookup(result_key(cls), context.age_years, context.sex)
-        if found is not None:
-            intervals[cls] = [found.low, found.high]
     result = case.result or {}
+    values = review.reported_values(runtime.pipeline(), case) if case.result else []
     reviewer = principal.role in (Role.TECHNOLOGIST, Role.PATHOLOGIST)
     return {
         "id": case.id,
@@ -148,12 +142,12 @@ def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[st
         "can_review": reviewer and case.status in review.REVIEWABLE,
         "can_sign_out": principal.role == Role.PATHOLOGIST,
         "classes": [
-            {"key": k, "name": n, "colour": c, "shortcut": s}
+            {"key": k, "name": n, "colour": c, "shortcut": s, "result_key": result_key(k)}
             for k, (n, c, s) in CLASS_STYLE.items()
         ],
         "review_classes": list(REVIEW_CLASSES),
         "kinds": {k: {"name": n, "colour": c} for k, (n, c) in KIND_STYLE.items()},
-        "intervals": intervals,
+        "values": [review.value_json(v) for v in values],
         "result": {
             "fields": result.get("fields") or [],
             "cells": result.get("cells") or [],

@@ -93,6 +93,17 @@ class Reclassify(BaseModel):
     version: int = Field(description="the case version the change was made on")
 
 
+class ReportedValue(BaseModel):
+    """A value as the LIS would get it now (OBX-5, OBX-7 and OBX-8)."""
+
+    key: str = Field(description="result key of config/loinc.yaml, e.g. neutrophil_pct")
+    value: float
+    units: str
+    reference_low: float | None
+    reference_high: float | None
+    abnormal_flag: Literal["", "N", "L", "H"]
+
+
 class ReviewedCase(BaseModel):
     """The case after a change: its new version and everything derived from the classes."""
 
@@ -107,6 +118,7 @@ class ReviewedCase(BaseModel):
     wbc_classified: int
     needs_review: bool
     flags: list[FlagInfo]
+    values: list[ReportedValue]
 
 
 class NewComment(BaseModel):
@@ -221,10 +233,11 @@ def reclassify_cell(
     session: SessionDep,
 ) -> Any:
     """Give a leukocyte detection a class; counts, differential and flags are recomputed."""
+    pipeline = runtime.pipeline()
     try:
         case = review.reclassify_cell(
             session,
-            runtime.pipeline(),
+            pipeline,
             case_id,
             cell_id,
             body.cell_class,
@@ -241,6 +254,7 @@ def reclassify_cell(
         "cell": result["cells"][cell_id],
         "excluded_counts": result.get("excluded_counts", {}),
         **{k: result[k] for k in DERIVED_KEYS},
+        "values": [review.value_json(v) for v in review.reported_values(pipeline, case)],
     }
 
 

@@ -31,8 +31,8 @@ def prepare(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
     resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
     pad_h, pad_w = (-new_h) % PAD_MULTIPLE, (-new_w) % PAD_MULTIPLE
     out = np.empty((new_h + pad_h, new_w + pad_w, 3), dtype=np.float32)
-    out[...] = resized.reshape(-1, 3).mean(axis=0) / 255.0
-    out[:new_h, :new_w] = resized / 255.0
+    out[...] = resized.reshape(-1, 3).mean(axis=0, dtype=np.float32) / 255.0
+    np.multiply(resized, np.float32(1 / 255.0), out=out[:new_h, :new_w])
     return out.transpose(2, 0, 1)[None].copy(), scale
 
 
@@ -91,10 +91,26 @@ def decode(
     return boxes[keep].astype(np.float64), c[keep].astype(np.int64), scores[keep].astype(np.float64)
 
 
+def foreground_in_field(fg: np.ndarray, scale: float, stride: int, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of the stride-``stride`` foreground map to field pixels (h, w).
+
+    PIL maps output pixel centres as (x + 0.5) * in / out - 0.5, which is exactly field pixel
+    -> output cell here, so one C-level resize replaces per-pixel interpolation.
+    """
+    size = (round(fg.shape[1] * stride / scale), round(fg.shape[0] * stride / scale))
+    full = np.asarray(
+        Image.fromarray(fg.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+    )
+    out = np.zeros((h, w), np.float32)
+    hh, ww = min(h, full.shape[0]), min(w, full.shape[1])
+    out[:hh, :ww] = full[:hh, :ww]
+    return out
+
+
 def instance_masks(
-    boxes: np.ndarray, fg: np.ndarray, scale: float, stride: int, fg_threshold: float = 0.5
+    boxes: np.ndarray, fg_field: np.ndarray, fg_threshold: float = 0.5
 ) -> list[np.ndarray]:
-    """Per-box boolean masks in field pixels from the stride-``stride`` foreground map.
+    """Per-box boolean masks (shape of the rounded box) from the field-resolution foreground.
 
     A pixel belongs to a cell when the foreground map says cell, it lies inside the box's
     inscribed ellipse (slightly widened) and, among the boxes covering it, this cell's centre
@@ -103,26 +119,32 @@ def instance_masks(
     masks = []
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = np.maximum((boxes[:, 2:] - boxes[:, :2]) / 2, 0.5)
-    offset = (stride - 1) / 2
-    for k, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
+    rounded = np.round(boxes).astype(int)
+    for k, (x0, y0, x1, y1) in enumerate(rounded):
         h, w = max(y1 - y0, 1), max(x1 - x0, 1)
-        yy, xx = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float64) + 0.5
-        gy = ((yy * scale - 0.5) - offset) / stride
-        gx = ((xx * scale - 0.5) - offset) / stride
-        prob = ndimage.map_coordinates(fg, [gy.ravel(), gx.ravel()], order=1, mode="nearest")
-        dist = ((xx - centres[k, 0]) / half[k, 0]) ** 2 + ((yy - centres[k, 1]) / half[k, 1]) ** 2
-        mask = (prob.reshape(h, w) >= fg_threshold) & (dist <= 1.1**2)
-        rivals = np.flatnonzero(
-            (boxes[:, 0] < x0 + w)
-            & (boxes[:, 2] > x0)
-            & (boxes[:, 1] < y0 + h)
-            & (boxes[:, 3] > y0)
-        )
-        for r in rivals[rivals != k]:
-            other = ((xx - centres[r, 0]) / half[r, 0]) ** 2 + (
+        xx = np.arange(x0, x0 + w) + 0.5
+        yy = (np.arange(y0, y0 + h) + 0.5)[:, None]
+
+        def dist(r: int, xx: np.ndarray = xx, yy: np.ndarray = yy) -> np.ndarray:
+            return ((xx - centres[r, 0]) / half[r, 0]) ** 2 + (
                 (yy - centres[r, 1]) / half[r, 1]
             ) ** 2
-            mask &= dist <= other
+
+        mine = dist(k)
+        mask = np.zeros((h, w), bool)
+        sub = fg_field[max(y0, 0) : y0 + h, max(x0, 0) : x0 + w] >= fg_threshold
+        mask[max(0, -y0) : max(0, -y0) + sub.shape[0], max(0, -x0) : max(0, -x0) + sub.shape[1]] = (
+            sub
+        )
+        mask &= mine <= 1.1**2
+        rivals = np.flatnonzero(
+            (rounded[:, 0] < x0 + w)
+            & (rounded[:, 2] > x0)
+            & (rounded[:, 1] < y0 + h)
+            & (rounded[:, 3] > y0)
+        )
+        for r in rivals[rivals != k]:
+            mask &= mine <= dist(r)
         masks.append(mask)
     return masks
 
@@ -193,7 +215,9 @@ class OnnxCellDetector:
         ok = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
         boxes, labels, scores = boxes[ok], labels[ok], scores[ok]
         cell_masks = (
-            instance_masks(boxes, fg, scale, self.stride, self.fg_threshold)
+            instance_masks(
+                boxes, foreground_in_field(fg, scale, self.stride, h, w), self.fg_threshold
+            )
             if masks
             else [None] * len(boxes)
         )

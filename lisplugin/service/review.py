@@ -28,7 +28,7 @@ from lisplugin.core.analysis import median_rbc_diameter
 from lisplugin.core.crops import PBC_CROP_PX, leukocyte_crop, pbc_scale
 from lisplugin.core.revision import RevisionError, reclassify, revise
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
-from lisplugin.core.types import Detection, Field, Flag, SpecimenResult
+from lisplugin.core.types import Detection, Field, Flag, ResultValue, SpecimenResult
 from lisplugin.dicom.decode import iter_fields
 from lisplugin.service.cases import queue_oru
 from lisplugin.service.outbox import as_utc
@@ -108,6 +108,23 @@ def _revised(
 ) -> tuple[SpecimenResult, dict[str, Any]]:
     patient = pipeline.patient_context(dict(case.patient or {}), None)
     return revise(result, pipeline.rules, pipeline.ranges, patient)
+
+
+def reported_values(pipeline: Pipeline, case: Case) -> list[ResultValue]:
+    """The values the LIS would get for the case's result as it stands (rounded, flagged)."""
+    specimen, _ = _revised(pipeline, case, case.result or {})
+    return pipeline.values(specimen, dict(case.patient or {}))
+
+
+def value_json(value: ResultValue) -> dict[str, Any]:
+    return {
+        "key": value.key,
+        "value": value.value,
+        "units": value.units,
+        "reference_low": value.reference_low,
+        "reference_high": value.reference_high,
+        "abnormal_flag": value.abnormal_flag,
+    }
 
 
 def reclassify_cell(

@@ -80,6 +80,28 @@ class LeukocyteNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class ViewAverage(nn.Module):
+    """Averages the logits over 4 rotations (8 with mirrors) of each crop.
+
+    A blood cell has no preferred orientation, so every view is another look at the same cell;
+    baking the views into the exported graph keeps the runtime adapter unchanged.
+    """
+
+    def __init__(self, model: nn.Module, views: int) -> None:
+        super().__init__()
+        if views not in (4, 8):
+            raise ValueError("views must be 4 or 8")
+        self.model = model
+        self.views = views
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        turns = [x, x.transpose(2, 3).flip(3), x.flip(2).flip(3), x.transpose(2, 3).flip(2)]
+        if self.views == 8:
+            turns += [t.flip(3) for t in turns]
+        logits = self.model(torch.cat(turns))
+        return logits.reshape(self.views, -1, logits.shape[-1]).mean(dim=0)
+
+
 def geometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Any rotation, mirror, +-10 % scale and a few pixels of shift: cells have no orientation."""
     b = x.shape[0]
@@ -316,6 +338,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--views", type=int, choices=(1, 4, 8), default=8, help="test-time views in the graph"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (share the CPU)")
     parser.add_argument("--limit", type=int, help="use at most N images per split (tests)")
     parser.add_argument("--seed", type=int, default=0)
@@ -352,6 +377,8 @@ def cli(argv: list[str]) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
+    if args.views > 1:
+        model = ViewAverage(model, args.views).eval()
 
     val_logits = predict_logits(model, val_x, mean, std)
     temperature = fit_temperature(val_logits, val_y)
@@ -374,6 +401,7 @@ def cli(argv: list[str]) -> int:
         "std": std,
         "classes": classes,
         "temperature": round(temperature, 4),
+        "test_time_views": args.views,
         "metrics": {},
     }
     card_path = args.out / f"{MODEL_NAME}.md"
@@ -433,8 +461,9 @@ def _card_body(
 Classifies one leukocyte crop into the eight PBC classes ({", ".join(meta["classes"])}).
 The crop is a PBC-scale window (160 x 160 px at ~0.3 um/px, a red cell ~25 px across; see
 `lisplugin/core/crops.py`), resized to {meta["input_size"]} px by the adapter. The output is
-logits; `lisplugin/inference/classifier.py` returns `softmax(logits / temperature)` with the
-temperature of this card.
+logits averaged over {meta["test_time_views"]} rotated/mirrored views of the crop (test-time
+augmentation inside the graph); `lisplugin/inference/classifier.py` returns
+`softmax(logits / temperature)` with the temperature of this card.
 
 ## Data and split
 

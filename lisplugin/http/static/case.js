@@ -37,7 +37,6 @@
   const colour = (cell) =>
     cell.kind === "WBC" ? style[cell.class].colour : data.kinds[cell.kind].colour;
   const name = (key) => (style[key] ? style[key].name : data.kinds[key].name);
-  const pct = (v) => (v === undefined || v === null ? "—" : v.toFixed(1));
 
   function banner(text, kind, action) {
     const box = $("banner");
@@ -143,43 +142,38 @@
   }
 
   // --- differential --------------------------------------------------------------------------
-  function abnormal(key, value) {
-    const range = data.intervals[key];
-    if (!range || value === undefined) return "";
-    if (range[0] !== null && value < range[0]) return "abn-L";
-    if (range[1] !== null && value > range[1]) return "abn-H";
-    return "";
-  }
-
+  // The values are those the LIS gets (rounded, with the patient's interval and H/L flag),
+  // as the server worked them out: nothing is recounted or judged here.
   function renderDifferential(changed = new Set()) {
     const r = data.result;
-    const reference = (key) => {
-      const range = data.intervals[key];
-      return range ? `${range[0] ?? ""}–${range[1] ?? ""}` : "";
-    };
-    const row = (key, count, value, unit) => {
+    const reported = Object.fromEntries(data.values.map((v) => [v.key, v]));
+    const row = (key, count, unit) => {
       const swatch = el("span", { class: "swatch" });
       swatch.style.borderColor = style[key].colour;
-      const shown = value === undefined ? "—" : `${pct(Math.round(value * 10) / 10)}${unit}`;
+      const value = reported[style[key].result_key];
+      const shown = value ? `${value.value.toFixed(1)}${unit}` : "—";
+      const range = value && (value.reference_low !== null || value.reference_high !== null)
+        ? `${value.reference_low ?? ""}–${value.reference_high ?? ""}` : "";
+      const flag = value && ["H", "L"].includes(value.abnormal_flag) ? `abn-${value.abnormal_flag}` : "";
       return el("tr", { class: changed.has(key) ? "changed" : "", "data-class": key },
         el("td", {}, swatch, style[key].name),
         el("td", { class: "num", text: count ?? 0 }),
-        el("td", { class: `num ${abnormal(key, value)}`, text: shown }),
-        el("td", { class: "num muted", text: reference(key) }));
+        el("td", { class: `num ${flag}`, text: shown }),
+        el("td", { class: "num muted", text: range }));
     };
     const group = (text) => el("tr", { class: "group" }, el("td", { colSpan: 4, text }));
     const rows = [
       group("Leukocytes, % of classified"),
-      ...DIFFERENTIAL.map((k) => row(k, r.class_counts[k], r.differential[k], " %")),
+      ...DIFFERENTIAL.map((k) => row(k, r.class_counts[k], " %")),
       el("tr", { class: "sum" },
         el("td", { text: "Leukocytes classified" }),
         el("td", { class: "num", text: r.wbc_classified, id: "wbc-total" }),
         el("td", { class: "num", text: r.wbc_classified ? "100 %" : "—" }),
         el("td")),
       group("Per 100 leukocytes"),
-      ...PER_100.map((k) => row(k, r.class_counts[k], r.differential[k], "")),
+      ...PER_100.map((k) => row(k, r.class_counts[k], "")),
       group("Not counted"),
-      ...EXCLUDED.map((k) => row(k, (r.excluded_counts || {})[k], undefined, "")),
+      ...EXCLUDED.map((k) => row(k, (r.excluded_counts || {})[k], "")),
     ];
     $("differential").tBodies[0].replaceChildren(...rows);
     const counts = r.counts || {};
@@ -374,6 +368,7 @@
         for (const k of ["counts", "class_counts", "excluded_counts", "differential", "wbc_classified", "flags"]) {
           data.result[k] = answer[k];
         }
+        data.values = answer.values;
         setVersion(answer.version);
         updateStatus(answer.status);
         const changed = new Set(
