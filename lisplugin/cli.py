@@ -17,6 +17,7 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("train", "detector"): "lisplugin.training.detector",
     ("evaluate", "detection"): "lisplugin.evaluation.detection",
     ("evaluate", "differential"): "lisplugin.evaluation.differential",
+    ("evaluate", "field-differential"): "lisplugin.evaluation.field_differential",
     ("bench",): "lisplugin.evaluation.bench",
     ("send",): "lisplugin.dicom.scu",
     ("lis-sim",): "lisplugin.hl7.lis_sim",

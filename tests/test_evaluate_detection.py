@@ -143,10 +143,13 @@ def test_readers_voc_and_yolo(tmp_path: Path):
     (yolo / "labels" / "val").mkdir(parents=True)
     (yolo / "data.yaml").write_text("names: ['WBC', 'RBC', 'Platelet']\n")
     _write_image(yolo / "images" / "val" / "x.png")
-    (yolo / "labels" / "val" / "x.txt").write_text("0 0.5 0.5 0.25 0.5\n2 0.1 0.1 0.1 0.1\n")
+    (yolo / "labels" / "val" / "x.txt").write_text(
+        "0 0.5 0.5 0.25 0.5\n2 0.1 0.1 0.1 0.1\n1 0.5 0.25 0.75 0.5 0.5 0.75\n"
+    )
     fields = read_fields(yolo, "yolo", split="val")
-    assert fields[0].labels.tolist() == [1, 2]
+    assert fields[0].labels.tolist() == [1, 2, 0]
     np.testing.assert_allclose(fields[0].boxes[0], [24, 12, 40, 36])
+    np.testing.assert_allclose(fields[0].boxes[2], [32, 12, 48, 36])  # polygon -> its box
 
 
 def test_cli_on_tiny_voc_and_yolo(tmp_path: Path, capsys, shared_data: Path, shipped_models: Path):

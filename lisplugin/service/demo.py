@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from sqlalchemy import select
 
 from lisplugin.config import load_settings
 from lisplugin.dicom.scu import send
@@ -25,6 +27,8 @@ from lisplugin.hl7.lis_sim import LisSimulator, build_test_order
 from lisplugin.hl7.mllp import send_message
 from lisplugin.http.app import create_app
 from lisplugin.service.runtime import Runtime
+from lisplugin.service.users import add_user, hash_password
+from lisplugin.storage.orm_review import Role, User
 from lisplugin.synthetic import save_synthetic
 
 
@@ -32,6 +36,21 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+DEMO_USER = "demo"
+
+
+def demo_account(runtime: Runtime) -> str:
+    """A pathologist account for the demo, with a new random password each run."""
+    password = secrets.token_urlsafe(12)
+    with runtime.db.session() as session:
+        user = session.scalar(select(User).where(User.username == DEMO_USER))
+        if user is None:
+            add_user(session, DEMO_USER, password, Role.PATHOLOGIST, by="demo")
+        else:
+            user.password_hash = hash_password(password)
+    return password
 
 
 def _heading(text: str) -> None:
@@ -116,7 +135,12 @@ def cli(argv: list[str]) -> int:
         print(lis.received[-1].replace("\r", "\n"))
 
         _heading("4. the case in the HTTP API")
+        password = demo_account(runtime)
         with httpx.Client(base_url=api, timeout=10) as client:
+            token = client.post(
+                "/api/session", json={"username": DEMO_USER, "password": password}
+            ).json()["token"]
+            client.headers["Authorization"] = f"Bearer {token}"
             case_id = client.get("/api/cases").json()[0]["id"]
             case = client.get(f"/api/cases/{case_id}").json()
         result = case["result"] or {}
@@ -135,7 +159,8 @@ def cli(argv: list[str]) -> int:
                 indent=2,
             )
         )
-        print(f"\nFull case: GET {api}/api/cases/{case_id}")
+        print(f"\nFull case: GET {api}/api/cases/{case_id} (Authorization: Bearer <token>)")
+        print(f"Review station: {api}/login  user {DEMO_USER!r}, password {password!r}")
         if args.serve:
             print("Serving; Ctrl-C to stop.")
             while True:

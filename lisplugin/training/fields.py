@@ -143,15 +143,17 @@ def yolo_class_names(root: Path) -> list[str]:
     raise FileNotFoundError(f"{root}: no data.yaml or classes.txt with class names")
 
 
-def _yolo_image_dirs(root: Path, split: str | None) -> list[Path]:
+def _yolo_image_dirs(root: Path, split: str | None, by_csv: bool) -> list[Path]:
+    """``images/<split>`` if present, else ``images`` itself, else all its sub-folders (when no
+    split is asked for, or a split CSV picks the images)."""
     images = root / "images"
     if split is not None and (images / split).is_dir():
         return [images / split]
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in images.iterdir()):
         return [images]
-    if split is None:
+    if split is None or by_csv:
         return sorted(p for p in images.iterdir() if p.is_dir())
-    raise FileNotFoundError(f"{images}: no split folder '{split}'")
+    raise FileNotFoundError(f"{images}: no split folder '{split}' and no split file")
 
 
 def read_yolo(
@@ -160,13 +162,12 @@ def read_yolo(
     """``root/images[/<split>]`` + ``root/labels[/<split>]``; a missing label file = no cells."""
     root = Path(root)
     kinds = [kind_of(n) for n in yolo_class_names(root)]
-    dirs = _yolo_image_dirs(root, split)
-    use_csv = split_file is not None and not (split is not None and dirs[0].name == split)
+    dirs = _yolo_image_dirs(root, split, split_file is not None)
     fields = []
     for image_dir in dirs:
         label_dir = root / "labels" / image_dir.relative_to(root / "images")
         paths = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        names = _split_filter(paths, split_file, split) if use_csv else set(paths)
+        names = _split_filter(paths, split_file, split)
         for stem in sorted(names):
             with Image.open(paths[stem]) as im:
                 width, height = im.size
@@ -180,11 +181,18 @@ def read_yolo(
                 kind = kinds[int(parts[0])]
                 if kind is None:
                     continue
-                cx, cy, w, h = (float(v) for v in parts[1:5])
-                boxes.append(
-                    [(cx - w / 2) * width, (cy - h / 2) * height,
-                     (cx + w / 2) * width, (cy + h / 2) * height]
-                )  # fmt: skip
+                values = [float(v) for v in parts[1:]]
+                if len(values) >= 6 and len(values) % 2 == 0:  # YOLO-seg polygon x1 y1 x2 y2 ...
+                    xs, ys = values[0::2], values[1::2]
+                    boxes.append(
+                        [min(xs) * width, min(ys) * height, max(xs) * width, max(ys) * height]
+                    )
+                else:  # cx cy w h, possibly followed by a score
+                    cx, cy, w, h = values[:4]
+                    boxes.append(
+                        [(cx - w / 2) * width, (cy - h / 2) * height,
+                         (cx + w / 2) * width, (cy + h / 2) * height]
+                    )  # fmt: skip
                 labels.append(CELL_KINDS.index(kind))
             b, lab = _clean(boxes, labels, width, height)
             fields.append(AnnotatedField(stem, paths[stem], width, height, b, lab))
