@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lisplugin.config import DEFAULT_MODELS_DIR
-from lisplugin.core.crops import leukocyte_crop, pbc_scale, resize_rgb
+from lisplugin.core.crops import centre_window, leukocyte_crop, pbc_scale, resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.evaluation.differential import differential_metrics, expected_calibration_error
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
@@ -205,6 +205,17 @@ def test_crop_at_the_edge_pads_with_background() -> None:
     crop = leukocyte_crop(image, (0, 0, 20, 20), scale=1.0)
     assert (crop[70:90, 70:90] == 0).all()  # the cell stays in the centre
     assert tuple(crop[10, 10]) == BACKGROUND and tuple(crop[150, 150]) == BACKGROUND
+
+
+def test_centre_window_takes_the_middle() -> None:
+    image = np.zeros((160, 160, 3), np.uint8)
+    image[24:136, 24:136] = 9
+    window = centre_window(image, 0.7)
+    assert window.shape == (112, 112, 3) and (window == 9).all()
+    assert centre_window(image, 1.0).shape == image.shape
+    assert centre_window(np.zeros((90, 120, 3), np.uint8), 0.5).shape == (45, 45, 3)
+    with pytest.raises(ValueError):
+        centre_window(image, 0.0)
 
 
 def test_resize_rgb_keeps_flat_colour_and_size() -> None:

@@ -83,6 +83,20 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def centre_window(image: np.ndarray, fraction: float) -> np.ndarray:
+    """The central square covering ``fraction`` of the shorter side (a view, not a copy).
+
+    The classifier may look only at the middle of the PBC window, where the leukocyte is, to
+    spend its input pixels on nuclear and granule detail rather than on background.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError("fraction must be in (0, 1]")
+    h, w = image.shape[:2]
+    side = max(round(fraction * min(h, w)), 1)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top : top + side, left : left + side]
+
+
 def background_colour(image: np.ndarray) -> np.ndarray:
     """Median colour of the image border: the slide background used to pad crops at edges."""
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]], axis=0).reshape(

@@ -22,6 +22,8 @@ from lisplugin.config import load_settings
 from lisplugin.core.analysis import analyse_field
 from lisplugin.core.types import UNIDENTIFIED
 from lisplugin.dicom.decode import field_from_image_file
+from lisplugin.inference.classifier import OnnxLeukocyteClassifier
+from lisplugin.inference.registry import load_card
 from lisplugin.service.models import load_models
 
 LABELS = {
@@ -44,15 +46,33 @@ def read_labels(path: Path) -> dict[str, str]:
     return labels
 
 
-def evaluate(data: Path, models_dir: Path | None, limit: int | None) -> dict[str, Any]:
+def read_split(path: Path) -> dict[str, str]:
+    """Image stem -> split name, from a ``image,split`` CSV such as BCCD's ``cbc_split.csv``."""
+    with path.open(newline="") as fh:
+        return {row["image"].strip(): row["split"].strip() for row in csv.DictReader(fh)}
+
+
+def evaluate(
+    data: Path,
+    models_dir: Path | None,
+    limit: int | None,
+    split_file: Path | None = None,
+    split: str | None = None,
+    classifier_dir: Path | None = None,
+) -> dict[str, Any]:
     settings = load_settings()
     if models_dir is not None:
         settings.analysis.models_dir = models_dir
     # Every leukocyte gets its top class here: the question is whether that class is right.
     analysis = settings.analysis.model_copy(update={"min_class_probability": 0.0})
     detector, classifier = load_models(settings)
+    if classifier_dir is not None:  # a freshly trained classifier with the shipped detector
+        classifier = OnnxLeukocyteClassifier(load_card(classifier_dir, analysis.classifier))
     labels = read_labels(data / "wbc_labels.csv")
     images = sorted(p for p in (data / "JPEGImages").glob("*.jpg") if p.stem in labels)
+    if split is not None:  # only fields of one split, e.g. those never used in training
+        splits = read_split(split_file or data / "cbc_split.csv")
+        images = [p for p in images if splits.get(p.stem) == split]
     if limit:
         images = images[:limit]
     pairs: list[tuple[str, str]] = []
@@ -89,8 +109,10 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--data", type=Path, required=True, help="BCCD folder with wbc_labels.csv")
     parser.add_argument("--models", type=Path, help="models folder (default: shipped)")
     parser.add_argument("--limit", type=int, help="first N labelled fields only")
+    parser.add_argument("--split-file", type=Path, help="image,split CSV (default cbc_split.csv)")
+    parser.add_argument("--split", help="evaluate only the fields of this split, e.g. test")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    report = evaluate(args.data, args.models, args.limit)
+    report = evaluate(args.data, args.models, args.limit, args.split_file, args.split)
     print(json.dumps(report, indent=2 if args.json else None))
     return 0

@@ -1,6 +1,7 @@
 """ONNX Runtime adapter for the leukocyte classifier, configured entirely by its model card.
 
-The card front matter gives the input size, the normalisation, the order of the output classes
+The card front matter gives the input size, the central part of the crop the model looks at
+(``centre_crop``, a fraction of the PBC window), the normalisation, the order of the output classes
 and the temperature fitted on the validation split; the graph outputs raw logits and the
 calibrated probabilities are ``softmax(logits / temperature)``.
 """
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from lisplugin.core.crops import resize_rgb
+from lisplugin.core.crops import centre_window, resize_rgb
 from lisplugin.inference.registry import ModelCard, ModelCardError
 
 
@@ -28,6 +29,7 @@ class OnnxLeukocyteClassifier:
         except KeyError as exc:
             raise ModelCardError(f"{card.name}: card lacks {exc}") from exc
         self.temperature = float(card.get("temperature", 1.0))
+        self.centre = float(card.get("centre_crop", 1.0))
         self.version = card.version
         self.batch_size = batch_size
         # Images are 0..255; fold the /255 and the normalisation into one scale and shift.
@@ -47,7 +49,7 @@ class OnnxLeukocyteClassifier:
         for start in range(0, len(crops), self.batch_size):
             batch = np.stack(
                 [
-                    resize_rgb(c[..., :3], self.input_size)
+                    resize_rgb(centre_window(c[..., :3], self.centre), self.input_size)
                     for c in crops[start : start + self.batch_size]
                 ]
             )

@@ -149,20 +149,23 @@ def predict_logits(
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature that minimises the validation negative log-likelihood (Guo et al. 2017)."""
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+    """Temperature that minimises the validation negative log-likelihood (Guo et al. 2017).
 
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
+    A bounded search over log T (0.05 .. 20) stays sane even for degenerate logits.
+    """
+    from scipy.optimize import minimize_scalar
 
-    optimiser.step(closure)
-    return float(log_t.detach().exp())
+    z = logits.astype(np.float64)
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        top = scaled.max(axis=1)
+        log_norm = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
+        return float(np.mean(log_norm - scaled[rows, labels]))
+
+    best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(np.exp(best.x))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -191,6 +194,7 @@ def train(
     seed: int = 0,
     max_steps: int | None = None,
     log: Callable[[str], None] = print,
+    photometric_strength: float = 0.8,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """AdamW with warm-up and cosine decay; returns the weight-averaged (EMA) model of the epoch
     with the best validation accuracy, and the per-epoch history."""
@@ -227,7 +231,7 @@ def train(
                 break
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = geometric(x_all[idx].float().div_(255.0), generator)
-            x = normalise(photometric(x, generator, strength=0.8), mean, std)
+            x = normalise(photometric(x, generator, strength=photometric_strength), mean, std)
             loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=0.05)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -336,14 +340,29 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("models"))
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument(
+        "--centre", type=float, default=0.7, help="central fraction of the 160 px crop to use"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
-        "--views", type=int, choices=(1, 4, 8), default=8, help="test-time views in the graph"
+        "--views", type=int, choices=(1, 4, 8), default=4, help="test-time views in the graph"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (share the CPU)")
     parser.add_argument("--limit", type=int, help="use at most N images per split (tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--field-data",
+        type=Path,
+        help="BCCD folder: add its labelled leukocytes (domain adaptation)",
+    )
+    parser.add_argument(
+        "--field-repeat", type=int, default=20, help="oversampling of the field training crops"
+    )
+    parser.add_argument(
+        "--init", type=Path, help="start from these weights (.pt state dict or exported .onnx)"
+    )
+    parser.add_argument("--photometric-strength", type=float, default=0.8)
     parser.add_argument("--version", default=dt.date.today().strftime("%Y.%m.%d") + "-1")
     args = parser.parse_args(argv)
 
@@ -364,17 +383,33 @@ def cli(argv: list[str]) -> int:
             part, labels = [part[i] for i in keep], labels[keep]
         if not part:
             parser.error(f"no '{split}' images in {args.data}")
-        data[split] = (load_images(part, args.input_size), labels)
+        data[split] = (load_images(part, args.input_size, args.centre), labels)
         log(f"loaded {split}: {len(part)} images at {args.input_size} px")
     train_x, train_y = data["train"]
     val_x, val_y = data["val"]
+    # PBC statistics only, so that a model fine-tuned from a PBC model keeps its normalisation.
     mean = [round(float(v), 4) for v in train_x.reshape(-1, 3).mean(axis=0) / 255.0]
     std = [round(float(v), 4) for v in train_x.reshape(-1, 3).std(axis=0) / 255.0]
+    field: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if args.field_data is not None:
+        field = _field_crops(args.field_data, classes, args.input_size, log)
+        train_x = np.concatenate([train_x, *[field["train"][0]] * args.field_repeat])
+        train_y = np.concatenate([train_y, *[field["train"][1]] * args.field_repeat])
+        val_x = np.concatenate([val_x, field["val"][0]])
+        val_y = np.concatenate([val_y, field["val"][1]])
 
     model = LeukocyteNet(len(classes))
+    if args.init is not None:
+        _initialise(
+            model,
+            args.init,
+            normalise(to_tensor(train_x[:: max(len(train_x) // 512, 1)]), mean, std),
+            log,
+        )
     model, history = train(
         model, train_x, train_y, val_x, val_y, mean, std, args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
+        photometric_strength=args.photometric_strength,
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
     if args.views > 1:
@@ -396,6 +431,7 @@ def cli(argv: list[str]) -> int:
         "sha256": file_sha256(onnx_path),
         "task": "leukocyte classification of PBC-scale crops (160 px window, RBC ~25 px)",
         "input_size": args.input_size,
+        "centre_crop": args.centre,
         "input_layout": "NCHW float32 RGB, (pixel/255 - mean) / std; output: logits",
         "mean": mean,
         "std": std,
@@ -418,6 +454,7 @@ def cli(argv: list[str]) -> int:
             softmax(predict_logits(model, data["test"][0], mean, std), temperature),
             classes,
         )
+    transfer = _transfer(args, field, model, mean, std, temperature, classes, log)
     timing = time_inference(args.out, data["test"][0])
     log(f"test accuracy {test['accuracy']:.4f} macro-F1 {test['macro_f1']:.4f}")
     log(json.dumps(timing))
@@ -430,6 +467,7 @@ def cli(argv: list[str]) -> int:
         "val_accuracy": round(val_cal["accuracy"], 4),
         "val_ece_uncalibrated": round(val_raw["ece"], 4),
         "val_ece": round(val_cal["ece"], 4),
+        **transfer,
         **timing,
     }
     command = "lisplugin train classifier " + shlex.join(argv)
@@ -438,9 +476,89 @@ def cli(argv: list[str]) -> int:
         meta, history, test, command, train_seconds, params, onnx_path.stat().st_size,
         {s: len(v[1]) for s, v in data.items()},
     )  # fmt: skip
+    if transfer:
+        body += _transfer_section(args.field_data, transfer, args.field_repeat)
     write_card(card_path, meta, body)
     log(f"wrote {onnx_path} and {card_path} in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _field_crops(
+    data: Path, classes: list[str], size: int, log: Callable[[str], None]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Daemon-path crops of the labelled BCCD leukocytes, per split of ``cbc_split.csv``."""
+    from lisplugin.training.bccd_wbc import load_field_crops, read_field_samples
+
+    samples = read_field_samples(data)
+    out = {}
+    for split in ("train", "val", "test"):
+        out[split] = load_field_crops([s for s in samples if s.split == split], classes, size)
+        log(f"loaded field {split}: {len(out[split][1])} crops")
+    return out
+
+
+def _initialise(
+    model: nn.Module, path: Path, calibration: torch.Tensor, log: Callable[[str], None]
+) -> None:
+    """Load starting weights: a torch state dict, or the convolutions of an exported ONNX."""
+    if path.suffix == ".onnx":
+        from lisplugin.training.onnx_init import load_onnx_weights, max_abs_difference
+
+        load_onnx_weights(model, path, calibration)
+        difference = max_abs_difference(model, path, calibration)
+        log(f"init from {path}: max |logit - onnx| {difference:.2e}")
+    else:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log(f"init from {path}")
+
+
+def _transfer(
+    args: argparse.Namespace,
+    field: dict[str, tuple[np.ndarray, np.ndarray]],
+    model: nn.Module,
+    mean: Sequence[float],
+    std: Sequence[float],
+    temperature: float,
+    classes: list[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """BCCD test metrics: ground-truth-box crops, and the daemon's detector path on the fields."""
+    if not field or not len(field["test"][1]):
+        return {}
+    from lisplugin.evaluation.differential import differential_metrics
+    from lisplugin.evaluation.field_differential import evaluate
+
+    x, y = field["test"]
+    crops = differential_metrics(
+        y, softmax(predict_logits(model, x, mean, std), temperature), classes
+    )
+    fields = evaluate(args.field_data, None, None, split="test", classifier_dir=args.out)
+    log(f"field test: crop accuracy {crops['accuracy']:.4f}, field accuracy {fields['accuracy']}")
+    return {
+        "field_test_crop_accuracy": round(crops["accuracy"], 4),
+        "field_test_crop_ece": round(crops["ece"], 4),
+        "field_test_accuracy": fields["accuracy"],
+        "field_test_n": fields["n"],
+    }
+
+
+def _transfer_section(data: Path, m: dict[str, Any], repeat: int) -> str:
+    return f"""
+## Transfer to other microscopes
+
+Trained with the labelled leukocytes of BCCD (`{data.name}`: 640 x 480 fields, another
+microscope and stain, a red cell ~100 px) besides PBC: the main (largest) ground-truth WBC box of
+each `train` field of `cbc_split.csv` (fields missing from it count as train), cut exactly as the
+daemon cuts it (median ground-truth red-cell diameter -> `pbc_scale` -> `leukocyte_crop`),
+repeated {repeat}x with the same augmentations; its `val` crops join PBC val for epoch selection
+and the temperature. Its `test` fields are never used for training. On them:
+
+- ground-truth-box crops: accuracy {m["field_test_crop_accuracy"]:.4f},
+  ECE {m["field_test_crop_ece"]:.4f};
+- the daemon's whole path (detector -> crop -> classifier, largest detected leukocyte per
+  field): accuracy {m["field_test_accuracy"]:.4f} on {m["field_test_n"]} fields, with
+  `lisplugin evaluate field-differential --data ../shared/data/bccd --split test --json`.
+"""
 
 
 def _card_body(
@@ -460,7 +578,8 @@ def _card_body(
 
 Classifies one leukocyte crop into the eight PBC classes ({", ".join(meta["classes"])}).
 The crop is a PBC-scale window (160 x 160 px at ~0.3 um/px, a red cell ~25 px across; see
-`lisplugin/core/crops.py`), resized to {meta["input_size"]} px by the adapter. The output is
+`lisplugin/core/crops.py`); the adapter takes its central {meta["centre_crop"]:.0%} (where the
+leukocyte is) and resizes that to {meta["input_size"]} px. The output is
 logits averaged over {meta["test_time_views"]} rotated/mirrored views of the crop (test-time
 augmentation inside the graph); `lisplugin/inference/classifier.py` returns
 `softmax(logits / temperature)` with the temperature of this card.

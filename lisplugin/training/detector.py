@@ -230,6 +230,7 @@ def training_sets(data: Path) -> tuple[list[AnnotatedField], dict[str, list[Anno
         "txl_train": len(txl_train),
         "txl_train_excluded_copies_of_bccd_val_test": len(reused),
         "excluded": reused,
+        "bccd_train_names": [f.name for f in bccd["train"]],
     }
     return train, {"bccd_val": bccd["val"], "txl_val": txl_val}, info
 
@@ -404,11 +405,10 @@ def train(args: argparse.Namespace) -> int:
     if args.limit:
         train_fields = train_fields[: args.limit]
         val_fields = {k: v[: max(2, args.limit // 2)] for k, v in val_fields.items()}
-    bccd_names = {f.name for f in train_fields if f.name.startswith("BloodImage")}
-    data = Preloaded(train_fields, {n: args.bccd_repeat for n in bccd_names})
+    data = Preloaded(train_fields, dict.fromkeys(info["bccd_train_names"], args.bccd_repeat))
     val_sets = {k: [(f.load_image(), f) for f in v] for k, v in val_fields.items()}
     log(
-        f"data: {json.dumps({k: v for k, v in info.items() if k != 'excluded'})}, "
+        f"data: {json.dumps({k: v for k, v in info.items() if isinstance(v, int)})}, "
         f"training images {len(data)}, loaded in {time.time() - start:.0f}s"
     )
 
@@ -484,6 +484,7 @@ def card_body(meta: dict) -> str:
     """The human-readable card; the Metrics section is filled from the evaluate commands."""
     t = meta["training"]
     d = t["data"]
+    init = f", starting from the weights of `{t['init']}`" if t["init"] else ""
     return f"""
 # Cell detector (RBC, WBC, platelets)
 
@@ -533,7 +534,8 @@ noise/JPEG/debris (`lisplugin/training/augment.py`).
 
 ## Training
 
-`{t["command"]}` (seed {t["seed"]}), {t["epochs"]} epochs of AdamW with a cosine schedule
+`{t["command"]}` (seed {t["seed"]}{init}),
+{t["epochs"]} epochs of AdamW with a cosine schedule
 bounded by the time budget, 1 CPU thread shared with other jobs, {t["wall_time_min"]} min
 wall time. The best checkpoint by mean validation mAP@0.5 is exported; per-class score
 thresholds are the ones with the best validation count accuracy (+0.1 x recall).
@@ -568,8 +570,9 @@ def finish(
             "command": "lisplugin train detector " + " ".join(args.argv),
             "wall_time_min": round(seconds / 60, 1),
             "seed": args.seed,
+            "init": str(args.init) if args.init else None,
             "epochs": epochs_done,
-            "data": {k: v for k, v in info.items() if k != "excluded"},
+            "data": {k: v for k, v in info.items() if isinstance(v, int)},
         },
         "validation_map50": validate(model, val_sets),
     }

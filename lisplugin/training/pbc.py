@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lisplugin.core.crops import resize_rgb
+from lisplugin.core.crops import centre_window, resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
@@ -71,9 +71,10 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def load_images(samples: Sequence[Sample], size: int) -> np.ndarray:
-    """Decode and resize all samples once into an (N, size, size, 3) uint8 array in memory."""
+def load_images(samples: Sequence[Sample], size: int, centre: float = 1.0) -> np.ndarray:
+    """Decode, cut the central ``centre`` fraction and resize all samples once, into an
+    (N, size, size, 3) uint8 array in memory, exactly as the runtime adapter prepares crops."""
     out = np.empty((len(samples), size, size, 3), dtype=np.uint8)
     for i, sample in enumerate(samples):
-        out[i] = resize_rgb(load_rgb(sample.path), size)
+        out[i] = resize_rgb(centre_window(load_rgb(sample.path), centre), size)
     return out

@@ -1,0 +1,84 @@
+"""Initialise a torch network from an exported ONNX graph of the same architecture.
+
+The shipped classifier has no torch checkpoint, only its ONNX file, in which the exporter fused
+every batch norm into the preceding convolution. Fine-tuning starts from those weights: each
+convolution gets the fused kernel, and its batch norm is rebuilt from the statistics of the
+convolution's output on real images, so the network computes the same function in eval mode
+and (up to batch noise) in train mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+
+@torch.no_grad()
+def load_onnx_weights(model: nn.Module, path: Path, calibration: torch.Tensor) -> None:
+    """Copy the convolutions and linear head of ``path`` into ``model``, un-fusing batch norms.
+
+    ``calibration`` is a normalised (N, 3, H, W) batch; the ONNX convolutions must appear in the
+    order of the model's convolutions (true for graphs exported from the same class).
+    """
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+    modules = list(model.modules())
+    for i, m in enumerate(modules):
+        if isinstance(m, nn.Conv2d):
+            bn = modules[i + 1]
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise ValueError("every convolution must be followed by a batch norm")
+            pairs.append((m, bn))
+    if len(pairs) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} convolutions, the model has {len(pairs)}")
+    biases = []
+    for (conv, bn), node in zip(pairs, convs, strict=True):
+        kernel = weights[node.input[1]]
+        if kernel.shape != tuple(conv.weight.shape):
+            raise ValueError(f"{path}: kernel {kernel.shape} != {tuple(conv.weight.shape)}")
+        conv.weight.copy_(torch.tensor(kernel))
+        biases.append(torch.tensor(weights[node.input[2]]).float())
+        # Identity batch norm for now: then the model is exactly the fused graph.
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+        bn.weight.fill_(1.0)
+        bn.bias.copy_(biases[-1])
+    head = model.get_submodule("head")
+    head.weight.copy_(torch.tensor(weights[gemm.input[1]]))
+    head.bias.copy_(torch.tensor(weights[gemm.input[2]]))
+    # Statistics of each bias-free convolution output on real images, through the fused net.
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        conv.register_forward_hook(
+            lambda _m, _i, y, k=k: stats.__setitem__(k, (y.mean((0, 2, 3)), y.var((0, 2, 3))))
+        )
+        for k, (conv, _) in enumerate(pairs)
+    ]
+    model.eval()(calibration)
+    for hook in hooks:
+        hook.remove()
+    for k, (_, bn) in enumerate(pairs):
+        mean, var = stats[k]
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(torch.sqrt(var + bn.eps))
+        bn.bias.copy_(biases[k] + mean)
+
+
+def max_abs_difference(model: nn.Module, path: Path, x: torch.Tensor) -> float:
+    """Largest logit difference between ``model`` (eval) and the ONNX graph on ``x``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        got = model.eval()(x).numpy()
+    return float(np.abs(got - expected).max())
