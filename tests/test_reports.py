@@ -347,7 +347,7 @@ def test_json_report_validates_against_its_schema(captures: list[Path]) -> None:
         SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
     validator.validate(json.loads(json.dumps(report)))
-    flags = {v["key"]: v["flag"] for v in report["values"]}
+    flags = {v["key"]: v["abnormal_flag"] for v in report["values"]}
     assert flags["lymphocyte_pct"] == "H" and flags["monocyte_pct"] == "L"
     broken = json.loads(json.dumps(report))
     broken["result"]["cells"][0]["kind"] = "XYZ"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lisplugin.core.geometry import ellipse_outline, mask_outline
-from lisplugin.core.types import Cell, FieldResult, SpecimenResult
+from lisplugin.core.types import Cell, FieldResult, ResultValue, SpecimenResult
 
 
 def _box(box: tuple[float, float, float, float]) -> list[float]:
@@ -66,4 +66,16 @@ def specimen_to_json(result: SpecimenResult) -> dict[str, Any]:
         "fields": [field_to_json(f) for f in result.fields],
         "cells": [cell_to_json(i, c) for i, c in enumerate(result.cells)],
         "model_versions": dict(result.model_versions),
+    }
+
+
+def value_to_json(value: ResultValue) -> dict[str, Any]:
+    """A reportable value as the LIS gets it: rounded value, units, interval, HL7 0078 flag."""
+    return {
+        "key": value.key,
+        "value": value.value,
+        "units": value.units,
+        "reference_low": value.reference_low,
+        "reference_high": value.reference_high,
+        "abnormal_flag": value.abnormal_flag,
     }

@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
+from lisplugin.core.report import value_to_json
 from lisplugin.core.revision import REVIEW_CLASSES
 from lisplugin.core.rules import result_key
 from lisplugin.core.types import UNIDENTIFIED
@@ -147,7 +148,7 @@ def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[st
         ],
         "review_classes": list(REVIEW_CLASSES),
         "kinds": {k: {"name": n, "colour": c} for k, (n, c) in KIND_STYLE.items()},
-        "values": [review.value_json(v) for v in values],
+        "values": [value_to_json(v) for v in values],
         "result": {
             "fields": result.get("fields") or [],
             "cells": result.get("cells") or [],

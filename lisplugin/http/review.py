@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from lisplugin.core.crops import PBC_CROP_PX
+from lisplugin.core.report import value_to_json
 from lisplugin.core.revision import DERIVED_KEYS, REVIEW_CLASSES
 from lisplugin.http.auth import (
     COOKIE,
@@ -254,7 +255,7 @@ def reclassify_cell(
         "cell": result["cells"][cell_id],
         "excluded_counts": result.get("excluded_counts", {}),
         **{k: result[k] for k in DERIVED_KEYS},
-        "values": [review.value_json(v) for v in review.reported_values(pipeline, case)],
+        "values": [value_to_json(v) for v in review.reported_values(pipeline, case)],
     }
 
 

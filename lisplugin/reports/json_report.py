@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from lisplugin import __version__
+from lisplugin.core.report import value_to_json
 from lisplugin.core.types import ResultValue
 
 #: Identifies the document format; bump the number on an incompatible change.
@@ -33,17 +34,6 @@ class Document:
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
-
-
-def value_to_json(value: ResultValue) -> dict[str, Any]:
-    return {
-        "key": value.key,
-        "value": value.value,
-        "units": value.units,
-        "reference_low": value.reference_low,
-        "reference_high": value.reference_high,
-        "flag": value.abnormal_flag,
-    }
 
 
 def case_report(

@@ -217,10 +217,10 @@ def _values_table(report: Mapping[str, Any]) -> Table:
                 f"{value['value']:.1f}" if is_share else f"{value['value']:.0f}",
                 _UNITS.get(value["units"], value["units"]),
                 _interval(value),
-                value["flag"],
+                value["abnormal_flag"],
             ]
         )
-        colour = _FLAG_COLOURS.get(value["flag"])
+        colour = _FLAG_COLOURS.get(value["abnormal_flag"])
         if colour is not None:
             line = len(rows) - 1
             styles += [

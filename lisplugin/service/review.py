@@ -116,17 +116,6 @@ def reported_values(pipeline: Pipeline, case: Case) -> list[ResultValue]:
     return pipeline.values(specimen, dict(case.patient or {}))
 
 
-def value_json(value: ResultValue) -> dict[str, Any]:
-    return {
-        "key": value.key,
-        "value": value.value,
-        "units": value.units,
-        "reference_low": value.reference_low,
-        "reference_high": value.reference_high,
-        "abnormal_flag": value.abnormal_flag,
-    }
-
-
 def reclassify_cell(
     session: Session,
     pipeline: Pipeline,
