@@ -21,8 +21,7 @@ from lisplugin.core.types import (
 
 SCHEMA = json.loads(
     (
-        Path(__file__).resolve().parent.parent
-        / "interfaces/schemas/specimen-result.schema.json"
+        Path(__file__).resolve().parent.parent / "interfaces/schemas/specimen-result.schema.json"
     ).read_text()
 )
 
@@ -37,7 +36,12 @@ def _specimen() -> SpecimenResult:
         Cell(0, "PLT", "PLT", 0.6, (5, 100, 12, 107)),
     )
     field = FieldResult(
-        0, "1.2.3#frame=1", 640, 480, FieldQuality(120.0, 0.7, 0.01, True), cells,
+        0,
+        "1.2.3#frame=1",
+        640,
+        480,
+        FieldQuality(120.0, 0.7, 0.01, True),
+        cells,
         {"RBC": 1.2, "WBC": 0.9, "PLT": 1.1},
     )
     return SpecimenResult(

@@ -126,8 +126,9 @@ class StorageSCP:
         except UnusableInstance as exc:
             return self._refuse(exc, raw, calling, sop_uid)
         except Exception as exc:  # a data set pydicom cannot parse
-            return self._refuse(UnusableInstance(f"undecodable data set: {exc}"), raw, calling,
-                                sop_uid)
+            return self._refuse(
+                UnusableInstance(f"undecodable data set: {exc}"), raw, calling, sop_uid
+            )
         try:
             self._store(ds, raw)
         except UnusableInstance as exc:
