@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lisplugin.core.crops import PBC_CROP_PX, resize_rgb
+from lisplugin.core.crops import PBC_CROP_PX, centre_window, resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.training import classifier as training
 from lisplugin.training.bccd_wbc import (
@@ -41,6 +41,8 @@ def test_field_crops_have_pbc_size_and_known_labels(bccd: Path) -> None:
     x, y = load_field_crops(samples, LEUKOCYTE_CLASSES, 64)
     assert x.shape == (len(samples), 64, 64, 3) and x.dtype == np.uint8
     assert [LEUKOCYTE_CLASSES[i] for i in y] == [s.label for s in samples]
+    centred, _ = load_field_crops(samples[:1], LEUKOCYTE_CLASSES, 64, centre=0.7)
+    assert np.array_equal(centred[0], resize_rgb(centre_window(crop, 0.7), 64))
 
 
 def test_bccd_test_fields_never_reach_training(bccd: Path) -> None:

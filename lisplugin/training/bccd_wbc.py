@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lisplugin.core.analysis import median_rbc_diameter
-from lisplugin.core.crops import leukocyte_crop, pbc_scale, resize_rgb
+from lisplugin.core.crops import centre_window, leukocyte_crop, pbc_scale, resize_rgb
 from lisplugin.core.types import Detection
 from lisplugin.evaluation.field_differential import read_labels, read_split
 from lisplugin.training.pbc import load_rgb
@@ -77,14 +77,17 @@ def main_leukocyte_crop(sample: FieldSample) -> np.ndarray | None:
 
 
 def load_field_crops(
-    samples: Sequence[FieldSample], classes: Sequence[str], size: int
+    samples: Sequence[FieldSample], classes: Sequence[str], size: int, centre: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N, size, size, 3) uint8 crops and class indices; fields without a WBC box are dropped."""
+    """(N, size, size, 3) uint8 crops and class indices; fields without a WBC box are dropped.
+
+    ``centre`` is the card's ``centre_crop``: the adapter's central window, cut the same way here.
+    """
     crops, labels = [], []
     for sample in samples:
         crop = main_leukocyte_crop(sample)
         if crop is not None and sample.label in classes:
-            crops.append(resize_rgb(crop, size))
+            crops.append(resize_rgb(centre_window(crop, centre), size))
             labels.append(list(classes).index(sample.label))
     if not crops:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)

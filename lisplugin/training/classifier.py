@@ -392,7 +392,7 @@ def cli(argv: list[str]) -> int:
     std = [round(float(v), 4) for v in train_x.reshape(-1, 3).std(axis=0) / 255.0]
     field: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if args.field_data is not None:
-        field = _field_crops(args.field_data, classes, args.input_size, log)
+        field = _field_crops(args.field_data, classes, args.input_size, args.centre, log)
         train_x = np.concatenate([train_x, *[field["train"][0]] * args.field_repeat])
         train_y = np.concatenate([train_y, *[field["train"][1]] * args.field_repeat])
         val_x = np.concatenate([val_x, field["val"][0]])
@@ -477,14 +477,14 @@ def cli(argv: list[str]) -> int:
         {s: len(v[1]) for s, v in data.items()},
     )  # fmt: skip
     if transfer:
-        body += _transfer_section(args.field_data, transfer, args.field_repeat)
+        body += _transfer_section(args, transfer)
     write_card(card_path, meta, body)
     log(f"wrote {onnx_path} and {card_path} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
 def _field_crops(
-    data: Path, classes: list[str], size: int, log: Callable[[str], None]
+    data: Path, classes: list[str], size: int, centre: float, log: Callable[[str], None]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Daemon-path crops of the labelled BCCD leukocytes, per split of ``cbc_split.csv``."""
     from lisplugin.training.bccd_wbc import load_field_crops, read_field_samples
@@ -492,7 +492,9 @@ def _field_crops(
     samples = read_field_samples(data)
     out = {}
     for split in ("train", "val", "test"):
-        out[split] = load_field_crops([s for s in samples if s.split == split], classes, size)
+        out[split] = load_field_crops(
+            [s for s in samples if s.split == split], classes, size, centre
+        )
         log(f"loaded field {split}: {len(out[split][1])} crops")
     return out
 
@@ -542,16 +544,19 @@ def _transfer(
     }
 
 
-def _transfer_section(data: Path, m: dict[str, Any], repeat: int) -> str:
+def _transfer_section(args: argparse.Namespace, m: dict[str, Any]) -> str:
+    start = f"fine-tuned from `{args.init.name}`" if args.init else "trained from scratch"
     return f"""
 ## Transfer to other microscopes
 
-Trained with the labelled leukocytes of BCCD (`{data.name}`: 640 x 480 fields, another
+This model was {start} for {args.epochs} epoch(s) at lr {args.lr}, photometric
+strength {args.photometric_strength} (these override the defaults named above), with the
+labelled leukocytes of BCCD (`{args.field_data.name}`: 640 x 480 fields, another
 microscope and stain, a red cell ~100 px) besides PBC: the main (largest) ground-truth WBC box of
 each `train` field of `cbc_split.csv` (fields missing from it count as train), cut exactly as the
 daemon cuts it (median ground-truth red-cell diameter -> `pbc_scale` -> `leukocyte_crop`),
-repeated {repeat}x with the same augmentations; its `val` crops join PBC val for epoch selection
-and the temperature. Its `test` fields are never used for training. On them:
+repeated {args.field_repeat}x with the same augmentations; its `val` crops join PBC val for
+epoch selection and the temperature. Its `test` fields are never used for training. On them:
 
 - ground-truth-box crops: accuracy {m["field_test_crop_accuracy"]:.4f},
   ECE {m["field_test_crop_ece"]:.4f};
