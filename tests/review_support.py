@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from lisplugin.config import DEFAULT_CONFIG_DIR, Settings
-from lisplugin.core.types import Detection
+from lisplugin.core.types import Detection, FieldDetections
 from lisplugin.dicom.scu import wrap_image_as_vl_microscopic
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.service.runtime import Runtime
@@ -55,11 +55,8 @@ class GroundTruthDetector:
             for kind, box in truth
         ]
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        return list(self._truth.get(self._key(image), []))
-
-    def regress_counts(self, image: np.ndarray) -> dict[str, float] | None:
-        return None
+    def detect(self, image: np.ndarray) -> FieldDetections:
+        return FieldDetections(tuple(self._truth.get(self._key(image), [])))
 
 
 class ReviewRuntime(Runtime):

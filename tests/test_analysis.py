@@ -31,6 +31,7 @@ from lisplugin.core.types import (
     CellKind,
     Detection,
     Field,
+    FieldDetections,
     FieldQuality,
     FieldResult,
 )
@@ -51,12 +52,9 @@ class ListDetector:
         self.counts = counts
         self.calls = 0
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
+    def detect(self, image: np.ndarray) -> FieldDetections:
         self.calls += 1
-        return list(self.detections)
-
-    def regress_counts(self, image: np.ndarray) -> dict[str, float] | None:
-        return self.counts
+        return FieldDetections(tuple(self.detections), self.counts)
 
 
 class RowClassifier:

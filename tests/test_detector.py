@@ -71,7 +71,8 @@ def test_shipped_model_finds_cells(shared_data: Path):
     detector = OnnxCellDetector.from_models_dir(MODELS)
     f = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "test")[0]
     image = f.load_image()
-    dets = detector.detect(image)
+    result = detector.detect(image)
+    dets = result.cells
     truth = f.counts()
     found = {k: sum(d.kind == k for d in dets) for k in ("RBC", "WBC", "PLT")}
     # BCCD leaves many red cells unlabelled (border cells above all): the model finds more
@@ -83,7 +84,8 @@ def test_shipped_model_finds_cells(shared_data: Path):
         assert d.mask.shape == (max(y1 - y0, 1), max(x1 - x0, 1))
         assert 0 <= d.score <= 1
     assert sum(d.mask.any() for d in dets) >= 0.9 * len(dets)
-    counts = detector.regress_counts(image)
+    counts = result.regressed_counts
+    assert counts is not None
     assert set(counts) == {"RBC", "WBC", "PLT"}
     assert 0.8 * truth["RBC"] <= counts["RBC"] <= 2 * truth["RBC"] + 3
     assert abs(counts["WBC"] - truth["WBC"]) < 0.5

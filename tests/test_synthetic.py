@@ -147,7 +147,7 @@ def test_detector_finds_synthetic_cells() -> None:
     totals = {k: [0, 0] for k in ("RBC", "WBC", "PLT")}
     for seed in range(100, 108):
         image, truth = synthetic_field(seed)
-        detections = detector.detect(image)
+        detections = detector.detect(image).cells
         for kind, pair in totals.items():
             found, total = recall(truth, detections, kind)
             pair[0] += found

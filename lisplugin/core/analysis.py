@@ -95,7 +95,8 @@ def analyse_field(
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
     if unknown:
         raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
-    detections = detector.detect(field.image)
+    found = detector.detect(field.image)
+    detections = found.cells
     rbc_diameter = median_rbc_diameter(detections, width, height)
     wbcs = [d for d in detections if d.kind == "WBC"]
     crops = [
@@ -123,7 +124,7 @@ def analyse_field(
         height,
         quality,
         cells=tuple(cells),
-        regressed_counts=detector.regress_counts(field.image),
+        regressed_counts=found.regressed_counts,
     )
 
 

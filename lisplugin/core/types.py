@@ -50,6 +50,15 @@ class Detection:
 
 
 @dataclass(frozen=True)
+class FieldDetections:
+    """What the cell model finds in one field, from one pass of the network."""
+
+    cells: tuple[Detection, ...]
+    #: The model's image-level count estimate, a cross-check of ``cells``; None when it has none.
+    regressed_counts: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
 class FieldQuality:
     """Image-quality measures of one field and whether it passes the configured limits."""
 
@@ -139,10 +148,8 @@ class CellDetector(Protocol):
 
     version: str
 
-    def detect(self, image: np.ndarray) -> list[Detection]: ...
-
-    def regress_counts(self, image: np.ndarray) -> dict[str, float] | None:
-        """Image-level count estimate used as a cross-check; None when the model has none."""
+    def detect(self, image: np.ndarray) -> FieldDetections:
+        """Cells and the count estimate of one field, from a single run of the model."""
         ...
 
 

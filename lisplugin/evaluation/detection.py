@@ -6,7 +6,9 @@ the unmatched ground truth of highest IoU, a monotone precision envelope sampled
 points, at most 100 detections per image and class, classes without ground truth left out.
 Count accuracy follows Alam & Islam (2019): the mean over images of 1 - |pred - true| / true,
 not clipped at 0; an image with true = 0 for a class is skipped for that class (the ratio is
-undefined there), and the number of images used is reported.
+undefined there), and the number of images used is reported. ``count_regression_accuracy``
+scores the model's image-level count head the same way. ``detect_ms_median`` is the median
+time of one ``detect`` call at the operating thresholds, masks included, on this machine.
 """
 
 from __future__ import annotations
@@ -142,11 +144,16 @@ def threshold(pred: Boxes, thresholds: dict[str, float]) -> Boxes:
 
 
 def detection_report(
-    gts: Sequence[Boxes], preds: Sequence[Boxes], thresholds: dict[str, float]
+    gts: Sequence[Boxes],
+    preds: Sequence[Boxes],
+    thresholds: dict[str, float],
+    operating: Sequence[Boxes] | None = None,
 ) -> dict:
     """All reported metrics. ``preds`` hold every candidate (for AP); counts and recall use
-    only those at the operating thresholds, as the daemon does."""
-    operating = [threshold(p, thresholds) for p in preds]
+    the detections at the operating thresholds, as the daemon reports them (``operating``,
+    else ``preds`` cut at ``thresholds``)."""
+    if operating is None:
+        operating = [threshold(p, thresholds) for p in preds]
     report: dict = {
         "n_images": len(gts),
         "map50": mean_ap(gts, preds, (0.5,)),
@@ -166,6 +173,14 @@ def detection_report(
         report["count_accuracy"][kind] = acc
         report["count_images"][kind] = n
     return report
+
+
+def _as_boxes(dets: Sequence) -> Boxes:
+    return Boxes(
+        np.array([d.box for d in dets], dtype=np.float64).reshape(-1, 4),
+        np.array([CELL_KINDS.index(d.kind) for d in dets], dtype=np.int64),
+        np.array([d.score for d in dets], dtype=np.float64),
+    )
 
 
 def _nan_to_none(value):
@@ -198,25 +213,34 @@ def cli(argv: list[str]) -> int:
         print(f"no annotated images found in {args.data}", file=sys.stderr)
         return 1
     detector = OnnxCellDetector.from_models_dir(args.models, args.name, tta=args.tta)
-    gts, preds, seconds = [], [], []
+    gts, preds, operating, seconds = [], [], [], []
+    regressed: dict[str, list[float]] = {k: [] for k in CELL_KINDS}
     for f in fields:
         image = f.load_image()
-        start = time.perf_counter()
-        dets = detector.detect(image, score_threshold=detector.candidate_threshold, masks=False)
-        seconds.append(time.perf_counter() - start)
         gts.append(Boxes(f.boxes, f.labels))
-        preds.append(
-            Boxes(
-                np.array([d.box for d in dets], dtype=np.float64).reshape(-1, 4),
-                np.array([CELL_KINDS.index(d.kind) for d in dets], dtype=np.int64),
-                np.array([d.score for d in dets], dtype=np.float64),
-            )
-        )
-    report = detection_report(gts, preds, detector.thresholds)
+        candidates = detector.detect(
+            image, score_threshold=detector.candidate_threshold, masks=False
+        ).cells
+        preds.append(_as_boxes(candidates))
+        start = time.perf_counter()
+        found = detector.detect(image)  # what the daemon runs, masks included
+        seconds.append(time.perf_counter() - start)
+        operating.append(_as_boxes(found.cells))
+        for kind, value in (found.regressed_counts or {}).items():
+            regressed[kind].append(value)
+    report = detection_report(gts, preds, detector.thresholds, operating)
+    report["count_regression_accuracy"] = {
+        kind: count_accuracy([int((g.labels == i).sum()) for g in gts], regressed[kind])[0]
+        for i, kind in enumerate(CELL_KINDS)
+    }
     report.update(
         model=f"{args.name} {detector.version}",
         tta=args.tta,
         detect_ms_median=1000 * float(np.median(seconds)),
+        field_size_median=[
+            int(np.median([f.width for f in fields])),
+            int(np.median([f.height for f in fields])),
+        ],
     )
     report = _nan_to_none(report)
     if args.json:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from lisplugin.core.types import CELL_KINDS, Detection
+from lisplugin.core.types import CELL_KINDS, Detection, FieldDetections
 from lisplugin.inference.registry import ModelCard, load_card
 
 PAD_MULTIPLE = 32  # the network downsamples five times
@@ -187,8 +187,11 @@ class OnnxCellDetector:
 
     def detect(
         self, image: np.ndarray, score_threshold: float | None = None, masks: bool = True
-    ) -> list[Detection]:
-        """Cells at the card's per-class operating thresholds (or one ``score_threshold``)."""
+    ) -> FieldDetections:
+        """Cells at the card's per-class operating thresholds (or one ``score_threshold``) and
+        the count head's image-level estimate (cells whose centre lies in the field), from one
+        run of the network.
+        """
         if score_threshold is None:
             cut = np.array([self.thresholds[k] for k in CELL_KINDS])
         else:
@@ -221,7 +224,7 @@ class OnnxCellDetector:
             if masks
             else [None] * len(boxes)
         )
-        return [
+        cells = tuple(
             Detection(
                 CELL_KINDS[int(c)],
                 float(s),
@@ -229,10 +232,6 @@ class OnnxCellDetector:
                 m,
             )
             for b, c, s, m in zip(boxes, labels, scores, cell_masks, strict=True)
-        ]
-
-    def regress_counts(self, image: np.ndarray) -> dict[str, float]:
-        """The count head's image-level estimate (cells whose centre lies in the field)."""
-        out, _ = self._run(image)
+        )
         counts = out["counts"].mean(axis=0)
-        return {k: float(counts[i]) for i, k in enumerate(CELL_KINDS)}
+        return FieldDetections(cells, {k: float(counts[i]) for i, k in enumerate(CELL_KINDS)})

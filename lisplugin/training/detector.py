@@ -303,7 +303,7 @@ def calibrate_thresholds(
     model: CellNet, sets: dict[str, list[tuple[np.ndarray, AnnotatedField]]]
 ) -> dict[str, float]:
     """Per-class score threshold with the best count accuracy, plus a little recall, averaged
-    over the validation sets so that the small BCCD set weighs as much as the large TXL one."""
+    over the given validation sets (each set weighs the same, whatever its size)."""
     from lisplugin.evaluation.detection import Boxes, count_accuracy, recall_at, threshold
 
     model.eval()
@@ -420,7 +420,9 @@ def train(args: argparse.Namespace) -> int:
     if args.export_only:
         model.load_state_dict(torch.load(ckpt_dir / "best.pt"))
         history = json.loads((ckpt_dir / "history.json").read_text())
+        args.command = json.loads((ckpt_dir / "run.json").read_text())["command"]
         return finish(model, out, val_sets, info, args, history[-1]["wall_s"], len(history))
+    (ckpt_dir / "run.json").write_text(json.dumps({"command": args.command}))
     samples_per_epoch = int(data.weights.sum())
     steps_per_epoch = max(1, samples_per_epoch // args.batch)
     total = steps_per_epoch * args.epochs
@@ -494,7 +496,7 @@ instance mask per cell, plus an image-level count estimate used as a cross-check
 ## Data and split
 
 - BCCD, cleaned "Complete Blood Count" split (`bccd/cbc_split.csv`): `train` ({d["bccd_train"]}
-  images, oversampled x2) for training, `val` for model selection and score thresholds, `test`
+  images, oversampled x2) for training, `val` for model selection, `test`
   only for the reported metrics. BCCD images absent from the CSV (bad RBC labels) are unused.
 - TXL-PBC `train` ({d["txl_train"]} images; BCCD, BCD, PBC and Raabin-WBC fields re-annotated)
   for training, `val` for model selection, thresholds and reported metrics.
@@ -537,8 +539,9 @@ noise/JPEG/debris (`lisplugin/training/augment.py`).
 `{t["command"]}` (seed {t["seed"]}{init}),
 {t["epochs"]} epochs of AdamW with a cosine schedule
 bounded by the time budget, 1 CPU thread shared with other jobs, {t["wall_time_min"]} min
-wall time. The best checkpoint by mean validation mAP@0.5 is exported; per-class score
-thresholds are the ones with the best validation count accuracy (+0.1 x recall).
+wall time. The checkpoint with the best mean validation mAP@0.5 (BCCD val, TXL-PBC val) is
+exported; per-class score thresholds are the ones with the best count accuracy (+0.1 x recall)
+on TXL-PBC val, whose labels include every cell (BCCD's leave many red cells out).
 
 ## Metrics
 
@@ -557,7 +560,9 @@ def finish(
 ) -> int:
     """Pick thresholds on validation, export ONNX and write the card."""
     model.eval()
-    thresholds = calibrate_thresholds(model, val_sets)
+    # TXL-PBC labels every cell; BCCD leaves many (mostly border-cut) red cells unlabelled, and
+    # thresholds fitted to that would make the daemon under-count real cells
+    thresholds = calibrate_thresholds(model, {"txl_val": val_sets["txl_val"]})
     onnx_path = out / "cell-detector.onnx"
     export_onnx(model, onnx_path)
     meta = {
@@ -567,7 +572,7 @@ def finish(
         "mask_threshold": 0.5,
         "wbf_iou": 0.55,
         "training": {
-            "command": "lisplugin train detector " + " ".join(args.argv),
+            "command": args.command,
             "wall_time_min": round(seconds / 60, 1),
             "seed": args.seed,
             "init": str(args.init) if args.init else None,
@@ -608,5 +613,5 @@ def cli(argv: list[str]) -> int:
         "--export-only", action="store_true", help="export best.pt of --checkpoints, no training"
     )
     args = parser.parse_args(argv)
-    args.argv = argv
+    args.command = "lisplugin train detector " + " ".join(argv)
     return train(args)
