@@ -6,13 +6,12 @@ sources and rounding are exactly what the daemon stores.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dicom_factory import instance, save, smear
+from dicom_factory import dciodvfy, instance, save, smear
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import MultiFrameTrueColorSecondaryCaptureImageStorage
@@ -53,14 +52,23 @@ def vl_capture(folder: Path, name: str = "field", *, seed: int = 0, study_uid: s
     return save(ds, folder / f"{name}.dcm")
 
 
-def smear_capture(folder: Path, seed: int, study_uid: str) -> Path:
-    """A realistic synthetic smear field (cells the models find) as a VL Microscopic Image."""
+def smear_capture(
+    folder: Path,
+    seed: int,
+    study_uid: str,
+    *,
+    accession: str = ACCESSION,
+    patient_id: str = PATIENT_ID,
+) -> Path:
+    """A realistic synthetic smear field (cells the models find) as a VL Microscopic Image,
+    as a microscope would send it."""
+    folder.mkdir(parents=True, exist_ok=True)
     jpeg = folder / f"smear-{seed}.jpg"
     save_synthetic(jpeg, seed=seed)
     ds = wrap_image_as_vl_microscopic(
         jpeg,
-        patient_id=PATIENT_ID,
-        accession=ACCESSION,
+        patient_id=patient_id,
+        accession=accession,
         study_uid=study_uid,
         instance_number=seed,
     )
@@ -155,7 +163,7 @@ def result_for(paths: list[Path], *, flags: bool = True) -> dict[str, Any]:
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """The Error lines dciodvfy reports for ``path`` (the caller skips when it is missing)."""
-    binary = shutil.which("dciodvfy")
+    binary = dciodvfy()
     assert binary is not None
     run = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

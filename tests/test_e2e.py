@@ -24,31 +24,14 @@ from hl7apy.parser import parse_message
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
+from report_factory import smear_capture
 
 from lisplugin.config import DEFAULT_CONFIG_DIR
-from lisplugin.dicom.scu import send, wrap_image_as_vl_microscopic
+from lisplugin.dicom.scu import send
 from lisplugin.hl7.lis_sim import LisSimulator, build_test_order
-from lisplugin.synthetic import save_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def capture(folder: Path, seed: int, accession: str, study_uid: str, patient_id: str) -> Path:
-    """A synthetic smear field, wrapped as a VL Microscopic Image file as a microscope sends it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    jpeg = folder / f"field-{seed}.jpg"
-    save_synthetic(jpeg, seed=seed)
-    ds = wrap_image_as_vl_microscopic(
-        jpeg,
-        patient_id=patient_id,
-        accession=accession,
-        study_uid=study_uid,
-        instance_number=seed,
-    )
-    path = folder / f"field-{seed}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def send_order(port: int, message: str) -> hl7.Message:
@@ -117,8 +100,8 @@ def test_order_and_captures_to_validated_oru(
     assert str(ack.segment("MSA")[1]) == "AA"
 
     study = generate_uid()
-    first = capture(tmp_path / "in", 1, accession, study, patient_id)
-    second = capture(tmp_path / "in", 2, accession, study, patient_id)
+    first = smear_capture(tmp_path / "in", 1, study, accession=accession, patient_id=patient_id)
+    second = smear_capture(tmp_path / "in", 2, study, accession=accession, patient_id=patient_id)
     storescu = dcmtk("storescu")
     if storescu is None:
         pytest.skip("DCMTK storescu not installed (apt-get install dcmtk)")
@@ -185,7 +168,9 @@ def test_bad_input_is_refused_clearly_and_loses_nothing(
         assoc.release()
 
     # ... an instance without pixel data gets a failure status with a reason, kept in quarantine.
-    good = capture(tmp_path / "in", 3, "ACC2002", generate_uid(), "PAT2002")
+    good = smear_capture(
+        tmp_path / "in", 3, generate_uid(), accession="ACC2002", patient_id="PAT2002"
+    )
     from pydicom import dcmread
 
     ds = dcmread(good)
@@ -216,7 +201,9 @@ def test_restart_while_queued_posts_exactly_once(
     )
     daemon.start()
     try:
-        path = capture(tmp_path / "in", 4, "ACC3001", generate_uid(), "PAT3001")
+        path = smear_capture(
+            tmp_path / "in", 4, generate_uid(), accession="ACC3001", patient_id="PAT3001"
+        )
         assert all(r.ok for r in send([path], "127.0.0.1", daemon.dicom_port, "LISPLUGIN"))
         daemon.kill()  # before the case was stable: it is waiting in the database
         assert not lis.received
@@ -240,7 +227,9 @@ def test_lis_outage_delivers_every_result_once_it_is_back(
     try:
         accessions = ["ACC4001", "ACC4002"]
         for seed, accession in enumerate(accessions, start=5):
-            path = capture(tmp_path / "in", seed, accession, generate_uid(), f"P{seed}")
+            path = smear_capture(
+                tmp_path / "in", seed, generate_uid(), accession=accession, patient_id=f"P{seed}"
+            )
             assert all(r.ok for r in send([path], "127.0.0.1", daemon.dicom_port, "LISPLUGIN"))
         for accession in accessions:  # analysed, but the LIS is down: the ORU waits, retried
             deadline = time.monotonic() + 120
@@ -275,7 +264,9 @@ def test_lis_error_answer_is_recorded_with_its_text(tmp_path: Path, database_url
     daemon = Daemon(tmp_path / "var", database_url, lis.port)
     daemon.start()
     try:
-        path = capture(tmp_path / "in", 9, "ACC5001", generate_uid(), "PAT5001")
+        path = smear_capture(
+            tmp_path / "in", 9, generate_uid(), accession="ACC5001", patient_id="PAT5001"
+        )
         assert all(r.ok for r in send([path], "127.0.0.1", daemon.dicom_port, "LISPLUGIN"))
         deadline = time.monotonic() + 120
         while True:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from daemon import free_port
-from dicom_factory import instance, save, smear
+from dicom_factory import dciodvfy, instance, save, smear
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -76,28 +76,16 @@ REPO = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((REPO / "interfaces/schemas/case-report.schema.json").read_text())
 LOINC = yaml.safe_load((DEFAULT_CONFIG_DIR / "loinc.yaml").read_text())
 PRODUCER = Producer("LISPLUGIN", MODELS)
-#: dicom3tools 2022 (Debian 12) checks Common Z Coordinate Value whenever the coordinates are
-#: not 3D, present or not: a false positive on every 2D annotation group, fixed in later
-#: dicom3tools (the 2026 release reports no error for the same objects). Accepted only when
-#: the attribute is really absent (the value shown is empty).
-DCIODVFY_2D_FALSE_POSITIVE = (
-    "Error - Only valid for AnnotationCoordinateType of 3D - attribute "
-    "<CommonZCoordinateValue> = <>"
-)
 
 
 def _require_dciodvfy() -> None:
-    if shutil.which("dciodvfy") is None:
+    if dciodvfy() is None:
         pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
 
 
 def _valid(path: Path) -> None:
     _require_dciodvfy()
-    errors = dciodvfy_errors(path)
-    if dcmread(path, stop_before_pixels=True).SOPClassUID == MicroscopyBulkSimpleAnnotationsStorage:
-        assert all("CommonZCoordinateValue" not in g for g in dcmread(path).AnnotationGroupSequence)
-        errors = [e for e in errors if e != DCIODVFY_2D_FALSE_POSITIVE]
-    assert errors == []
+    assert dciodvfy_errors(path) == []
 
 
 @pytest.fixture
