@@ -137,6 +137,20 @@ class Tally:
     differential: dict[str, float]
     wbc_classified: int
 
+    def specimen(
+        self, fields: Sequence[FieldResult], model_versions: Mapping[str, str]
+    ) -> SpecimenResult:
+        """The specimen result of these counts, before the rules add their flags."""
+        return SpecimenResult(
+            counts=self.counts,
+            differential=self.differential,
+            class_counts=self.class_counts,
+            wbc_classified=self.wbc_classified,
+            flags=(),
+            fields=tuple(fields),
+            model_versions=dict(model_versions),
+        )
+
 
 def tally(cells: Iterable[Cell]) -> Tally:
     """The one place cells become counts: analysis and expert review both use it."""
@@ -167,15 +181,7 @@ def aggregate(
     """
     del settings  # the parsed rules already hold every limit taken from the settings
     counted = tally(c for result in field_results for c in result.cells)
-    specimen = SpecimenResult(
-        counts=counted.counts,
-        differential=counted.differential,
-        class_counts=counted.class_counts,
-        wbc_classified=counted.wbc_classified,
-        flags=(),
-        fields=tuple(field_results),
-        model_versions=dict(model_versions),
-    )
+    specimen = counted.specimen(field_results, model_versions)
     flags = evaluate_rules(specimen, rules, patient, ranges)
     return replace(specimen, flags=tuple(flags))
 

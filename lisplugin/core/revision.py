@@ -121,16 +121,7 @@ def revise(
     stored = result.get("cells") or []
     counted = [_cell(c) for c in stored if c["class"] not in REVIEW_ONLY_CLASSES]
     fields = tuple(_field(f, counted) for f in result.get("fields") or [])
-    counts = tally(counted)
-    specimen = SpecimenResult(
-        counts=counts.counts,
-        differential=counts.differential,
-        class_counts=counts.class_counts,
-        wbc_classified=counts.wbc_classified,
-        flags=(),
-        fields=fields,
-        model_versions=dict(result.get("model_versions") or {}),
-    )
+    specimen = tally(counted).specimen(fields, result.get("model_versions") or {})
     kept_codes = {r.code for r in rules if r.kind in ANALYSIS_ONLY_KINDS}
     flags = [
         *evaluate_rules(
