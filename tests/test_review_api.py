@@ -354,6 +354,40 @@ def test_reclassify_recomputes_the_differential(station: Station) -> None:
     assert missing.status_code == 404
 
 
+@sqlite_only
+def test_late_capture_keeps_reviewer_decisions_until_re_analysed(station: Station) -> None:
+    client = station.client("tech")
+    case = station.case(client)
+    cell = leukocytes(case)[0]
+    answer = client.patch(
+        f"/api/cases/{station.case_id}/cells/{cell['id']}",
+        json={"class": other_class(cell), "version": case["version"]},
+    )
+    assert answer.status_code == 200, answer.text
+    edited = station.case(client)
+
+    # A second field of the same accession arrives after the reviewer's change.
+    late = review_capture(station.folder, station.detector, 22, "ACC9001", "PAT9001")
+    assert ingest(station.runtime, late) == station.case_id
+    kept = station.case(client)
+    assert kept["status"] == "review"
+    assert kept["instances"] == 2
+    assert kept["captures_after_analysis"] == 1
+    assert kept["result"] == edited["result"]  # the reclassification is still there
+    page = client.get(f"/cases/{station.case_id}")
+    assert page.status_code == 200
+    assert 'id="late-captures"' in page.text
+
+    # Re-analysing on purpose takes the new field in (and starts the review afresh).
+    answer = client.post(f"/api/cases/{station.case_id}/analyze")
+    assert answer.status_code == 202, answer.text
+    station.runtime.scheduler.run_once()
+    redone = station.case(client)
+    assert redone["captures_after_analysis"] == 0
+    assert len(redone["result"]["fields"]) == 2
+    assert not any("original_class" in c for c in redone["result"]["cells"])
+
+
 # --- sign-out -------------------------------------------------------------------------------
 
 

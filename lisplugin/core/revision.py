@@ -73,6 +73,14 @@ def reclassify(result: Mapping[str, Any], cell_id: int, new_class: str) -> dict[
     return revised
 
 
+def reclassified(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The cells of ``result`` whose class a person changed (their work, which re-analysis
+    would discard)."""
+    return [
+        c for c in result.get("cells") or [] if c.get("original_class", c["class"]) != c["class"]
+    ]
+
+
 def _cell(data: Mapping[str, Any]) -> Cell:
     """A stored cell as the rules see it: a class a person gave is certain."""
     probabilities = data.get("probabilities")

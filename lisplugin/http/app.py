@@ -60,6 +60,7 @@ class CaseDetail(CaseSummary):
     error: str | None
     version: int
     messages: list[OutboxEntry]
+    captures_after_analysis: int
 
 
 class AnalyzeAccepted(BaseModel):
@@ -164,6 +165,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             "error": case.error,
             "version": case.version,
             "messages": [OutboxEntry.model_validate(m, from_attributes=True) for m in messages],
+            "captures_after_analysis": review.captures_after_analysis(case),
         }
 
     @cases.post("/{case_id}/analyze", response_model=AnalyzeAccepted, status_code=202)

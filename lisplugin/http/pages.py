@@ -140,6 +140,7 @@ def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[st
         "version": case.version,
         "status": case.status.value,
         "final_sent": case.final_sent,
+        "captures_after_analysis": review.captures_after_analysis(case),
         "can_review": reviewer and case.status in review.REVIEWABLE,
         "can_sign_out": principal.role == Role.PATHOLOGIST,
         "classes": [

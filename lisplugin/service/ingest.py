@@ -17,6 +17,7 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lisplugin.core.revision import reclassified
 from lisplugin.dicom.decode import iter_fields, validate_identity
 from lisplugin.hl7.orders import Order
 from lisplugin.storage.db import Database
@@ -25,7 +26,8 @@ from lisplugin.storage.orm import Case, CaseStatus, Instance, OrderMessage, Quar
 
 log = logging.getLogger(__name__)
 
-#: Case states in which a new capture re-opens the case for analysis.
+#: Case states in which a new capture re-opens the case for analysis - unless a reviewer has
+#: already reclassified cells of its result (signed-out cases are never re-opened by a capture).
 REOPENABLE = {
     CaseStatus.AWAITING_IMAGES,
     CaseStatus.RECEIVING,
@@ -121,8 +123,17 @@ class InstanceStore:
                         calling_ae_title=calling_ae_title,
                     )
                 )
-            if case.status in REOPENABLE:
+            if case.status in REOPENABLE and not reclassified(case.result or {}):
                 case.status = CaseStatus.RECEIVING
+            elif case.status in REOPENABLE or case.status == CaseStatus.FINAL:
+                # Re-analysing would discard what a person decided; they re-analyse explicitly.
+                log.warning(
+                    "case %s is %s with reviewer decisions: %s kept, not analysed until someone "
+                    "re-analyses the case",
+                    case.case_key,
+                    case.status.value,
+                    sop_uid,
+                )
             case.last_instance_at = datetime.now(UTC)
             log.info("stored %s in case %s (%d frames)", sop_uid, case.case_key, frames)
             return case

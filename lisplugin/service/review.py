@@ -26,7 +26,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from lisplugin.config import Hl7Settings
 from lisplugin.core.analysis import median_rbc_diameter
 from lisplugin.core.crops import PBC_CROP_PX, leukocyte_crop, pbc_scale
-from lisplugin.core.revision import RevisionError, reclassify, revise
+from lisplugin.core.revision import RevisionError, reclassified, reclassify, revise
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import Detection, Field, Flag, ResultValue, SpecimenResult
 from lisplugin.dicom.decode import iter_fields
@@ -174,8 +174,7 @@ class SignedOut:
 
 def _reviewed_cells(result: dict[str, Any]) -> tuple[int, int]:
     leukocytes = [c for c in result.get("cells") or [] if c["kind"] == "WBC"]
-    changed = [c for c in leukocytes if c.get("original_class", c["class"]) != c["class"]]
-    return len(changed), len(leukocytes)
+    return len(reclassified(result)), len(leukocytes)
 
 
 def sign_out(
@@ -233,6 +232,15 @@ def sign_out(
     )
     _flush(session, case_id)
     return SignedOut(control_id, status, case.version)
+
+
+def captures_after_analysis(case: Case) -> int:
+    """Captures stored since the result was made: a case with reviewer decisions keeps them
+    out of its result until someone re-analyses it (which discards those decisions)."""
+    if case.analysed_at is None:
+        return 0
+    analysed = as_utc(case.analysed_at)
+    return sum(1 for i in case.instances if as_utc(i.received_at) > analysed)
 
 
 def worklist(session: Session, now: datetime | None = None) -> list[dict[str, Any]]:

@@ -387,9 +387,15 @@ def cli(argv: list[str]) -> int:
         log(f"loaded {split}: {len(part)} images at {args.input_size} px")
     train_x, train_y = data["train"]
     val_x, val_y = data["val"]
-    # PBC statistics only, so that a model fine-tuned from a PBC model keeps its normalisation.
-    mean = [round(float(v), 4) for v in train_x.reshape(-1, 3).mean(axis=0) / 255.0]
-    std = [round(float(v), 4) for v in train_x.reshape(-1, 3).std(axis=0) / 255.0]
+    # A fine-tuned model keeps the normalisation of the model it starts from; a new one takes
+    # the statistics of PBC alone (before any field crops join the training set).
+    init_card = _init_card(args.init)
+    if init_card is not None:
+        mean, std = list(init_card["mean"]), list(init_card["std"])
+    else:
+        mean = [round(float(v), 4) for v in train_x.reshape(-1, 3).mean(axis=0) / 255.0]
+        std = [round(float(v), 4) for v in train_x.reshape(-1, 3).std(axis=0) / 255.0]
+    calibration = normalise(to_tensor(train_x[:: max(len(train_x) // 512, 1)]), mean, std)
     field: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if args.field_data is not None:
         field = _field_crops(args.field_data, classes, args.input_size, args.centre, log)
@@ -400,12 +406,7 @@ def cli(argv: list[str]) -> int:
 
     model = LeukocyteNet(len(classes))
     if args.init is not None:
-        _initialise(
-            model,
-            args.init,
-            normalise(to_tensor(train_x[:: max(len(train_x) // 512, 1)]), mean, std),
-            log,
-        )
+        _initialise(model, args.init, init_card, calibration, log)
     model, history = train(
         model, train_x, train_y, val_x, val_y, mean, std, args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
@@ -499,16 +500,41 @@ def _field_crops(
     return out
 
 
+def _init_card(path: Path | None) -> dict[str, Any] | None:
+    """The model card beside an ``--init`` ONNX file (``NAME.md`` for ``NAME.onnx``), if any."""
+    if path is None or path.suffix != ".onnx" or not path.with_suffix(".md").is_file():
+        return None
+    from lisplugin.inference.registry import read_front_matter
+
+    return read_front_matter(path.with_suffix(".md"))
+
+
 def _initialise(
-    model: nn.Module, path: Path, calibration: torch.Tensor, log: Callable[[str], None]
+    model: nn.Module,
+    path: Path,
+    card: dict[str, Any] | None,
+    calibration: torch.Tensor,
+    log: Callable[[str], None],
 ) -> None:
-    """Load starting weights: a torch state dict, or the convolutions of an exported ONNX."""
+    """Load starting weights: a torch state dict, or the convolutions of an exported ONNX.
+
+    An exported model may have been trained at another input size (the network is size-agnostic
+    thanks to global pooling) and may average test-time views in its graph (its card says how
+    many); the check against the ONNX runs at the graph's size through the same views.
+    """
     if path.suffix == ".onnx":
         from lisplugin.training.onnx_init import load_onnx_weights, max_abs_difference
 
+        size = int(card["input_size"]) if card else calibration.shape[-1]
+        if size != calibration.shape[-1]:
+            calibration = F.interpolate(
+                calibration, size=(size, size), mode="bilinear", antialias=True
+            )
         load_onnx_weights(model, path, calibration)
-        difference = max_abs_difference(model, path, calibration)
-        log(f"init from {path}: max |logit - onnx| {difference:.2e}")
+        views = int(card.get("test_time_views", 1)) if card else 1
+        check = ViewAverage(model, views) if views > 1 else model
+        difference = max_abs_difference(check, path, calibration)
+        log(f"init from {path} ({size} px, {views} views): max |logit - onnx| {difference:.2e}")
     else:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log(f"init from {path}")
