@@ -76,6 +76,29 @@ def test_train_cli_on_a_handful_of_pbc_images(shared_data: Path, tmp_path: Path)
     assert probs.shape == (1, 8) and probs.sum() == pytest.approx(1.0)
 
 
+def test_fine_tune_from_a_shipped_onnx_at_another_size(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["--data", str(shared_data / "pbc"), "--limit", "16", "--epochs", "1"]
+    argv += ["--batch-size", "8"]
+    assert training.cli([*argv, "--out", str(first), "--input-size", "32"]) == 0
+    init = first / "leukocyte-classifier.onnx"
+    capsys.readouterr()
+    tune = ["--out", str(second), "--input-size", "40", "--init", str(init), "--lr", "1e-4"]
+    assert training.cli([*argv, *tune]) == 0
+    log = capsys.readouterr().out
+    # the 4-view graph at 32 px is rebuilt exactly before training at 40 px
+    difference = float(log.split("max |logit - onnx| ")[1].split()[0])
+    assert "(32 px, 4 views)" in log and difference < 1e-4
+    parent = load_card(first, "leukocyte-classifier")
+    child = load_card(second, "leukocyte-classifier")
+    assert child["input_size"] == 40
+    assert (child["mean"], child["std"]) == (parent["mean"], parent["std"])
+    text = (second / "leukocyte-classifier.md").read_text()
+    assert "## Lineage" in text and parent["sha256"][:16] in text
+
+
 def test_photometric_keeps_shape_range_and_is_reproducible() -> None:
     x = torch.rand(6, 3, 37, 45)
     a = photometric(x, torch.Generator().manual_seed(3))

@@ -475,7 +475,7 @@ def cli(argv: list[str]) -> int:
     params = sum(p.numel() for p in model.parameters())
     body = _card_body(
         meta, history, test, command, train_seconds, params, onnx_path.stat().st_size,
-        {s: len(v[1]) for s, v in data.items()},
+        {s: len(v[1]) for s, v in data.items()}, init_card,
     )  # fmt: skip
     if transfer:
         body += _transfer_section(args, transfer)
@@ -601,9 +601,22 @@ def _card_body(
     params: int,
     onnx_bytes: int,
     counts: dict[str, int],
+    init: dict[str, Any] | None = None,
 ) -> str:
     m = meta["metrics"]
     best = max(history, key=lambda r: r["val_accuracy"])
+    origin = "It is trained from scratch on one CPU core within the one-hour budget:"
+    lineage = ""
+    if init is not None:
+        origin = "Its first version was trained from scratch within the one-hour budget:"
+        lineage = f"""
+## Lineage
+
+Fine-tuned from {init["name"]} {init["version"]} ({init["input_size"]} px, SHA-256
+`{init["sha256"][:16]}...`), the `--init` file of the command below with its card beside it. That
+model and the chain back to the one trained from scratch are in this repository's history
+(`git log -- models/{MODEL_NAME}.md`); each card there gives its own command and wall time.
+"""
     return f"""
 # Leukocyte classifier {meta["version"]}
 
@@ -626,7 +639,7 @@ temperature), test {counts["test"]} (reported once, below).
 
 A small ResNet ({params:,} parameters, {onnx_bytes / 1e6:.1f} MB ONNX): stride-2 3x3 stem,
 four stages of basic blocks (32, 64, 128, 256 channels; 1, 1, 2, 1 blocks), global average
-pooling, linear head. It is trained from scratch on one CPU core within the one-hour budget:
+pooling, linear head. {origin}
 residual 3x3 convolutions are the fastest well-understood choice on CPU (depthwise
 MobileNet-style layers train slowly in PyTorch on CPU), and {meta["input_size"]} px keeps the
 colour and nuclear shape that separate the classes (BloodMNIST reaches ~96 % even at 28 px).
@@ -637,7 +650,7 @@ batch 64, EMA of the weights (decay ramping up to 0.999). Augmentation: any rota
 stain/colour cast, uneven illumination, defocus blur, sensor noise, JPEG-like block
 quantisation, debris blobs. Best validation accuracy {best["val_accuracy"]:.4f} at epoch
 {best["epoch"]} of {len(history)}.
-
+{lineage}
 ## Reproduce
 
 ```
