@@ -64,6 +64,8 @@ class StorageSettings(BaseModel):
 class CaseSettings(BaseModel):
     #: A case is analysed once no new instance arrived for this many seconds.
     stable_seconds: float = 10.0
+    #: Reports still owed this long after their result was released are made again.
+    report_retry_seconds: float = 60.0
 
 
 class AnalysisSettings(BaseModel):

@@ -9,7 +9,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from lisplugin.service.outbox import OutboxWorker, ReceiverUnavailable
 from lisplugin.service.reports import write_case_reports
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.db import Database
-from lisplugin.storage.orm import Case, OutboxMessage, OutboxStatus
+from lisplugin.storage.orm import Case, OutboxMessage, OutboxStatus, PendingReport
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((REPO / "interfaces/schemas/case-report.schema.json").read_text())
@@ -535,6 +535,34 @@ def test_write_case_reports_keeps_files_and_queues_dicom(
     with runtime.db.session() as session:
         delivered = session.query(OutboxMessage).filter_by(channel="dicom").all()
         assert {(m.status, m.ack_code) for m in delivered} == {(OutboxStatus.DELIVERED, "0000")}
+
+
+def test_reports_a_failure_left_owed_are_made_later(runtime: Runtime, captures: list[Path]) -> None:
+    """The ORU is committed, the reports fail (their folder cannot be made): the case stays
+    owed its reports, and the scheduler makes them once the obstacle is gone."""
+    blocker = runtime.settings.storage.path / "reports"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    for path in captures:
+        case = runtime.store.store(dcmread(path), path.read_bytes())
+    runtime.scheduler.queue_stable(now=datetime.now(UTC) + timedelta(days=1))
+    assert runtime.scheduler.run_once() == [case.id]
+    with runtime.db.session() as session:
+        assert session.query(OutboxMessage).filter_by(channel="hl7").count() == 1
+        assert session.get(PendingReport, case.id) is not None
+    later = datetime.now(UTC) + timedelta(seconds=runtime.settings.cases.report_retry_seconds + 1)
+    assert runtime.scheduler.catch_up_reports(datetime.now(UTC)) == []  # still in its grace
+    assert runtime.scheduler.catch_up_reports(later) == []  # fails again, stays owed
+    blocker.unlink()
+    assert runtime.scheduler.catch_up_reports(later) == [case.id]
+    report = json.loads((blocker / str(case.id) / "report.json").read_text())
+    with runtime.db.session() as session:
+        assert session.get(PendingReport, case.id) is None
+        queued = session.query(OutboxMessage).filter_by(channel="dicom").all()
+        assert sorted(m.control_id for m in queued) == sorted(
+            d["sop_instance_uid"] for d in report["documents"]
+        )
+    assert runtime.scheduler.catch_up_reports(later) == []  # nothing owed any more
 
 
 def test_http_routes_serve_the_reports(runtime: Runtime, captures: list[Path]) -> None:

@@ -26,7 +26,7 @@ from lisplugin.hl7.oru import build_oru
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline, read_fields
-from lisplugin.service.reports import write_case_reports
+from lisplugin.service.reports import mark_reports_due, reports_due, write_case_reports
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
 
@@ -47,7 +47,8 @@ def queue_oru(
 ) -> str:
     """Build the case's ORU^R01 and add it to the outbox in the caller's transaction.
 
-    Control ids are ``LP<case>-<n>``: unique, stable across resends, readable in the LIS.
+    Control ids are ``LP<case>-<n>``: unique, stable across resends, readable in the LIS. The
+    case's reports are marked due in the same transaction.
     """
     sequence = 1 + (
         session.scalar(select(func.count()).where(OutboxMessage.case_id == case.id)) or 0
@@ -86,6 +87,7 @@ def queue_oru(
             status=OutboxStatus.PENDING,
         )
     )
+    mark_reports_due(session, case.id)  # every released result gets its reports
     return control_id
 
 
@@ -135,7 +137,26 @@ class CaseScheduler:
             ).all()
         for case_id in queued:
             self.analyse_case(case_id)
+        self.catch_up_reports()
         return list(queued)
+
+    def catch_up_reports(self, now: datetime | None = None) -> list[int]:
+        """Make the reports a stop or a failure left owed (after a grace period in which the
+        writer that owes them, e.g. a sign-out, is still at work)."""
+        now = now or datetime.now(UTC)
+        grace = timedelta(seconds=self.settings.cases.report_retry_seconds)
+        done = []
+        for case_id in reports_due(self.db, now - grace):
+            try:
+                write_case_reports(self.db, case_id, self.settings)
+            except Exception:
+                log.exception("reports of case %s failed again; retried later", case_id)
+                continue
+            log.info("case %s: owed reports written", case_id)
+            done.append(case_id)
+        if done:
+            self.on_outbox()
+        return done
 
     def analyse_case(self, case_id: int) -> None:
         started = time.perf_counter()

@@ -23,6 +23,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from lisplugin.config import Settings
 from lisplugin.core.analysis import result_values
@@ -40,7 +41,7 @@ from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import age_in_years
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import write_durably
-from lisplugin.storage.orm import Case, OutboxMessage, OutboxStatus
+from lisplugin.storage.orm import Case, OutboxMessage, OutboxStatus, PendingReport
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,26 @@ class _CaseSnapshot:
     result: dict[str, Any]
     result_status: str
     paths: list[str]
+
+
+def mark_reports_due(session: Session, case_id: int) -> None:
+    """In the transaction that releases a result: its reports are owed until written."""
+    session.merge(PendingReport(case_id=case_id, due_at=datetime.now(UTC)))
+
+
+def reports_due(db: Database, older_than: datetime) -> list[int]:
+    """Cases owed reports since before ``older_than`` (a write that failed or never ran)."""
+    with db.session() as session:
+        rows = session.scalars(select(PendingReport)).all()
+        return sorted(r.case_id for r in rows if as_utc(r.due_at) <= older_than)
+
+
+def _reports_written(db: Database, case_id: int, started: datetime) -> None:
+    """The owed reports are on disk - unless the result changed again while they were made."""
+    with db.session() as session:
+        row = session.get(PendingReport, case_id)
+        if row is not None and as_utc(row.due_at) <= started:
+            session.delete(row)
 
 
 def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[Path]:
@@ -136,6 +157,7 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
     written.append(write_durably(folder / REPORT_JSON, body))
     if settings.pacs.enabled and documents:
         _queue(db, case_id, snapshot.result_status, documents, folder)
+    _reports_written(db, case_id, generated_at)
     log.info(
         "case %s: %d report files written%s",
         case_id,

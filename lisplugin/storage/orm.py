@@ -111,6 +111,16 @@ class OrderMessage(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class PendingReport(Base):
+    """A case whose reports must be made again: added in the transaction that releases a
+    result, removed once the reports are on disk, so that a stop in between is caught up."""
+
+    __tablename__ = "pending_reports"
+
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), primary_key=True)
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class OutboxMessage(Base):
     """A message waiting for (or past) delivery; a resend keeps its control id."""
 
