@@ -60,7 +60,7 @@ from lisplugin.core.types import SpecimenResult
 from lisplugin.dicom.decode import fields_from_dataset
 from lisplugin.http.reports import router
 from lisplugin.reports.annotations import build_annotations, cell_polygon, polygon_area
-from lisplugin.reports.coding import CELL_TYPES, Producer
+from lisplugin.reports.coding import CELL_TYPES, Producer, Verification
 from lisplugin.reports.json_report import case_report
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.reports.pdf import build_encapsulated_pdf, build_pdf
@@ -163,6 +163,29 @@ def test_sr_is_valid_and_reads_back(captures: list[Path], tmp_path: Path) -> Non
     assert quality.value == codes.DCM.UsableDoesNotMeetTheQualityControlStandard
     (image,) = failed.source_images
     assert image.referenced_sop_instance_uid == field["source"]
+
+
+def test_signed_out_sr_names_its_verifying_observer(captures: list[Path], tmp_path: Path) -> None:
+    signed = Verification("jdoe", "HAEM LAB", datetime(2026, 11, 21, 14, 5, 9, tzinfo=UTC))
+    sr = build_sr(
+        result_for(captures),
+        read_headers(captures),
+        loinc_map=LOINC,
+        producer=PRODUCER,
+        preliminary=False,
+        verification=signed,
+    )
+    path = tmp_path / "signed.dcm"
+    sr.save_as(path)
+    _valid(path)
+    back = dcmread(path)
+    assert (back.PreliminaryFlag, back.VerificationFlag) == ("FINAL", "VERIFIED")
+    observer = back.VerifyingObserverSequence[0]
+    assert (str(observer.VerifyingObserverName), observer.VerifyingOrganization) == (
+        "jdoe^",
+        "HAEM LAB",
+    )
+    assert observer.VerificationDateTime.startswith("20261121140509")
 
 
 def test_annotations_are_valid_and_read_back(captures: list[Path], tmp_path: Path) -> None:

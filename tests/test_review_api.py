@@ -9,6 +9,8 @@ the real outbox. Tests that concern storage run on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import io
+import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
+import pydicom
 import pytest
 from PIL import Image
 from review_support import (
@@ -43,6 +47,7 @@ from lisplugin.storage.orm import Case, CaseStatus
 from lisplugin.storage.orm_review import AuditEvent, Role, User, UserSession
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -122,6 +127,17 @@ def station(
     finally:
         lis.stop()
         runtime.db.dispose()
+
+
+def signed_report(client: httpx.Client, case_id: int) -> dict[str, Any]:
+    """The JSON report once the sign-out's reports are written (they follow the answer)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        answer = client.get(f"/api/cases/{case_id}/reports/json")
+        if answer.status_code == 200 and answer.json()["verified_by"]:
+            return answer.json()
+        time.sleep(0.2)
+    raise AssertionError(f"no signed report for case {case_id} within 30 s")
 
 
 def leukocytes(case: dict[str, Any]) -> list[dict[str, Any]]:
@@ -418,6 +434,17 @@ def test_sign_out_sends_final_and_a_correction_sends_corrected(station: Station)
     assert "verified by path" in final
     signed = station.case(path)
     assert signed["status"] == "final"
+    # The reports made at sign-out name the signer: SR Verifying Observer, JSON and PDF.
+    report = signed_report(path, station.case_id)
+    assert report["verified_by"]["username"] == "path"
+    schema = json.loads((REPO / "interfaces/schemas/case-report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(report)
+    sr = pydicom.dcmread(io.BytesIO(path.get(f"{url}/reports/sr").content))
+    assert (sr.VerificationFlag, sr.PreliminaryFlag) == ("VERIFIED", "FINAL")
+    observer = sr.VerifyingObserverSequence[0]
+    assert str(observer.VerifyingObserverName) == "path^"
+    assert observer.VerifyingOrganization == station.runtime.settings.hl7.sending_facility
+    assert observer.VerificationDateTime[:8] == report["verified_by"]["at"][:10].replace("-", "")
     assert path.get("/api/worklist").json() == []
     again = path.post(f"{url}/signout", json={"version": signed["version"]})
     assert again.status_code == 409  # nothing changed since: nothing to release

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -125,6 +126,20 @@ def named_result(loinc_map: Mapping[str, Any], key: str, meaning: str, units: st
 def differential_code(loinc_map: Mapping[str, Any], label: str) -> ResultCode:
     """The coded name of a class's share of the leukocytes, keyed as in the ORU."""
     return named_result(loinc_map, result_key(label), f"{label} per 100 leukocytes", "%")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Who signed the result out, for whom, and when (DICOM Verifying Observer)."""
+
+    observer: str  # the reviewer's user name
+    organization: str  # the laboratory (HL7 sending facility)
+    at: datetime
+
+    @property
+    def person_name(self) -> str:
+        """The observer as a DICOM PN; a single name is a family name (``name^``)."""
+        return self.observer if "^" in self.observer else f"{self.observer}^"
 
 
 @dataclass(frozen=True)

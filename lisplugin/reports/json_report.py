@@ -16,6 +16,7 @@ from typing import Any, Literal
 from lisplugin import __version__
 from lisplugin.core.report import value_to_json
 from lisplugin.core.types import ResultValue
+from lisplugin.reports.coding import Verification
 
 #: Identifies the document format; bump the number on an incompatible change.
 FORMAT = "lisplugin-case-report/1"
@@ -46,12 +47,13 @@ def case_report(
     values: Sequence[ResultValue],
     documents: Sequence[Document],
     generated_at: datetime,
+    verification: Verification | None = None,
 ) -> dict[str, Any]:
     """The JSON report of one case.
 
     ``case`` holds ``id``, ``case_key``, ``accession_number``, ``study_instance_uid``,
     ``status`` and ``analysed_at`` (a datetime or None); ``result_status`` is P, F or C as in
-    the case's ORU.
+    the case's ORU; ``verification`` names who signed the result out, if a person did.
     """
     analysed_at = case.get("analysed_at")
     return {
@@ -73,4 +75,11 @@ def case_report(
         "values": [value_to_json(v) for v in values],
         "result": dict(result),
         "documents": [asdict(d) for d in documents],
+        "verified_by": None
+        if verification is None
+        else {
+            "username": verification.observer,
+            "organization": verification.organization,
+            "at": verification.at.isoformat(),
+        },
     }

@@ -90,7 +90,7 @@ def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> by
     )
     story: list[Flowable] = [
         Paragraph(DOCUMENT_TITLE, styles["Title"]),
-        _banner(report["report_status"], styles),
+        _banner(report["report_status"], report.get("verified_by"), styles),
         Spacer(1, 4 * mm),
         _identity_table(report, small),
         Spacer(1, 5 * mm),
@@ -120,8 +120,13 @@ def _escape(text: Any) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _banner(status: str, styles: Any) -> Table:
+def _banner(status: str, verified_by: Mapping[str, Any] | None, styles: Any) -> Table:
     text, colour = _STATUS_BANNER[status]
+    if verified_by:  # a person released it, not the rules
+        text = (
+            f"{text.split(' - ')[0]} - verified by {_escape(verified_by['username'])} "
+            f"({_escape(verified_by['organization'])}), {_date(verified_by['at'])}"
+        )
     style = ParagraphStyle(
         "banner", parent=styles["Normal"], textColor=colors.white, fontName="Helvetica-Bold"
     )

@@ -31,9 +31,10 @@ from highdicom.sr import (
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DT
 
 from lisplugin.reports import coding
-from lisplugin.reports.coding import Producer, ResultCode
+from lisplugin.reports.coding import Producer, ResultCode, Verification
 from lisplugin.reports.sources import FieldRef, fields_by_source
 
 SERIES_NUMBER = 900
@@ -49,12 +50,14 @@ def build_sr(
     loinc_map: Mapping[str, Any],
     producer: Producer,
     preliminary: bool,
+    verification: Verification | None = None,
 ) -> Comprehensive3DSR:
     """The SR of ``result``, computed from the captures whose headers are ``headers``.
 
     ``preliminary`` sets Preliminary Flag (0040,A496): a result that waits for review is
-    PRELIMINARY, a verified one FINAL. Verification Flag stays UNVERIFIED: no person has signed
-    this document (sign-out produces a new one).
+    PRELIMINARY, a released one FINAL. Verification Flag is VERIFIED, with the person, the
+    laboratory and the time of the sign-out in Verifying Observer Sequence, when a person signed
+    the result out (``verification``); a result released by the rules alone stays UNVERIFIED.
     """
     if not headers:
         raise ValueError("an SR needs at least one source image")
@@ -78,7 +81,7 @@ def build_sr(
         imaging_measurements=groups,
         referenced_images=evidence,
     )
-    return Comprehensive3DSR(
+    sr = Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=generate_uid(),
@@ -93,7 +96,13 @@ def build_sr(
         # a list, as pydicom wants multiple values (highdicom's hint says tuple)
         software_versions=producer.software_versions,  # type: ignore[arg-type]
         coding_schemes=[coding.PRIVATE_SCHEME_ITEM],
+        is_verified=verification is not None,
+        verifying_observer_name=verification.person_name if verification else None,
+        verifying_organization=verification.organization if verification else None,
     )
+    if verification is not None:  # highdicom stamps the time of writing; the SR says signing
+        sr.VerifyingObserverSequence[0].VerificationDateTime = DT(verification.at)
+    return sr
 
 
 def _procedures(loinc_map: Mapping[str, Any]) -> list[CodedConcept]:

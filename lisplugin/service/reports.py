@@ -32,7 +32,7 @@ from lisplugin.core.rules import PatientContext
 from lisplugin.core.types import ResultValue, SpecimenResult
 from lisplugin.dicom.decode import UnusableInstance, iter_fields
 from lisplugin.reports.annotations import build_annotations
-from lisplugin.reports.coding import Producer
+from lisplugin.reports.coding import Producer, Verification
 from lisplugin.reports.json_report import Document, DocumentKind, case_report
 from lisplugin.reports.pdf import build_encapsulated_pdf, build_pdf
 from lisplugin.reports.sources import read_headers
@@ -41,7 +41,8 @@ from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import age_in_years
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import write_durably
-from lisplugin.storage.orm import Case, OutboxMessage, OutboxStatus, PendingReport
+from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus, PendingReport
+from lisplugin.storage.orm_review import AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class _CaseSnapshot:
     result: dict[str, Any]
     result_status: str
     paths: list[str]
+    signed_out: tuple[str, datetime] | None  # who signed the result out, and when
 
 
 def mark_reports_due(session: Session, case_id: int) -> None:
@@ -103,6 +105,11 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
     headers = read_headers(existing)
     producer = Producer(settings.dicom.ae_title, dict(snapshot.result.get("model_versions", {})))
     values = _values(snapshot, settings, generated_at)
+    verification = (
+        Verification(snapshot.signed_out[0], settings.hl7.sending_facility, snapshot.signed_out[1])
+        if snapshot.signed_out
+        else None
+    )
 
     objects: list[tuple[DocumentKind, Dataset]] = []
     if headers:
@@ -112,6 +119,7 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
             loinc_map=settings.load_yaml("loinc.yaml"),
             producer=producer,
             preliminary=snapshot.result_status == "P",
+            verification=verification,
         )
         objects.append(("sr", sr))
         objects += [
@@ -128,6 +136,7 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
             values=values,
             documents=documents,
             generated_at=generated_at,
+            verification=verification,
         )
 
     pdf = build_pdf(
@@ -193,7 +202,21 @@ def _snapshot(db: Database, case_id: int) -> _CaseSnapshot:
             # as the case's ORU says; before any ORU, as the result says
             result_status=latest or ("P" if case.result.get("needs_review") else "F"),
             paths=[instance.path for instance in case.instances],
+            signed_out=_signed_out(session, case),
         )
+
+
+def _signed_out(session: Session, case: Case) -> tuple[str, datetime] | None:
+    """The sign-out that made the case's current result final, from the audit trail."""
+    if case.status != CaseStatus.FINAL:
+        return None
+    event = session.scalar(
+        select(AuditEvent)
+        .where(AuditEvent.case_id == case.id, AuditEvent.action == "case.signout")
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
+    return None if event is None else (event.username, as_utc(event.at))
 
 
 def _values(snapshot: _CaseSnapshot, settings: Settings, on: datetime) -> list[ResultValue]:
