@@ -48,6 +48,20 @@ def test_duplicate_detection_is_a_false_positive_and_recall():
     assert ev.average_precision([gt], [pred], 1, 0.5) == pytest.approx(51 / 101)
 
 
+def test_missed_cells_are_those_recall_counts_with_what_was_found_instead():
+    gt = _b([[0, 0, 10, 10], [30, 0, 40, 10], [60, 0, 70, 10]], [1, 1, 0])
+    # the first WBC is found; the second is called a red cell; the RBC has nothing near it
+    pred = _b([[0, 0, 10, 10], [31, 0, 40, 10]], [1, 0], [0.9, 0.6])
+    missed = ev.missed_cells(["a"], [gt], [pred])
+    assert ev.recall_at([gt], [pred], 1) == pytest.approx(0.5)
+    assert [(m["kind"], m["box"]) for m in missed] == [
+        ("RBC", [60.0, 0.0, 70.0, 10.0]),
+        ("WBC", [30.0, 0.0, 40.0, 10.0]),
+    ]
+    assert missed[0]["instead"] is None
+    assert missed[1]["instead"] == {"kind": "RBC", "score": 0.6, "iou": 0.9}
+
+
 def test_count_accuracy_skips_images_without_truth():
     acc, used = ev.count_accuracy([10, 0, 4], [9, 3, 6])
     assert used == 2
@@ -179,11 +193,14 @@ def test_cli_on_tiny_voc_and_yolo(tmp_path: Path, capsys, shared_data: Path, shi
             for b, c in zip(f.boxes, f.labels, strict=True)
         ]
         (yolo / "labels" / f"{f.name}.txt").write_text("\n".join(rows))
-    reports = []
+    reports, misses = [], []
     for folder, fmt in ((voc, "voc"), (yolo, "yolo")):
         argv = ["--data", str(folder), "--format", fmt, "--models", str(shipped_models), "--json"]
-        assert ev.cli(argv) == 0
+        assert ev.cli([*argv, "--misses", str(tmp_path / f"{fmt}-missed.json")]) == 0
         reports.append(json.loads(capsys.readouterr().out))
+        misses.append(json.loads((tmp_path / f"{fmt}-missed.json").read_text()))
+    found = sum(r * n for r, n in zip(reports[0]["recall"].values(), truths(bccd), strict=True))
+    assert len(misses[0]) == round(sum(truths(bccd)) - found)  # recall and the list agree
     for rep in reports:
         assert rep["n_images"] == 3
         assert (
@@ -194,6 +211,11 @@ def test_cli_on_tiny_voc_and_yolo(tmp_path: Path, capsys, shared_data: Path, shi
         )
         assert 0.5 < rep["map50"] <= 1.0
     assert reports[0]["map50"] == pytest.approx(reports[1]["map50"], abs=0.02)
+
+
+def truths(fields) -> list[int]:
+    """Ground-truth cells per kind over ``fields``."""
+    return [sum(int((f.labels == k).sum()) for f in fields) for k in range(3)]
 
 
 @pytest.fixture

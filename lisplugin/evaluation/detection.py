@@ -126,6 +126,39 @@ def recall_at(
     return found / total if total else float("nan")
 
 
+def missed_cells(
+    names: Sequence[str], gts: Sequence[Boxes], preds: Sequence[Boxes], iou_threshold: float = 0.5
+) -> list[dict]:
+    """Every ground-truth cell that ``recall_at`` counts as missed, with what the detector put
+    there instead (the detection of any kind overlapping it most), for looking at the images.
+    """
+    missed = []
+    for name, gt, pred in zip(names, gts, preds, strict=True):
+        all_boxes = np.asarray(pred.boxes, dtype=np.float64).reshape(-1, 4)
+        for label, kind in enumerate(CELL_KINDS):
+            g, _ = gt.of(label)
+            d, _ = pred.of(label)
+            hit = match(g, d, iou_threshold) if len(d) else np.zeros(len(g), dtype=bool)
+            for box in g[~hit]:
+                ious = box_iou(box[None], all_boxes)[0]
+                best = int(ious.argmax()) if ious.size and ious.max() > 0 else None
+                missed.append(
+                    {
+                        "image": name,
+                        "kind": kind,
+                        "box": [round(float(v), 1) for v in box],
+                        "instead": None
+                        if best is None
+                        else {
+                            "kind": CELL_KINDS[int(pred.labels[best])],
+                            "score": round(float(np.asarray(pred.scores)[best]), 3),
+                            "iou": round(float(ious[best]), 3),
+                        },
+                    }
+                )
+    return missed
+
+
 def count_accuracy(true: Sequence[int], pred: Sequence[float]) -> tuple[float, int]:
     """Mean of 1 - |pred - true| / true over the images with true > 0, and how many those are."""
     t = np.asarray(true, dtype=np.float64)
@@ -206,6 +239,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--name", default="cell-detector", help="model card name")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation + WBF")
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument(
+        "--misses", type=Path, help="write every missed ground-truth cell to this JSON file"
+    )
     args = parser.parse_args(argv)
 
     fields = read_fields(args.data, args.format, args.split_file, args.split)
@@ -243,6 +279,9 @@ def cli(argv: list[str]) -> int:
         ],
     )
     report = _nan_to_none(report)
+    if args.misses is not None:
+        missed = missed_cells([f.name for f in fields], gts, operating)
+        args.misses.write_text(json.dumps(missed, indent=1) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
