@@ -55,7 +55,7 @@ class GroundTruthDetector:
             for kind, box in truth
         ]
 
-    def detect(self, image: np.ndarray) -> FieldDetections:
+    def detect(self, image: np.ndarray, pixel_spacing_um: float | None = None) -> FieldDetections:
         return FieldDetections(tuple(self._truth.get(self._key(image), [])))
 
 

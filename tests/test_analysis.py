@@ -52,7 +52,7 @@ class ListDetector:
         self.counts = counts
         self.calls = 0
 
-    def detect(self, image: np.ndarray) -> FieldDetections:
+    def detect(self, image: np.ndarray, pixel_spacing_um: float | None = None) -> FieldDetections:
         self.calls += 1
         return FieldDetections(tuple(self.detections), self.counts)
 

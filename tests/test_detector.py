@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lisplugin.inference.detector import decode, foreground_in_field, instance_masks, nms, prepare
+from lisplugin.core.crops import usable_spacing
+from lisplugin.evaluation.detection import Boxes, recall_at
+from lisplugin.inference.detector import (
+    decode,
+    foreground_in_field,
+    instance_masks,
+    nms,
+    prepare,
+    tiles,
+)
 from lisplugin.inference.fusion import weighted_boxes_fusion
 from lisplugin.training.field_augment import flip_rotate, scale_crop
 
@@ -89,6 +99,60 @@ def test_shipped_model_finds_cells(shared_data: Path):
     assert set(counts) == {"RBC", "WBC", "PLT"}
     assert 0.8 * truth["RBC"] <= counts["RBC"] <= 2 * truth["RBC"] + 3
     assert abs(counts["WBC"] - truth["WBC"]) < 0.5
+
+
+@pytest.mark.parametrize("length", [300, 512, 700, 1000, 1923, 5000])
+def test_tiles_cover_overlap_and_keep_every_centre_once(length: int):
+    windows = tiles(length, 512, 160, 4)
+    assert windows[0][0] == 0 and windows[-1][1] == length
+    assert windows[0][2] == 0 and windows[-1][3] == length
+    for (_, end, _, keep_to), (start, _, keep_from, _) in itertools.pairwise(windows):
+        assert end - start >= 160 and start % 4 == 0
+        assert keep_to == keep_from  # the kept parts partition the length
+        assert keep_from - start >= 80 and end - keep_to >= 80  # a kept cell lies whole inside
+    assert all(end - start <= 512 + 4 for start, end, _, _ in windows)
+
+
+def test_absurd_pixel_spacing_is_not_used():
+    assert usable_spacing(0.25) == 0.25
+    assert usable_spacing(None) is None
+    assert usable_spacing(1000.0) is None  # 1 mm: a default, not a microscope
+    assert usable_spacing(0.0) is None
+
+
+def _mosaic(fields: list, n: int) -> tuple[np.ndarray, Boxes]:
+    """``n`` x ``n`` fields side by side: a larger field at the same magnification."""
+    images = [f.load_image() for f in fields[: n * n]]
+    h, w = images[0].shape[:2]
+    rows = [np.concatenate(images[r * n : (r + 1) * n], axis=1) for r in range(n)]
+    shift = [np.array([k % n * w, k // n * h] * 2) for k in range(n * n)]
+    boxes = np.concatenate([f.boxes + d for f, d in zip(fields, shift, strict=False)])
+    labels = np.concatenate([f.labels for f in fields[: n * n]])
+    return np.concatenate(rows, axis=0), Boxes(boxes, labels)
+
+
+def test_large_field_at_the_same_magnification_is_tiled_not_shrunk(shared_data: Path):
+    """3 x 3 BCCD fields in one 1920 x 1440 image: shrunk to the 320 px long side its cells
+    would be a few pixels wide and nearly all missed; rescaled and tiled they are found."""
+    from lisplugin.inference.detector import OnnxCellDetector
+    from lisplugin.training.fields import read_voc
+
+    detector = OnnxCellDetector.from_models_dir(MODELS)
+    fields = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "test")
+    image, truth = _mosaic(fields, 3)
+    assert detector.input_scale(fields[0].load_image()) == 0.5  # one field: one plain pass
+    assert detector.input_scale(image) > 2 * 320 / 1920  # red cells measured, field rescaled
+    for spacing in (None, 7.5 / 100):  # measured, or told by the header (red cells 100 px)
+        found = detector.detect(image, pixel_spacing_um=spacing)
+        assert found.cells[0].mask is not None
+        boxes = Boxes(
+            np.array([c.box for c in found.cells]),
+            np.array([("RBC", "WBC", "PLT").index(c.kind) for c in found.cells]),
+            np.array([c.score for c in found.cells]),
+        )
+        recall = [recall_at([truth], [boxes], k) for k in range(3)]
+        assert recall[0] >= 0.9 and recall[1] == 1.0 and recall[2] >= 0.8, recall
+        assert found.regressed_counts is None  # the count head knows whole fields only
 
 
 def test_prepare_pads_to_multiple_of_32():

@@ -95,7 +95,7 @@ def analyse_field(
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
     if unknown:
         raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
-    found = detector.detect(field.image)
+    found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
     rbc_diameter = median_rbc_diameter(detections, width, height)
     wbcs = [d for d in detections if d.kind == "WBC"]

@@ -27,6 +27,14 @@ PBC_UM_PER_PX = RBC_DIAMETER_UM / PBC_RBC_PX
 PBC_WBC_BOX_PX = 60.0
 
 
+def usable_spacing(pixel_spacing_um: float | None) -> float | None:
+    """The pixel spacing, unless it is missing or absurd for a blood smear (a red cell under 4
+    or over 1000 pixels across): a wrong header must not blind the analysis."""
+    if pixel_spacing_um is None or not 4 <= RBC_DIAMETER_UM / max(pixel_spacing_um, 1e-9) <= 1000:
+        return None
+    return float(pixel_spacing_um)
+
+
 def pbc_scale(
     pixel_spacing_um: float | None,
     median_rbc_diameter_px: float | None,
@@ -38,8 +46,9 @@ def pbc_scale(
     median red-cell diameter in the field calibrates the magnification (red cells vary far less
     than leukocytes); as a last resort the leukocyte box itself is assumed to be 60 PBC px wide.
     """
-    if pixel_spacing_um is not None and pixel_spacing_um > 0:
-        return float(pixel_spacing_um) / PBC_UM_PER_PX
+    spacing = usable_spacing(pixel_spacing_um)
+    if spacing is not None:
+        return spacing / PBC_UM_PER_PX
     if median_rbc_diameter_px is not None and median_rbc_diameter_px > 0:
         return PBC_RBC_PX / float(median_rbc_diameter_px)
     x0, y0, x1, y1 = wbc_box

@@ -148,8 +148,9 @@ class CellDetector(Protocol):
 
     version: str
 
-    def detect(self, image: np.ndarray) -> FieldDetections:
-        """Cells and the count estimate of one field, from a single run of the model."""
+    def detect(self, image: np.ndarray, pixel_spacing_um: float | None = None) -> FieldDetections:
+        """Cells and the count estimate of one field (the spacing, when known, tells the
+        magnification)."""
         ...
 
 

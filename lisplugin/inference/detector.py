@@ -8,16 +8,32 @@ runtime needs only onnxruntime, and the same decoding serves training-time valid
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from lisplugin.core.crops import RBC_DIAMETER_UM, usable_spacing
 from lisplugin.core.types import CELL_KINDS, Detection, FieldDetections
 from lisplugin.inference.registry import ModelCard, load_card
 
 PAD_MULTIPLE = 32  # the network downsamples five times
+#: Red-cell diameter at the network input that the detector was trained around: the median red
+#: cell of a training field scaled to the 320 px long side is 52 px in BCCD and 70 px in
+#: TXL-PBC (5th to 95th percentile of fields 47 to 83 px).
+TARGET_RBC_PX = 60.0
+#: A field whose red cells come out smaller or larger than this at the card's long side (low
+#: magnification, a large sensor, a slide-scanner frame; or a close-up) is rescaled to the target.
+RBC_PX_RANGE = (40.0, 100.0)
+#: Largest network input side; a larger rescaled field is cut into overlapping tiles.
+TILE_PX = 512
+#: Overlap of neighbouring tiles: wider than a large leukocyte at the target scale.
+TILE_OVERLAP_PX = 160
+#: Red cells needed before their median size is trusted to set the scale.
+MIN_RBC_FOR_SCALE = 3
 
 
 def prepare(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
@@ -25,15 +41,57 @@ def prepare(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
 
     Returns the (1, 3, H, W) float32 [0, 1] network input and the scale (input px per field px).
     """
+    scale = long_side / max(image.shape[:2])
+    return pad_input(resize(image, scale)), scale
+
+
+def resize(image: np.ndarray, scale: float) -> np.ndarray:
+    """The field resized by ``scale`` (bilinear, antialiased when shrinking), uint8 RGB."""
     h, w = image.shape[:2]
-    scale = long_side / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    if (new_w, new_h) == (w, h):
+        return image
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+
+
+def pad_input(resized: np.ndarray) -> np.ndarray:
+    """(1, 3, H, W) float32 [0, 1], padded bottom/right to a multiple of 32 with the mean colour."""
+    new_h, new_w = resized.shape[:2]
     pad_h, pad_w = (-new_h) % PAD_MULTIPLE, (-new_w) % PAD_MULTIPLE
     out = np.empty((new_h + pad_h, new_w + pad_w, 3), dtype=np.float32)
     out[...] = resized.reshape(-1, 3).mean(axis=0, dtype=np.float32) / 255.0
     np.multiply(resized, np.float32(1 / 255.0), out=out[:new_h, :new_w])
-    return out.transpose(2, 0, 1)[None].copy(), scale
+    return out.transpose(2, 0, 1)[None].copy()
+
+
+def tiles(
+    length: int, tile: int, overlap: int, align: int = 1
+) -> list[tuple[int, int, float, float]]:
+    """Windows covering ``length`` px: (start, end, keep_from, keep_to) each.
+
+    Neighbouring windows overlap by at least ``overlap`` px, are spread evenly and start at
+    multiples of ``align`` (the network's output stride, so their maps line up); each keeps the
+    cells whose centre lies between the midpoints of its overlaps, so every cell is kept once,
+    by a window that holds it whole when it is smaller than the overlap.
+    """
+    if length <= tile:
+        return [(0, length, 0.0, float(length))]
+    count = math.ceil((length - tile) / (tile - overlap - align)) + 1
+    starts = [i * (length - tile) // (count - 1) // align * align for i in range(count)]
+    ends = [start + tile for start in starts[:-1]] + [length]  # the last one reaches the edge
+    cuts = [0.0] + [(starts[i + 1] + ends[i]) / 2 for i in range(count - 1)] + [float(length)]
+    return [(starts[i], ends[i], cuts[i], cuts[i + 1]) for i in range(count)]
+
+
+def median_rbc_px(boxes: np.ndarray, labels: np.ndarray, width: int, height: int) -> float | None:
+    """Median red-cell diameter of the detections not cut by the image border (None if < 3)."""
+    red = boxes[labels == CELL_KINDS.index("RBC")]
+    whole = red[
+        (red[:, 0] > 1) & (red[:, 1] > 1) & (red[:, 2] < width - 1) & (red[:, 3] < height - 1)
+    ]
+    if len(whole) < MIN_RBC_FOR_SCALE:
+        return None
+    return float(np.median((whole[:, 2] - whole[:, 0] + whole[:, 3] - whole[:, 1]) / 2))
 
 
 def cell_centres(h: int, w: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +142,27 @@ def decode(
     ys, xs = cell_centres(heat.shape[1], heat.shape[2], stride)
     d = ltrb[:, i, j]
     boxes = np.stack([xs[j] - d[0], ys[i] - d[1], xs[j] + d[2], ys[i] + d[3]], axis=1)
+    return suppress(boxes, c, scores, nms_iou, cross_class_iou)
+
+
+def suppress(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    nms_iou: float = 0.5,
+    cross_class_iou: float = 0.7,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class NMS, then a looser class-agnostic NMS (one label per cell)."""
     keep = np.concatenate(
-        [np.flatnonzero(c == k)[nms(boxes[c == k], scores[c == k], nms_iou)] for k in range(3)]
-    ).astype(np.int64)
+        [np.flatnonzero(labels == k)[nms(boxes[labels == k], scores[labels == k], nms_iou)]
+         for k in range(len(CELL_KINDS))]
+    ).astype(np.int64)  # fmt: skip
     keep = keep[nms(boxes[keep], scores[keep], cross_class_iou)]
-    return boxes[keep].astype(np.float64), c[keep].astype(np.int64), scores[keep].astype(np.float64)
+    return (
+        boxes[keep].astype(np.float64),
+        labels[keep].astype(np.int64),
+        scores[keep].astype(np.float64),
+    )
 
 
 def foreground_in_field(fg: np.ndarray, scale: float, stride: int, h: int, w: int) -> np.ndarray:
@@ -149,6 +223,21 @@ def instance_masks(
     return masks
 
 
+class Pass(NamedTuple):
+    """What one look at a field gives, in network-input pixels."""
+
+    boxes: np.ndarray  # (N, 4) x0, y0, x1, y1
+    labels: np.ndarray  # (N,) index into CELL_KINDS
+    scores: np.ndarray
+    fg: np.ndarray  # cell-foreground probability at the output stride
+    counts: np.ndarray  # the count head: cells centred in the input, per kind
+
+
+def _near(base: float, scale: float) -> float:
+    """``base`` when ``scale`` is within 25 % of it (one run instead of a rescaled one)."""
+    return base if abs(math.log(scale / base)) < math.log(1.25) else scale
+
+
 class OnnxCellDetector:
     """The ``CellDetector`` of the daemon, configured entirely by its model card."""
 
@@ -178,25 +267,13 @@ class OnnxCellDetector:
     ) -> OnnxCellDetector:
         return cls(load_card(Path(models_dir), name), tta=tta)
 
-    def _run(self, image: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
-        x, scale = prepare(image, self.long_side)
+    def _infer(self, x: np.ndarray, cut: np.ndarray) -> Pass:
+        """One padded network input: cells in input pixels, foreground map and counts; with
+        flip test-time augmentation fused by weighted boxes fusion when enabled."""
         if self.tta:
             x = np.concatenate([x, x[..., ::-1]], axis=0)
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(None, {"image": x}), strict=True)), scale
-
-    def detect(
-        self, image: np.ndarray, score_threshold: float | None = None, masks: bool = True
-    ) -> FieldDetections:
-        """Cells at the card's per-class operating thresholds (or one ``score_threshold``) and
-        the count head's image-level estimate (cells whose centre lies in the field), from one
-        run of the network.
-        """
-        if score_threshold is None:
-            cut = np.array([self.thresholds[k] for k in CELL_KINDS])
-        else:
-            cut = np.full(len(CELL_KINDS), score_threshold)
-        out, scale = self._run(image)
+        out = dict(zip(names, self.session.run(None, {"image": x}), strict=True))
         boxes, labels, scores = decode(
             out["heat"][0], out["ltrb"][0], cut, self.stride, self.nms_iou
         )
@@ -211,6 +288,100 @@ class OnnxCellDetector:
                 [boxes, b2], [labels, l2], [scores, s2], iou_threshold=self.wbf_iou
             )
             fg = (fg + out["mask"][1, 0][:, ::-1]) / 2
+        return Pass(boxes, labels, scores, fg, out["counts"].mean(axis=0))
+
+    def input_scale(self, image: np.ndarray, pixel_spacing_um: float | None = None) -> float:
+        """Network input pixels per field pixel: the card's long side, unless the red cells
+        would come out outside the size the network was trained on (see ``RBC_PX_RANGE``)."""
+        return self._plan(image, pixel_spacing_um)[0]
+
+    def _plan(
+        self, image: np.ndarray, pixel_spacing_um: float | None, cut: np.ndarray | None = None
+    ) -> tuple[float, Pass | None]:
+        """The input scale, and the pass already run at the card's long side when it is kept.
+
+        With the physical pixel spacing the red-cell size is known (7.5 um). Otherwise the red
+        cells found at the long side measure it; when too few are found in a large field they
+        may be too small to see, so ever smaller central windows are looked at more closely.
+        """
+        h, w = image.shape[:2]
+        base = self.long_side / max(h, w)
+        spacing = usable_spacing(pixel_spacing_um)
+        if spacing is not None:
+            return _near(base, TARGET_RBC_PX * spacing / RBC_DIAMETER_UM), None
+        rbc = np.array([self.thresholds["RBC"], 1.1, 1.1])  # red cells at their operating cut
+        first = self._infer(pad_input(resize(image, base)), rbc if cut is None else cut)
+        sure = first.scores >= self.thresholds["RBC"]
+        size = median_rbc_px(first.boxes[sure], first.labels[sure], w * base, h * base)
+        if size is not None:
+            if RBC_PX_RANGE[0] <= size <= RBC_PX_RANGE[1]:
+                return base, first
+            return _near(base, base * TARGET_RBC_PX / size), first
+        zoom = 2
+        while max(h, w) / zoom >= self.long_side / 2:
+            ch, cw = h // zoom, w // zoom
+            window = image[(h - ch) // 2 : (h + ch) // 2, (w - cw) // 2 : (w + cw) // 2]
+            scale = base * zoom
+            probe = self._infer(pad_input(resize(window, scale)), rbc)
+            size = median_rbc_px(probe.boxes, probe.labels, cw * scale, ch * scale)
+            if size is not None:
+                return _near(base, scale * TARGET_RBC_PX / size), first
+            zoom *= 2
+        return base, first
+
+    def _tiled(self, image: np.ndarray, scale: float, cut: np.ndarray) -> Pass:
+        """The field at ``scale``, in overlapping tiles of at most ``TILE_PX``: cells in input
+        pixels of the whole rescaled field and its foreground map (the counts of the last tile,
+        which are the field's when there is one)."""
+        resized = resize(image, scale)
+        height, width = resized.shape[:2]
+        s = self.stride
+        fg = np.zeros((math.ceil(height / s), math.ceil(width / s)), np.float32)
+        boxes, labels, scores = [], [], []
+        margin = s * 4  # a centre predicted just across the seam still counts: NMS decides
+        for y0, y1, top, bottom in tiles(height, TILE_PX, TILE_OVERLAP_PX, s):
+            for x0, x1, left, right in tiles(width, TILE_PX, TILE_OVERLAP_PX, s):
+                part = self._infer(pad_input(resized[y0:y1, x0:x1]), cut)
+                placed = part.boxes + np.array([x0, y0, x0, y0], np.float64)
+                cx, cy = (placed[:, 0] + placed[:, 2]) / 2, (placed[:, 1] + placed[:, 3]) / 2
+                keep = (
+                    (cx >= left - margin)
+                    & (cx < right + margin)
+                    & (cy >= top - margin)
+                    & (cy < bottom + margin)
+                )
+                boxes.append(placed[keep])
+                labels.append(part.labels[keep])
+                scores.append(part.scores[keep])
+                r0, r1 = int(top) // s, math.ceil(bottom / s)
+                c0, c1 = int(left) // s, math.ceil(right / s)
+                fg[r0:r1, c0:c1] = part.fg[r0 - y0 // s : r1 - y0 // s, c0 - x0 // s : c1 - x0 // s]
+        merged = suppress(np.concatenate(boxes), np.concatenate(labels), np.concatenate(scores))
+        return Pass(*merged, fg, part.counts)  # counts: see ``detect``
+
+    def detect(
+        self,
+        image: np.ndarray,
+        score_threshold: float | None = None,
+        masks: bool = True,
+        pixel_spacing_um: float | None = None,
+    ) -> FieldDetections:
+        """Cells at the card's per-class operating thresholds (or one ``score_threshold``) and
+        the count head's image-level estimate (cells whose centre lies in the field).
+
+        A field at the magnification the network was trained on takes one run at the card's
+        long side; other magnifications are rescaled (and tiled when large), see ``_plan``.
+        """
+        if score_threshold is None:
+            cut = np.array([self.thresholds[k] for k in CELL_KINDS])
+        else:
+            cut = np.full(len(CELL_KINDS), score_threshold)
+        scale, first = self._plan(image, pixel_spacing_um, cut)
+        base = self.long_side / max(image.shape[:2])
+        found = first if first is not None and scale == base else None
+        if found is None:
+            found = self._tiled(image, scale, cut)
+        boxes, labels, scores = found.boxes, found.labels, found.scores
         h, w = image.shape[:2]
         boxes = boxes / scale
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
@@ -219,7 +390,7 @@ class OnnxCellDetector:
         boxes, labels, scores = boxes[ok], labels[ok], scores[ok]
         cell_masks = (
             instance_masks(
-                boxes, foreground_in_field(fg, scale, self.stride, h, w), self.fg_threshold
+                boxes, foreground_in_field(found.fg, scale, self.stride, h, w), self.fg_threshold
             )
             if masks
             else [None] * len(boxes)
@@ -233,5 +404,9 @@ class OnnxCellDetector:
             )
             for b, c, s, m in zip(boxes, labels, scores, cell_masks, strict=True)
         )
-        counts = out["counts"].mean(axis=0)
+        if scale != base:
+            # The count head is trained and measured on whole fields at the card's scale; its
+            # estimates of rescaled tiles do not add up to the field (no cross-check there).
+            return FieldDetections(cells, None)
+        counts = found.counts
         return FieldDetections(cells, {k: float(counts[i]) for i, k in enumerate(CELL_KINDS)})
