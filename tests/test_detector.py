@@ -120,26 +120,17 @@ def test_absurd_pixel_spacing_is_not_used():
     assert usable_spacing(0.0) is None
 
 
-def _mosaic(fields: list, n: int) -> tuple[np.ndarray, Boxes]:
-    """``n`` x ``n`` fields side by side: a larger field at the same magnification."""
-    images = [f.load_image() for f in fields[: n * n]]
-    h, w = images[0].shape[:2]
-    rows = [np.concatenate(images[r * n : (r + 1) * n], axis=1) for r in range(n)]
-    shift = [np.array([k % n * w, k // n * h] * 2) for k in range(n * n)]
-    boxes = np.concatenate([f.boxes + d for f, d in zip(fields, shift, strict=False)])
-    labels = np.concatenate([f.labels for f in fields[: n * n]])
-    return np.concatenate(rows, axis=0), Boxes(boxes, labels)
-
-
 def test_large_field_at_the_same_magnification_is_tiled_not_shrunk(shared_data: Path):
     """3 x 3 BCCD fields in one 1920 x 1440 image: shrunk to the 320 px long side its cells
     would be a few pixels wide and nearly all missed; rescaled and tiled they are found."""
     from lisplugin.inference.detector import OnnxCellDetector
-    from lisplugin.training.fields import read_voc
+    from lisplugin.training.fields import mosaics, read_voc
 
     detector = OnnxCellDetector.from_models_dir(MODELS)
     fields = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "test")
-    image, truth = _mosaic(fields, 3)
+    mosaic = mosaics(fields, 3)[0]
+    image, truth = mosaic.load_image(), Boxes(mosaic.boxes, mosaic.labels)
+    assert image.shape == (3 * 480, 3 * 640, 3) and mosaic.parts == tuple(fields[:9])
     assert detector.input_scale(fields[0].load_image()) == 0.5  # one field: one plain pass
     assert detector.input_scale(image) > 2 * 320 / 1920  # red cells measured, field rescaled
     for spacing in (None, 7.5 / 100):  # measured, or told by the header (red cells 100 px)

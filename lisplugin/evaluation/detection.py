@@ -228,7 +228,7 @@ def cli(argv: list[str]) -> int:
     """``lisplugin evaluate detection``: run the shipped detector over an annotated folder."""
     from lisplugin.config import DEFAULT_MODELS_DIR
     from lisplugin.inference.detector import OnnxCellDetector
-    from lisplugin.training.fields import read_fields
+    from lisplugin.training.fields import mosaics, read_fields
 
     parser = argparse.ArgumentParser(prog="lisplugin evaluate detection", description=__doc__)
     parser.add_argument("--data", type=Path, required=True)
@@ -242,9 +242,17 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--misses", type=Path, help="write every missed ground-truth cell to this JSON file"
     )
+    parser.add_argument(
+        "--mosaic",
+        type=int,
+        default=1,
+        help="evaluate N x N fields of one size joined into one image (large fields)",
+    )
     args = parser.parse_args(argv)
 
     fields = read_fields(args.data, args.format, args.split_file, args.split)
+    if args.mosaic > 1:
+        fields = mosaics(fields, args.mosaic)
     if not fields:
         print(f"no annotated images found in {args.data}", file=sys.stderr)
         return 1
@@ -272,6 +280,7 @@ def cli(argv: list[str]) -> int:
     report.update(
         model=f"{args.name} {detector.version}",
         tta=args.tta,
+        mosaic=args.mosaic,
         detect_ms_median=1000 * float(np.median(seconds)),
         field_size_median=[
             int(np.median([f.width for f in fields])),

@@ -53,6 +53,60 @@ class AnnotatedField:
         return {k: int((self.labels == i).sum()) for i, k in enumerate(CELL_KINDS)}
 
 
+@dataclass(frozen=True)
+class MosaicField:
+    """``n`` x ``n`` annotated fields of one size side by side: one larger field at the same
+    magnification, as a bigger sensor or a slide-scanner frame sees it."""
+
+    parts: tuple[AnnotatedField, ...]
+    n: int
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.parts)
+
+    @property
+    def width(self) -> int:
+        return self.parts[0].width * self.n
+
+    @property
+    def height(self) -> int:
+        return self.parts[0].height * self.n
+
+    @property
+    def boxes(self) -> np.ndarray:
+        w, h = self.parts[0].width, self.parts[0].height
+        return np.concatenate(
+            [
+                p.boxes + np.array([k % self.n * w, k // self.n * h] * 2, np.float32)
+                for k, p in enumerate(self.parts)
+            ]
+        )
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([p.labels for p in self.parts])
+
+    def load_image(self) -> np.ndarray:
+        images = [p.load_image() for p in self.parts]
+        n = self.n
+        return np.concatenate(
+            [np.concatenate(images[r * n : (r + 1) * n], axis=1) for r in range(n)], axis=0
+        )
+
+
+def mosaics(fields: list[AnnotatedField], n: int) -> list[MosaicField]:
+    """Consecutive fields of the same size in groups of ``n`` x ``n`` (a remainder is left out)."""
+    by_size: dict[tuple[int, int], list[AnnotatedField]] = {}
+    for f in fields:
+        by_size.setdefault((f.width, f.height), []).append(f)
+    return [
+        MosaicField(tuple(group[i : i + n * n]), n)
+        for group in by_size.values()
+        for i in range(0, len(group) - n * n + 1, n * n)
+    ]
+
+
 def load_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
