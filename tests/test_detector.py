@@ -215,3 +215,14 @@ def test_scale_crop_cuts_cells_at_the_border():
     rng = np.random.default_rng(0)
     _, b, lab = scale_crop(image, boxes, np.array([0, 1]), (100, 100), 1.0, rng)
     assert (b >= 0).all() and (b <= 100).all() and len(b) == len(lab)
+
+
+def test_write_copies_lists_txl_relabelled_bccd_test_fields(shared_data: Path, tmp_path: Path):
+    from lisplugin.training import detector as td
+    from lisplugin.training.fields import read_yolo
+
+    out = tmp_path / "copies.csv"
+    assert td.cli(["--data", str(shared_data), "--write-copies", str(out)]) == 0
+    copies = read_yolo(shared_data / "txl-pbc", out, "bccd_test_copy")
+    assert len(copies) >= 40  # most of the 60 test fields are re-published at 640 x 480
+    assert all((f.width, f.height) == (640, 480) for f in copies)

@@ -520,6 +520,14 @@ features summed over the image (enumeration by regression, issue 3 item 4b). Abo
 parameters and ~0.5 GMAC per 640x480 field: plain 3x3 convolutions at small widths are what
 onnxruntime's CPU kernels run fastest; no anchors, no NMS-heavy decoding (3x3 max-pool peaks).
 
+Fields of other magnifications: the network knows red cells of about 47 to 83 px at its input
+(5th to 95th percentile of the training fields). When the red cells of a field come out under
+40 or over 100 px at the {LONG_SIDE} px long side (measured on that first pass, in ever smaller
+central windows when too few are found, or from the DICOM pixel spacing), the field is rescaled
+so that they are 60 px and, when larger than 512 px, cut into tiles overlapping by 160 px;
+each tile keeps the cells centred in its own part (`tiles` in `lisplugin/inference/detector.py`).
+The count head is not used on rescaled fields: it is trained on whole fields at the first scale.
+
 Decoding (numpy, `lisplugin/inference/detector.py`): 3x3 local maxima of the heatmaps above
 the per-class score threshold, boxes from the side distances, per-class NMS (IoU 0.5) and a
 class-agnostic NMS (IoU 0.7) so a cell gets one label. Instance mask = foreground map
@@ -538,7 +546,7 @@ noise/JPEG/debris (`lisplugin/training/augment.py`).
 
 `{t["command"]}` (seed {t["seed"]}{init}),
 {t["epochs"]} epochs of AdamW with a cosine schedule
-bounded by the time budget, 1 CPU thread shared with other jobs, {t["wall_time_min"]} min
+bounded by the time budget, {t.get("threads", 1)} CPU thread(s), {t["wall_time_min"]} min
 wall time. The checkpoint with the best mean validation mAP@0.5 (BCCD val, TXL-PBC val) is
 exported; per-class score thresholds are the ones with the best count accuracy (+0.1 x recall)
 on TXL-PBC val, whose labels include every cell (BCCD's leave many red cells out).
@@ -575,6 +583,7 @@ def finish(
             "command": args.command,
             "wall_time_min": round(seconds / 60, 1),
             "seed": args.seed,
+            "threads": args.threads,
             "init": str(args.init) if args.init else None,
             "epochs": epochs_done,
             "data": {k: v for k, v in info.items() if isinstance(v, int)},
@@ -612,6 +621,33 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--export-only", action="store_true", help="export best.pt of --checkpoints, no training"
     )
+    parser.add_argument(
+        "--write-copies",
+        type=Path,
+        metavar="CSV",
+        help="only write which TXL-PBC images re-annotate BCCD cbc test fields, then stop",
+    )
     args = parser.parse_args(argv)
+    if args.write_copies:
+        return write_copies(args.data, args.write_copies)
     args.command = "lisplugin train detector " + " ".join(argv)
     return train(args)
+
+
+def write_copies(data: Path, out: Path) -> int:
+    """TXL-PBC's labels of the BCCD cbc test fields, as a split file (``image,split`` with split
+    ``bccd_test_copy``) for ``evaluate detection --format yolo``: the fields it re-publishes at
+    their own 640 x 480, an independent re-annotation of the same cells."""
+    test = read_voc(data / "bccd", data / "bccd" / "cbc_split.csv", "test")
+    same_size = [
+        f
+        for split in ("train", "val")
+        for f in read_yolo(data / "txl-pbc", split=split)
+        if (f.width, f.height) == (640, 480)
+    ]
+    copies = find_reused(same_size, test)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{name},bccd_test_copy\n" for name in sorted(copies))
+    out.write_text("image,split\n" + rows, encoding="utf-8")
+    log(f"{len(copies)} TXL-PBC images copy BCCD cbc test fields: {out}")
+    return 0
