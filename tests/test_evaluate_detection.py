@@ -62,6 +62,13 @@ def test_missed_cells_are_those_recall_counts_with_what_was_found_instead():
     assert missed[1]["instead"] == {"kind": "RBC", "score": 0.6, "iou": 0.9}
 
 
+def test_crosscheck_apart_is_scored_per_specimen_of_fields():
+    # two specimens of 2 fields: 30 vs 20 regressed (0.5 apart), 4 vs 1 (3 apart of min 10: 0.3)
+    apart = ev.crosscheck_apart_p90([10, 20, 3, 1, 99], [10.0, 10.0, 0.5, 0.5, 1.0], fields=2)
+    assert apart == pytest.approx(np.percentile([0.5, 0.3], 90))
+    assert np.isnan(ev.crosscheck_apart_p90([1], [1.0], fields=2))
+
+
 def test_count_accuracy_skips_images_without_truth():
     acc, used = ev.count_accuracy([10, 0, 4], [9, 3, 6])
     assert used == 2

@@ -193,6 +193,12 @@ def _field_quality(rule: Rule, s: SpecimenLike, p: PatientContext, r: Any) -> li
     ]
 
 
+def count_disagreement(detected: float, regressed: float, min_count: float) -> float:
+    """How far the detected count is from the regressed one, relative to the regressed count
+    (or to ``min_count`` when that is larger, so that a few cells do not make a large share)."""
+    return abs(detected - regressed) / max(regressed, min_count)
+
+
 def _count_crosscheck(rule: Rule, s: SpecimenLike, p: PatientContext, r: Any) -> list[Flag]:
     checked = [f for f in s.fields if f.regressed_counts is not None and f.quality.passed]
     if not checked:
@@ -202,7 +208,7 @@ def _count_crosscheck(rule: Rule, s: SpecimenLike, p: PatientContext, r: Any) ->
     for kind in rule.params["kinds"]:
         detected = sum(1 for f in checked for c in f.cells if c.kind == kind)
         regressed = sum(float((f.regressed_counts or {}).get(kind, 0.0)) for f in checked)
-        apart = abs(detected - regressed) / max(regressed, float(rule.params["min_count"]))
+        apart = count_disagreement(detected, regressed, float(rule.params["min_count"]))
         if apart > tolerance:
             problems.append(
                 f"{kind} detected {detected} vs regression {regressed:.1f} ({apart:.0%} apart)"

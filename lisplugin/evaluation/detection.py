@@ -7,7 +7,9 @@ points, at most 100 detections per image and class, classes without ground truth
 Count accuracy follows Alam & Islam (2019): the mean over images of 1 - |pred - true| / true,
 not clipped at 0; an image with true = 0 for a class is skipped for that class (the ratio is
 undefined there), and the number of images used is reported. ``count_regression_accuracy``
-scores the model's image-level count head the same way. ``detect_ms_median`` is the median
+scores the model's image-level count head the same way; ``count_crosscheck_apart_p90`` is how
+far detected and regressed counts lie apart over specimens of 10 fields, as the COUNT_XCHECK
+review rule (minimum count 10) sees them. ``detect_ms_median`` is the median
 time of one ``detect`` call at the operating thresholds, masks included, on this machine.
 """
 
@@ -23,11 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lisplugin.core.rules import count_disagreement
 from lisplugin.core.types import CELL_KINDS
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 MAX_DETS = 100
+#: Fields per specimen when the count cross-check is scored (a differential takes 10 or more).
+SPECIMEN_FIELDS = 10
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,20 @@ def detection_report(
     return report
 
 
+def crosscheck_apart_p90(
+    detected: Sequence[int], regressed: Sequence[float], fields: int = SPECIMEN_FIELDS
+) -> float:
+    """90th percentile, over specimens of ``fields`` consecutive fields, of how far the detected
+    count is from the count head's, as the COUNT_XCHECK review rule measures it (NaN when there
+    are fewer fields than one specimen)."""
+    groups = range(0, len(detected) - fields + 1, fields)
+    apart = [
+        count_disagreement(sum(detected[i : i + fields]), sum(regressed[i : i + fields]), 10.0)
+        for i in groups
+    ]
+    return float(np.percentile(apart, 90)) if apart else float("nan")
+
+
 def _as_boxes(dets: Sequence) -> Boxes:
     return Boxes(
         np.array([d.box for d in dets], dtype=np.float64).reshape(-1, 4),
@@ -258,7 +277,10 @@ def cli(argv: list[str]) -> int:
         return 1
     detector = OnnxCellDetector.from_models_dir(args.models, args.name, tta=args.tta)
     gts, preds, operating, seconds = [], [], [], []
+    # the count head's estimates and the truth, of the fields it is used on (not rescaled ones)
     regressed: dict[str, list[float]] = {k: [] for k in CELL_KINDS}
+    regressed_truth: dict[str, list[int]] = {k: [] for k in CELL_KINDS}
+    regressed_detected: dict[str, list[int]] = {k: [] for k in CELL_KINDS}
     for f in fields:
         image = f.load_image()
         gts.append(Boxes(f.boxes, f.labels))
@@ -272,10 +294,14 @@ def cli(argv: list[str]) -> int:
         operating.append(_as_boxes(found.cells))
         for kind, value in (found.regressed_counts or {}).items():
             regressed[kind].append(value)
+            regressed_truth[kind].append(int((f.labels == CELL_KINDS.index(kind)).sum()))
+            regressed_detected[kind].append(sum(c.kind == kind for c in found.cells))
     report = detection_report(gts, preds, detector.thresholds, operating)
     report["count_regression_accuracy"] = {
-        kind: count_accuracy([int((g.labels == i).sum()) for g in gts], regressed[kind])[0]
-        for i, kind in enumerate(CELL_KINDS)
+        kind: count_accuracy(regressed_truth[kind], regressed[kind])[0] for kind in CELL_KINDS
+    }
+    report["count_crosscheck_apart_p90"] = {
+        kind: crosscheck_apart_p90(regressed_detected[kind], regressed[kind]) for kind in CELL_KINDS
     }
     report.update(
         model=f"{args.name} {detector.version}",
