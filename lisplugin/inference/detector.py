@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from lisplugin.core.analysis import median_rbc_diameter
 from lisplugin.core.crops import RBC_DIAMETER_UM, usable_spacing
 from lisplugin.core.types import CELL_KINDS, Detection, FieldDetections
 from lisplugin.inference.registry import ModelCard, load_card
@@ -32,8 +33,6 @@ RBC_PX_RANGE = (40.0, 100.0)
 TILE_PX = 512
 #: Overlap of neighbouring tiles: wider than a large leukocyte at the target scale.
 TILE_OVERLAP_PX = 160
-#: Red cells needed before their median size is trusted to set the scale.
-MIN_RBC_FOR_SCALE = 3
 
 
 def prepare(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
@@ -81,17 +80,6 @@ def tiles(
     ends = [start + tile for start in starts[:-1]] + [length]  # the last one reaches the edge
     cuts = [0.0] + [(starts[i + 1] + ends[i]) / 2 for i in range(count - 1)] + [float(length)]
     return [(starts[i], ends[i], cuts[i], cuts[i + 1]) for i in range(count)]
-
-
-def median_rbc_px(boxes: np.ndarray, labels: np.ndarray, width: int, height: int) -> float | None:
-    """Median red-cell diameter of the detections not cut by the image border (None if < 3)."""
-    red = boxes[labels == CELL_KINDS.index("RBC")]
-    whole = red[
-        (red[:, 0] > 1) & (red[:, 1] > 1) & (red[:, 2] < width - 1) & (red[:, 3] < height - 1)
-    ]
-    if len(whole) < MIN_RBC_FOR_SCALE:
-        return None
-    return float(np.median((whole[:, 2] - whole[:, 0] + whole[:, 3] - whole[:, 1]) / 2))
 
 
 def cell_centres(h: int, w: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,6 +221,15 @@ class Pass(NamedTuple):
     counts: np.ndarray  # the count head: cells centred in the input, per kind
 
 
+def _rbc_size(boxes: np.ndarray, labels: np.ndarray, width: float, height: float) -> float | None:
+    """Red-cell diameter in input pixels, measured as the analysis measures fields."""
+    cells = [
+        Detection(CELL_KINDS[int(k)], 1.0, (float(b[0]), float(b[1]), float(b[2]), float(b[3])))
+        for b, k in zip(boxes, labels, strict=True)
+    ]
+    return median_rbc_diameter(cells, round(width), round(height))
+
+
 def _near(base: float, scale: float) -> float:
     """``base`` when ``scale`` is within 25 % of it (one run instead of a rescaled one)."""
     return base if abs(math.log(scale / base)) < math.log(1.25) else scale
@@ -312,7 +309,7 @@ class OnnxCellDetector:
         rbc = np.array([self.thresholds["RBC"], 1.1, 1.1])  # red cells at their operating cut
         first = self._infer(pad_input(resize(image, base)), rbc if cut is None else cut)
         sure = first.scores >= self.thresholds["RBC"]
-        size = median_rbc_px(first.boxes[sure], first.labels[sure], w * base, h * base)
+        size = _rbc_size(first.boxes[sure], first.labels[sure], w * base, h * base)
         if size is not None:
             if RBC_PX_RANGE[0] <= size <= RBC_PX_RANGE[1]:
                 return base, first
@@ -323,7 +320,7 @@ class OnnxCellDetector:
             window = image[(h - ch) // 2 : (h + ch) // 2, (w - cw) // 2 : (w + cw) // 2]
             scale = base * zoom
             probe = self._infer(pad_input(resize(window, scale)), rbc)
-            size = median_rbc_px(probe.boxes, probe.labels, cw * scale, ch * scale)
+            size = _rbc_size(probe.boxes, probe.labels, cw * scale, ch * scale)
             if size is not None:
                 return _near(base, scale * TARGET_RBC_PX / size), first
             zoom *= 2
