@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from lisplugin.config import DEFAULT_MODELS_DIR
-from lisplugin.core.crops import centre_window, leukocyte_crop, pbc_scale, resize_rgb
+from lisplugin.core.crops import (
+    PBC_RBC_PX,
+    PBC_UM_PER_PX,
+    centre_window,
+    leukocyte_crop,
+    pbc_scale,
+    resize_rgb,
+)
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.evaluation.differential import differential_metrics, expected_calibration_error
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
@@ -195,10 +202,30 @@ def _field(size: int = 400) -> np.ndarray:
 
 def test_pbc_scale_prefers_spacing_then_rbc_size_then_box() -> None:
     box = (0.0, 0.0, 120.0, 120.0)
-    assert pbc_scale(0.3, 50.0, box) == pytest.approx(1.0)
-    assert pbc_scale(0.075, None, box) == pytest.approx(0.25)
-    assert pbc_scale(None, 100.0, box) == pytest.approx(0.25)  # BCCD-like magnification
+    assert pbc_scale(PBC_UM_PER_PX, 50.0, box) == pytest.approx(1.0)
+    assert pbc_scale(PBC_UM_PER_PX / 4, None, box) == pytest.approx(0.25)
+    assert pbc_scale(None, 4 * PBC_RBC_PX, box) == pytest.approx(0.25)  # BCCD-like magnification
     assert pbc_scale(None, None, box) == pytest.approx(0.5)  # 120 px box -> 60 PBC px
+
+
+def test_pbc_red_cells_measure_pbc_rbc_px_as_the_daemon_measures_them(shared_data: Path) -> None:
+    """The constant that maps field crops to the PBC scale is what the daemon's own measure
+    (detector boxes, ``median_rbc_diameter``) gives on PBC crops."""
+    from PIL import Image
+
+    from lisplugin.core.analysis import median_rbc_diameter
+    from lisplugin.inference.detector import OnnxCellDetector
+
+    detector = OnnxCellDetector.from_models_dir(DEFAULT_MODELS_DIR)
+    sizes = []
+    for path in sorted((shared_data / "pbc" / "neutrophil").glob("*.jpg"))[:40:2]:
+        with Image.open(path) as im:  # x3, so the detector sees its usual magnification
+            big = np.asarray(im.convert("RGB").resize((480, 480), Image.Resampling.BICUBIC))
+        size = median_rbc_diameter(detector.detect(big, masks=False).cells, 480, 480)
+        if size is not None:
+            sizes.append(size / 3)
+    assert len(sizes) >= 15
+    assert float(np.median(sizes)) == pytest.approx(PBC_RBC_PX, abs=2.0)
 
 
 def test_crop_at_pbc_scale_is_centred_window() -> None:
@@ -217,7 +244,7 @@ def test_crop_rescales_a_high_magnification_field() -> None:
     scale = pbc_scale(None, 100.0, (350, 350, 450, 450))
     crop = leukocyte_crop(image, (350, 350, 450, 450), scale)
     width = int((crop[80].astype(int).sum(axis=1) < 300).sum())
-    assert abs(width - 25) <= 2  # the cell is now ~25 px across, as in PBC
+    assert abs(width - PBC_RBC_PX) <= 2  # the cell is now as large as in PBC
     assert crop.shape == (160, 160, 3)
     assert leukocyte_crop(image, (350, 350, 450, 450), scale, out_size=64).shape == (64, 64, 3)
 

@@ -1,7 +1,7 @@
 """Scale-normalised leukocyte crops: field pixels -> the PBC (CellaVision) scale.
 
 The leukocyte classifier is trained on PBC crops: 160 x 160 px windows centred on one
-leukocyte, where a red cell (about 7.5 um) is about 25 px across, i.e. about 0.3 um per pixel.
+leukocyte, where a red cell (about 7.5 um) is about 37 px across, i.e. about 0.2 um per pixel.
 Fields from other microscopes have other magnifications (in BCCD a red cell is about 100 px
 across), so a crop is taken from a window of ``160 / scale`` field pixels around the leukocyte
 and resampled to 160 px, where ``scale`` (field px -> PBC px) comes from :func:`pbc_scale`.
@@ -17,8 +17,11 @@ import numpy as np
 
 #: Side of a PBC crop in pixels: the window the classifier sees.
 PBC_CROP_PX = 160
-#: Diameter of a red cell in PBC pixels (25 px of about 0.3 um).
-PBC_RBC_PX = 25.0
+#: Diameter of a red cell in PBC pixels, measured as the daemon measures fields (the median
+#: longer box side of the whole red cells the detector finds, ``median_rbc_diameter``): 37 px
+#: in PBC crops (neutrophil, lymphocyte and eosinophil crops: 36.6, 38.6 and 36.9;
+#: ``tests/test_classifier.py`` keeps it measured).
+PBC_RBC_PX = 37.0
 #: Typical diameter of a normal red cell in micrometres.
 RBC_DIAMETER_UM = 7.5
 #: Physical size of one PBC pixel.

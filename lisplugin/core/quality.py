@@ -36,11 +36,11 @@ import numpy as np
 from scipy import ndimage
 
 from lisplugin.config import AnalysisSettings
-from lisplugin.core.crops import PBC_UM_PER_PX
 from lisplugin.core.types import Field, FieldQuality
 
-#: Physical pixel size the focus is measured at (the classifier's PBC scale, 0.3 um).
-FOCUS_SPACING_UM = PBC_UM_PER_PX
+#: Physical pixel size the focus is measured at (0.3 um: coarse enough to average sensor noise,
+#: fine enough for cell edges); the focus limit in the settings is calibrated at this size.
+FOCUS_SPACING_UM = 0.3
 #: Pixel size assumed for a field that does not state one: a red cell ~100 px across (BCCD).
 ASSUMED_SPACING_UM = 0.075
 #: ITU-R BT.601 luma weights, as in PIL's "L" conversion.
