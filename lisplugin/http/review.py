@@ -26,7 +26,7 @@ from lisplugin.http.auth import (
     authenticate,
     open_session,
 )
-from lisplugin.http.deps import RuntimeDep, SessionDep
+from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
 from lisplugin.service import review
 from lisplugin.service.reports import write_case_reports
 from lisplugin.service.runtime import Runtime
@@ -261,10 +261,7 @@ def reclassify_cell(
 
 @router.get("/cases/{case_id}/comments", response_model=list[Comment])
 def list_comments(case_id: int, principal: PrincipalDep, session: SessionDep) -> Any:
-    try:
-        review.get_case(session, case_id)
-    except review.ReviewError as exc:
-        raise _errors(exc) from None
+    case_or_404(session, case_id)
     return session.scalars(
         select(CaseComment).where(CaseComment.case_id == case_id).order_by(CaseComment.id)
     ).all()
@@ -333,10 +330,7 @@ def _write_reports(runtime: Runtime, case_id: int) -> None:
 @router.get("/cases/{case_id}/audit", response_model=list[AuditEntry])
 def case_audit(case_id: int, principal: PrincipalDep, session: SessionDep) -> Any:
     """Every change to the case, oldest first."""
-    try:
-        review.get_case(session, case_id)
-    except review.ReviewError as exc:
-        raise _errors(exc) from None
+    case_or_404(session, case_id)
     return session.scalars(
         select(AuditEvent).where(AuditEvent.case_id == case_id).order_by(AuditEvent.id)
     ).all()

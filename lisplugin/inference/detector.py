@@ -218,7 +218,7 @@ class Pass(NamedTuple):
     labels: np.ndarray  # (N,) index into CELL_KINDS
     scores: np.ndarray
     fg: np.ndarray  # cell-foreground probability at the output stride
-    counts: np.ndarray  # the count head: cells centred in the input, per kind
+    counts: np.ndarray | None  # the count head: cells centred in the input (None: rescaled)
 
 
 def _rbc_size(boxes: np.ndarray, labels: np.ndarray, width: float, height: float) -> float | None:
@@ -247,12 +247,15 @@ class OnnxCellDetector:
         self.session = ort.InferenceSession(
             str(card.onnx_path), options, providers=["CPUExecutionProvider"]
         )
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.card = card
         self.version = card.version
         self.tta = tta
         self.long_side = int(card["input"]["long_side"])
         self.stride = int(card["output_stride"])
         self.thresholds = {k: float(card["score_thresholds"][k]) for k in CELL_KINDS}
+        # red cells at their operating cut, nothing else (scores never exceed 1)
+        self.red_cells_only = np.array([self.thresholds["RBC"], 1.1, 1.1])
         self.candidate_threshold = float(card.get("candidate_threshold", 0.05))
         self.nms_iou = float(card.get("nms_iou", 0.5))
         self.fg_threshold = float(card.get("mask_threshold", 0.5))
@@ -269,8 +272,7 @@ class OnnxCellDetector:
         flip test-time augmentation fused by weighted boxes fusion when enabled."""
         if self.tta:
             x = np.concatenate([x, x[..., ::-1]], axis=0)
-        names = [o.name for o in self.session.get_outputs()]
-        out = dict(zip(names, self.session.run(None, {"image": x}), strict=True))
+        out = dict(zip(self.outputs, self.session.run(None, {"image": x}), strict=True))
         boxes, labels, scores = decode(
             out["heat"][0], out["ltrb"][0], cut, self.stride, self.nms_iou
         )
@@ -295,41 +297,54 @@ class OnnxCellDetector:
     def _plan(
         self, image: np.ndarray, pixel_spacing_um: float | None, cut: np.ndarray | None = None
     ) -> tuple[float, Pass | None]:
-        """The input scale, and the pass already run at the card's long side when it is kept.
+        """The input scale, and the pass at the card's long side when that scale is kept
+        (None when the field is to be rescaled).
 
         With the physical pixel spacing the red-cell size is known (7.5 um). Otherwise the red
         cells found at the long side measure it; when too few are found in a large field they
         may be too small to see, so ever smaller central windows are looked at more closely.
         """
-        h, w = image.shape[:2]
-        base = self.long_side / max(h, w)
+        base = self.long_side / max(image.shape[:2])
+        cut = self.red_cells_only if cut is None else cut
         spacing = usable_spacing(pixel_spacing_um)
+        first = None
         if spacing is not None:
-            return _near(base, TARGET_RBC_PX * spacing / RBC_DIAMETER_UM), None
-        rbc = np.array([self.thresholds["RBC"], 1.1, 1.1])  # red cells at their operating cut
-        first = self._infer(pad_input(resize(image, base)), rbc if cut is None else cut)
+            scale = _near(base, TARGET_RBC_PX * spacing / RBC_DIAMETER_UM)
+        else:
+            first = self._infer(pad_input(resize(image, base)), cut)
+            scale = _near(base, self._measured_scale(image, first, base))
+        if scale != base:
+            return scale, None
+        if first is None:
+            first = self._infer(pad_input(resize(image, base)), cut)
+        return base, first
+
+    def _measured_scale(self, image: np.ndarray, first: Pass, base: float) -> float:
+        """The scale at which the field's red cells come out ``TARGET_RBC_PX`` wide (``base``
+        when they already lie in ``RBC_PX_RANGE`` there, or cannot be measured)."""
+        h, w = image.shape[:2]
         sure = first.scores >= self.thresholds["RBC"]
         size = _rbc_size(first.boxes[sure], first.labels[sure], w * base, h * base)
         if size is not None:
-            if RBC_PX_RANGE[0] <= size <= RBC_PX_RANGE[1]:
-                return base, first
-            return _near(base, base * TARGET_RBC_PX / size), first
+            in_range = RBC_PX_RANGE[0] <= size <= RBC_PX_RANGE[1]
+            return base if in_range else base * TARGET_RBC_PX / size
         zoom = 2
         while max(h, w) / zoom >= self.long_side / 2:
             ch, cw = h // zoom, w // zoom
             window = image[(h - ch) // 2 : (h + ch) // 2, (w - cw) // 2 : (w + cw) // 2]
             scale = base * zoom
-            probe = self._infer(pad_input(resize(window, scale)), rbc)
+            probe = self._infer(pad_input(resize(window, scale)), self.red_cells_only)
             size = _rbc_size(probe.boxes, probe.labels, cw * scale, ch * scale)
             if size is not None:
-                return _near(base, scale * TARGET_RBC_PX / size), first
+                return scale * TARGET_RBC_PX / size
             zoom *= 2
-        return base, first
+        return base
 
     def _tiled(self, image: np.ndarray, scale: float, cut: np.ndarray) -> Pass:
         """The field at ``scale``, in overlapping tiles of at most ``TILE_PX``: cells in input
-        pixels of the whole rescaled field and its foreground map (the counts of the last tile,
-        which are the field's when there is one)."""
+        pixels of the whole rescaled field and its foreground map. No counts: the count head is
+        trained and measured on whole fields at the card's scale, and its estimates of rescaled
+        tiles do not add up to the field (so no cross-check there)."""
         resized = resize(image, scale)
         height, width = resized.shape[:2]
         s = self.stride
@@ -354,7 +369,7 @@ class OnnxCellDetector:
                 c0, c1 = int(left) // s, math.ceil(right / s)
                 fg[r0:r1, c0:c1] = part.fg[r0 - y0 // s : r1 - y0 // s, c0 - x0 // s : c1 - x0 // s]
         merged = suppress(np.concatenate(boxes), np.concatenate(labels), np.concatenate(scores))
-        return Pass(*merged, fg, part.counts)  # counts: see ``detect``
+        return Pass(*merged, fg, None)
 
     def detect(
         self,
@@ -373,9 +388,7 @@ class OnnxCellDetector:
             cut = np.array([self.thresholds[k] for k in CELL_KINDS])
         else:
             cut = np.full(len(CELL_KINDS), score_threshold)
-        scale, first = self._plan(image, pixel_spacing_um, cut)
-        base = self.long_side / max(image.shape[:2])
-        found = first if first is not None and scale == base else None
+        scale, found = self._plan(image, pixel_spacing_um, cut)
         if found is None:
             found = self._tiled(image, scale, cut)
         boxes, labels, scores = found.boxes, found.labels, found.scores
@@ -401,9 +414,7 @@ class OnnxCellDetector:
             )
             for b, c, s, m in zip(boxes, labels, scores, cell_masks, strict=True)
         )
-        if scale != base:
-            # The count head is trained and measured on whole fields at the card's scale; its
-            # estimates of rescaled tiles do not add up to the field (no cross-check there).
-            return FieldDetections(cells, None)
         counts = found.counts
+        if counts is None:
+            return FieldDetections(cells, None)
         return FieldDetections(cells, {k: float(counts[i]) for i, k in enumerate(CELL_KINDS)})
