@@ -42,7 +42,7 @@ from lisplugin.service.pipeline import age_in_years
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import write_durably
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus, PendingReport
-from lisplugin.storage.orm_review import AuditEvent
+from lisplugin.storage.orm_review import SIGN_OUT_ACTION, AuditEvent
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _signed_out(session: Session, case: Case) -> tuple[str, datetime] | None:
         return None
     event = session.scalar(
         select(AuditEvent)
-        .where(AuditEvent.case_id == case.id, AuditEvent.action == "case.signout")
+        .where(AuditEvent.case_id == case.id, AuditEvent.action == SIGN_OUT_ACTION)
         .order_by(AuditEvent.id.desc())
         .limit(1)
     )

@@ -34,7 +34,7 @@ from lisplugin.service.cases import queue_oru
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.storage.orm import Case, CaseStatus
-from lisplugin.storage.orm_review import AuditEvent, CaseComment
+from lisplugin.storage.orm_review import SIGN_OUT_ACTION, AuditEvent, CaseComment
 
 #: States whose result a reviewer may change; a change to a released result reopens the case.
 REVIEWABLE = frozenset({CaseStatus.REVIEW, CaseStatus.VERIFIED, CaseStatus.FINAL})
@@ -220,7 +220,7 @@ def sign_out(
     audit(
         session,
         username,
-        "case.signout",
+        SIGN_OUT_ACTION,
         case.id,
         before=before,
         after={

@@ -44,6 +44,10 @@ class UserSession(Base):
     user: Mapped[User] = relationship()
 
 
+#: Audit action of a sign-out (the reports name its user and time as the verifier).
+SIGN_OUT_ACTION = "case.signout"
+
+
 class AuditEvent(Base):
     """Who changed what, when: append-only (database triggers refuse UPDATE and DELETE)."""
 
