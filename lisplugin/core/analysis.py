@@ -75,6 +75,38 @@ def median_rbc_diameter(detections: Iterable[Detection], width: int, height: int
     return float(np.median(sizes)) if len(sizes) >= MIN_RBC_FOR_SCALE else None
 
 
+def leukocyte_crops(field: Field, detections: Sequence[Detection]) -> list[np.ndarray]:
+    """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
+
+    The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
+    leukocyte box (``pbc_scale``); training, adaptation and the daemon all cut crops here.
+    """
+    height, width = field.image.shape[:2]
+    rbc_diameter = median_rbc_diameter(detections, width, height)
+    return [
+        leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
+        for d in detections
+        if d.kind == "WBC"
+    ]
+
+
+def most_confident_leukocyte(
+    field: Field, detector: CellDetector
+) -> tuple[Detection, np.ndarray] | None:
+    """The leukocyte the detector is surest of, with its crop; None when it finds none.
+
+    An image of one labelled leukocyte (a lab's class folders for ``evaluate cells`` and
+    ``adapt``) may show others at its edges: the most confident detection is the labelled one.
+    """
+    detections = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um).cells
+    wbcs = [d for d in detections if d.kind == "WBC"]
+    if not wbcs:
+        return None
+    crops = leukocyte_crops(field, detections)
+    best = max(range(len(wbcs)), key=lambda i: wbcs[i].score)
+    return wbcs[best], crops[best]
+
+
 def label_for(probabilities: np.ndarray, classes: Sequence[str], min_probability: float) -> str:
     top = int(np.argmax(probabilities))
     return classes[top] if probabilities[top] >= min_probability else UNIDENTIFIED
@@ -97,12 +129,7 @@ def analyse_field(
         raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
     found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
-    rbc_diameter = median_rbc_diameter(detections, width, height)
-    wbcs = [d for d in detections if d.kind == "WBC"]
-    crops = [
-        leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
-        for d in wbcs
-    ]
+    crops = leukocyte_crops(field, detections)
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
