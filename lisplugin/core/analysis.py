@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lisplugin.config import AnalysisSettings
-from lisplugin.core.crops import leukocyte_crop, pbc_scale
+from lisplugin.core.crops import PBC_UM_PER_PX, leukocyte_crop, pbc_scale, usable_spacing
 from lisplugin.core.quality import assess
 from lisplugin.core.reference import ReferenceRanges
 from lisplugin.core.rules import (
@@ -90,6 +90,19 @@ def leukocyte_crops(field: Field, detections: Sequence[Detection]) -> list[np.nd
     ]
 
 
+def measured_spacing_um(field: Field, detections: Sequence[Detection]) -> float | None:
+    """Physical pixel size of a field: its Pixel Spacing, else what its red cells (or, with too
+    few whole red cells, its leukocytes) say; None when it shows no cells at all."""
+    height, width = field.image.shape[:2]
+    rbc_diameter = median_rbc_diameter(detections, width, height)
+    wbcs = [d.box for d in detections if d.kind == "WBC"]
+    if usable_spacing(field.pixel_spacing_um) is None and rbc_diameter is None and not wbcs:
+        return None
+    boxes = wbcs or [(0.0, 0.0, 1.0, 1.0)]
+    scales = [pbc_scale(field.pixel_spacing_um, rbc_diameter, box) for box in boxes]
+    return PBC_UM_PER_PX * float(np.median(scales))
+
+
 def most_confident_leukocyte(
     field: Field, detector: CellDetector
 ) -> tuple[Detection, np.ndarray] | None:
@@ -119,16 +132,21 @@ def analyse_field(
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
 ) -> FieldResult:
-    """Check, detect and classify one field; every leukocyte of the field in one batch."""
+    """Detect, check and classify one field; every leukocyte of the field in one batch.
+
+    Detection comes first because quality control needs the field's scale: focus is measured
+    at one physical pixel size, and a field without a Pixel Spacing gets its scale from its own
+    red cells (as the crops do), so a lab at twice BCCD's magnification is not called blurred.
+    """
     height, width = field.image.shape[:2]
-    quality = assess(field, settings)
-    if not quality.passed:
-        return FieldResult(index, field.source, width, height, quality, cells=())
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
     if unknown:
         raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
     found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
+    quality = assess(field, settings, measured_spacing_um(field, detections))
+    if not quality.passed:
+        return FieldResult(index, field.source, width, height, quality, cells=())
     crops = leukocyte_crops(field, detections)
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)

@@ -64,26 +64,40 @@ def grey_levels(image: np.ndarray) -> np.ndarray:
     return image[..., :3].astype(np.float32) @ _LUMA
 
 
-def _block_mean(grey: np.ndarray, k: int) -> np.ndarray:
-    if k <= 1:
+def _box_resample(grey: np.ndarray, factor: float) -> np.ndarray:
+    """Shrink by ``factor`` (>= 1) averaging the pixels each output pixel covers (a box filter):
+    an integer factor is an exact block mean, and any other factor is handled the same way, so
+    the focus measure changes smoothly with the measured scale."""
+    if factor <= 1.0:
         return grey
-    h, w = (grey.shape[0] // k) * k, (grey.shape[1] // k) * k
-    return grey[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+    k = round(factor)
+    if abs(factor - k) < 1e-6:
+        h, w = (grey.shape[0] // k) * k, (grey.shape[1] // k) * k
+        return grey[:h, :w].reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+    from PIL import Image
+
+    size = (max(round(grey.shape[1] / factor), 1), max(round(grey.shape[0] / factor), 1))
+    return np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize(size, Image.BOX))
 
 
 def focus_measure(grey: np.ndarray, pixel_spacing_um: float | None = None) -> float:
     """Variance of the Laplacian at :data:`FOCUS_SPACING_UM` per pixel (see module notes)."""
     spacing = pixel_spacing_um if pixel_spacing_um and pixel_spacing_um > 0 else None
-    k = round(FOCUS_SPACING_UM / (spacing or ASSUMED_SPACING_UM))
     # A field coarser than the reference cannot be refined: it is measured as it is.
-    small = _block_mean(grey, max(k, 1))
+    small = _box_resample(grey, FOCUS_SPACING_UM / (spacing or ASSUMED_SPACING_UM))
     return float(ndimage.convolve(small, _LAPLACIAN, mode="reflect").var())
 
 
-def assess(field: Field, settings: AnalysisSettings) -> FieldQuality:
-    """Measure a field and check it against the limits in ``settings``."""
+def assess(
+    field: Field, settings: AnalysisSettings, spacing_um: float | None = None
+) -> FieldQuality:
+    """Measure a field and check it against the limits in ``settings``.
+
+    ``spacing_um`` is the field's pixel size as measured from its cells (see
+    ``analysis.measured_spacing_um``); without it, the Pixel Spacing or the assumed BCCD scale.
+    """
     grey = grey_levels(field.image)
-    focus = focus_measure(grey, field.pixel_spacing_um)
+    focus = focus_measure(grey, spacing_um or field.pixel_spacing_um)
     exposure = float(grey.mean() / 255.0)
     rounded = np.rint(grey)
     bright = rounded >= 255
