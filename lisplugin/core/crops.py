@@ -156,9 +156,15 @@ def white_point(image: np.ndarray) -> np.ndarray:
 
     Labs differ most in lamp colour, white balance and exposure; all of them show up in the
     colour of the empty glass, which is the brightest part of a smear (or, in a dense area, the
-    pale centres of red cells, which are near-white too).
+    pale centres of red cells, which are near-white too). Clipped pixels are left out while
+    enough others remain.
     """
     rgb = image[..., :3].reshape(-1, 3).astype(np.float32)
+    # Saturated glass has lost the lamp's colour; the brightest pixels that are not clipped
+    # (the glass's edges, the red cells' pale centres) still carry it.
+    unclipped = rgb[rgb.max(axis=1) < 254]
+    if len(unclipped) >= 0.05 * len(rgb):
+        rgb = unclipped
     grey = rgb.mean(axis=1)
     bright = rgb[grey >= np.quantile(grey, WHITE_QUANTILE)]
     return np.maximum(np.median(bright, axis=0), 1.0)

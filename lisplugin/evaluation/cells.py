@@ -89,7 +89,11 @@ def evaluate_cells(
     samples = select(read_samples(data, classes=LEUKOCYTE_CLASSES), split)
     if not samples:
         raise SystemExit(f"no images in class folders {list(LEUKOCYTE_CLASSES)} under {data}")
-    report = evaluate_samples(samples, models_dir, None, limit, magnification, progress)
+    classifier_dir = None
+    if models_dir is not None and not (models_dir / f"{settings_detector()}.md").is_file():
+        # A training run's folder holds only the classifier: the shipped detector finds cells.
+        models_dir, classifier_dir = None, models_dir
+    report = evaluate_samples(samples, models_dir, classifier_dir, limit, magnification, progress)
     report["data"] = str(data)
     return report
 
@@ -144,6 +148,10 @@ def evaluate_samples(
     return report
 
 
+def settings_detector() -> str:
+    return load_settings().analysis.detector
+
+
 def _spread(samples: list[Sample], limit: int) -> list[Sample]:
     """At most ``limit`` samples, taken evenly from every class (quick runs and tests)."""
     labels = sorted({s.label for s in samples})
@@ -169,7 +177,10 @@ def cli(argv: list[str]) -> int:
     )
     parser.add_argument("--data", type=Path, required=True, help="folder of class sub-folders")
     parser.add_argument(
-        "--models", type=Path, help=f"models folder (default: {DEFAULT_MODELS_DIR})"
+        "--models",
+        type=Path,
+        help=f"models folder (default: the models in use, {DEFAULT_MODELS_DIR} as shipped); "
+        "a folder with only a classifier is used with the shipped detector",
     )
     parser.add_argument("--split", help="score only this split of DIR/split.csv (e.g. test)")
     parser.add_argument("--limit", type=int, help="at most N images, spread over the classes")
