@@ -188,6 +188,11 @@ def test_promote_gate_refuses_worse_and_the_daemon_uses_the_promoted_model(
     daemon.start()
     try:
         env = daemon.env()
+
+        def admin(command: str, *args: str) -> subprocess.CompletedProcess:
+            """``lisplugin models COMMAND`` as the daemon's admin (password on stdin)."""
+            return lisplugin("models", command, *args, "--user", daemon.username, env=env,
+                             stdin=daemon.password + "\n")  # fmt: skip
         # A worse candidate: a classifier trained for one epoch on 16 images.
         worse = tmp_path / "worse"
         trained = lisplugin(
@@ -198,17 +203,7 @@ def test_promote_gate_refuses_worse_and_the_daemon_uses_the_promoted_model(
         shutil.copy2(MODELS / "cell-detector.md", worse)
         shutil.copy2(MODELS / "cell-detector.onnx", worse)
         reference = class_folders(tmp_path / "reference", shared_data / "pbc", 6)
-        refused = lisplugin(
-            "models",
-            "promote",
-            str(worse),
-            "--user",
-            daemon.username,
-            "--reference",
-            str(reference),
-            env=env,
-            stdin=daemon.password + "\n",
-        )
+        refused = admin("promote", str(worse), "--reference", str(reference))
         assert refused.returncode == 1, refused.stderr
         assert "refused: worse on the reference set" in refused.stderr
         # Not an admin: refused before any scoring.
@@ -220,17 +215,7 @@ def test_promote_gate_refuses_worse_and_the_daemon_uses_the_promoted_model(
         assert wrong.returncode == 3
 
         better = _with_version(MODELS, tmp_path / "site-model", "2099.01.01-site")
-        promoted = lisplugin(
-            "models",
-            "promote",
-            str(better),
-            "--user",
-            daemon.username,
-            "--reference",
-            str(reference),
-            env=env,
-            stdin=daemon.password + "\n",
-        )
+        promoted = admin("promote", str(better), "--reference", str(reference))
         assert promoted.returncode == 0, promoted.stderr
         checks = json.loads(promoted.stdout)["checks"]
         assert checks["reference"]["candidate"] == checks["reference"]["current"]
@@ -242,8 +227,7 @@ def test_promote_gate_refuses_worse_and_the_daemon_uses_the_promoted_model(
             return case["result"]["model_versions"]["classifier"]
 
         assert analysed_version("ACC-PROMOTED", 1) == "2099.01.01-site"
-        rolled = lisplugin("models", "rollback", "--user", daemon.username, env=env,
-                           stdin=daemon.password + "\n")  # fmt: skip
+        rolled = admin("rollback")
         assert rolled.returncode == 0, rolled.stderr
         shipped = yaml.safe_load((MODELS / "leukocyte-classifier.md").read_text().split("---")[1])
         assert analysed_version("ACC-ROLLED-BACK", 2) == shipped["version"]
