@@ -42,7 +42,7 @@ from lisplugin.service.pipeline import age_in_years
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import write_durably
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus, PendingReport
-from lisplugin.storage.orm_review import SIGN_OUT_ACTION, AuditEvent
+from lisplugin.storage.orm_review import SIGN_OUT_ACTION, AuditEvent, CaseComment
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class _CaseSnapshot:
     result_status: str
     paths: list[str]
     signed_out: tuple[str, datetime] | None  # who signed the result out, and when
+    comments: list[dict[str, Any]]  # username, at (ISO), text; oldest first
 
 
 def mark_reports_due(session: Session, case_id: int) -> None:
@@ -120,6 +121,7 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
             producer=producer,
             preliminary=snapshot.result_status == "P",
             verification=verification,
+            comments=[f"{c['username']}: {c['text']}" for c in snapshot.comments],
         )
         objects.append(("sr", sr))
         objects += [
@@ -137,6 +139,7 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
             documents=documents,
             generated_at=generated_at,
             verification=verification,
+            comments=snapshot.comments,
         )
 
     pdf = build_pdf(
@@ -203,6 +206,14 @@ def _snapshot(db: Database, case_id: int) -> _CaseSnapshot:
             result_status=latest or ("P" if case.result.get("needs_review") else "F"),
             paths=[instance.path for instance in case.instances],
             signed_out=_signed_out(session, case),
+            comments=[
+                {"username": c.username, "at": as_utc(c.created_at).isoformat(), "text": c.text}
+                for c in session.scalars(
+                    select(CaseComment)
+                    .where(CaseComment.case_id == case_id)
+                    .order_by(CaseComment.id)
+                )
+            ],
         )
 
 
