@@ -65,11 +65,15 @@ _VALUE_NAMES = {
     "rbc_counted": "Red cells detected",
     "wbc_counted": "Leukocytes detected",
     "plt_counted": "Platelets detected",
+    "plt_per_field": "Platelets per field",
+    "plt_estimate": "Platelet estimate",
 }
+#: Decimals of the values that are neither shares nor counts of cells.
+_DECIMALS = {"plt_per_field": 1, "plt_estimate": 0}
 #: What each model of ``model_versions`` does.
 _MODEL_NAMES = {"detector": "Cell detector", "classifier": "Leukocyte classifier"}
 #: UCUM units as the table prints them.
-_UNITS = {"{cells}": "cells", "/100{WBCs}": "/100 WBC"}
+_UNITS = {"{cells}": "cells", "/100{WBCs}": "/100 WBC", "10*9/L": "x10^9/L"}
 
 
 def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> bytes:
@@ -297,8 +301,14 @@ def _identity_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
 def _value_name(key: str) -> str:
     if key in _VALUE_NAMES:
         return _VALUE_NAMES[key]
-    label = key.removesuffix("_pct").removesuffix("_per_100wbc")
-    return {"ig": "Immature granulocytes"}.get(label, label.replace("_", " ").capitalize())
+    label = key.removesuffix("_pct").removesuffix("_per_100wbc").removesuffix("_abs")
+    name = {"ig": "Immature granulocytes"}.get(label, label.replace("_", " ").capitalize())
+    return f"{name}, absolute" if key.endswith("_abs") else name
+
+
+def _value_text(key: str, value: float, is_share: bool) -> str:
+    decimals = 1 if is_share else 2 if key.endswith("_abs") else _DECIMALS.get(key, 0)
+    return f"{value:.{decimals}f}"
 
 
 def _interval(value: Mapping[str, Any]) -> str:
@@ -319,7 +329,7 @@ def _values_table(report: Mapping[str, Any]) -> Table:
             [
                 _value_name(value["key"]),
                 str(class_counts.get(label, "")) if is_share else "",
-                f"{value['value']:.1f}" if is_share else f"{value['value']:.0f}",
+                _value_text(value["key"], value["value"], is_share),
                 _UNITS.get(value["units"], value["units"]),
                 _interval(value),
                 value["abnormal_flag"],

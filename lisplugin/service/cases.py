@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,13 @@ def queue_oru(
     loinc_map: dict[str, Any],
     settings: Hl7Settings,
     observed_at: datetime,
+    comments: Sequence[str] = (),
+    model_versions: Mapping[str, str] | None = None,
 ) -> str:
     """Build the case's ORU^R01 and add it to the outbox in the caller's transaction.
 
+    ``comments`` go out as NTE; ``model_versions`` (default: those of the case's result) are
+    named in OBX-18.
     Control ids are ``LP<case>-<n>``: unique, stable across resends, readable in the LIS. The
     case's reports are marked due in the same transaction.
     """
@@ -76,6 +80,10 @@ def queue_oru(
         control_id=control_id,
         settings=settings,
         observed_at=observed_at,
+        comments=comments,
+        model_versions=(case.result or {}).get("model_versions")
+        if model_versions is None
+        else model_versions,
     )
     session.add(
         OutboxMessage(
@@ -167,13 +175,14 @@ class CaseScheduler:
             version = case.version
             paths = [i.path for i in case.instances]
             patient = dict(case.patient or {})
+            order = dict(case.order) if case.order else None
             final_sent = case.final_sent
             previous = self._previous_result(session, case)
         try:
             fields = read_fields([Path(p) for p in paths])
             pipeline = self._pipeline()
-            result = pipeline.analyse(fields, patient, previous)
-            values = pipeline.values(result, patient)
+            result = pipeline.analyse(fields, patient, previous, order)
+            values = pipeline.values(result, patient, order)
         except Exception as exc:
             log.exception("analysis of case %s failed", case_id)
             self._fail(case_id, f"analysis failed: {exc}")
@@ -195,8 +204,12 @@ class CaseScheduler:
                     pipeline.loinc_map,
                     self.settings.hl7,
                     now,
+                    model_versions=result.model_versions,
                 )
-                case.result = pipeline.to_json(result)
+                case.result = {
+                    **pipeline.to_json(result),
+                    "previous": previous.to_json() if previous else None,
+                }
                 case.status = CaseStatus.REVIEW if result.needs_review else CaseStatus.VERIFIED
                 case.analysed_at = now
                 case.error = None
@@ -213,9 +226,14 @@ class CaseScheduler:
         log.info("case %s analysed: %s, ORU %s queued", case_id, status, control_id)
         self.on_outbox()
 
-    def _previous_result(self, session, case: Case) -> PreviousResult | None:  # type: ignore[no-untyped-def]
-        """The same patient's latest other result within the delta-check window."""
-        patient_id = (case.patient or {}).get("id")
+    def _previous_result(self, session: Session, case: Case) -> PreviousResult | None:
+        """The same patient's latest verified (F/C) result within the delta-check window.
+
+        The same patient is the same identifier from the same assigning authority; a result
+        still waiting for review (P) is never compared with: it may be wrong.
+        """
+        patient = case.patient or {}
+        patient_id, authority = patient.get("id"), patient.get("id_authority") or ""
         if not patient_id:
             return None
         since = datetime.now(UTC) - DELTA_WINDOW
@@ -223,14 +241,21 @@ class CaseScheduler:
             select(Case)
             .where(Case.id != case.id)
             .where(Case.result.is_not(None))
+            .where(Case.status.in_([CaseStatus.VERIFIED, CaseStatus.FINAL]))
             .where(Case.analysed_at >= since)
             .order_by(Case.analysed_at.desc())
         )
         for other in candidates:
-            if (other.patient or {}).get("id") == patient_id and other.analysed_at:
+            theirs = other.patient or {}
+            same = (
+                theirs.get("id") == patient_id and (theirs.get("id_authority") or "") == authority
+            )
+            if same and other.analysed_at:
                 return PreviousResult(
                     analysed_at=as_utc(other.analysed_at),
                     differential=dict(other.result.get("differential", {})),
+                    case_id=other.id,
+                    accession_number=other.accession_number,
                 )
         return None
 

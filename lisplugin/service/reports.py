@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from lisplugin.config import Settings
 from lisplugin.core.analysis import result_values
 from lisplugin.core.reference import parse_reference_ranges
-from lisplugin.core.rules import PatientContext
+from lisplugin.core.revision import field_from_json
 from lisplugin.core.types import ResultValue, SpecimenResult
 from lisplugin.dicom.decode import UnusableInstance, iter_fields
 from lisplugin.reports.annotations import build_annotations
@@ -38,7 +38,7 @@ from lisplugin.reports.pdf import build_encapsulated_pdf, build_pdf
 from lisplugin.reports.sources import read_headers
 from lisplugin.reports.sr import build_sr
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import age_in_years
+from lisplugin.service.pipeline import patient_context
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import write_durably
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus, PendingReport
@@ -239,13 +239,10 @@ def _values(snapshot: _CaseSnapshot, settings: Settings, on: datetime) -> list[R
         class_counts=result.get("class_counts", {}),
         wbc_classified=int(result.get("wbc_classified", 0)),
         flags=(),
-        fields=(),
+        fields=tuple(field_from_json(f) for f in result.get("fields") or []),
     )
     analysed_at = snapshot.identity["analysed_at"] or on
-    patient = PatientContext(
-        age_years=age_in_years(str(snapshot.patient.get("birth_date") or ""), analysed_at.date()),
-        sex=str(snapshot.patient.get("sex") or "") or None,
-    )
+    patient = patient_context(snapshot.patient, snapshot.order, analysed_at)
     ranges = parse_reference_ranges(settings.load_yaml("reference-ranges.yaml"))
     return result_values(specimen, ranges, patient)
 

@@ -24,15 +24,16 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from lisplugin.config import Hl7Settings
-from lisplugin.core.analysis import median_rbc_diameter
+from lisplugin.core.analysis import median_rbc_diameter, result_values
 from lisplugin.core.crops import PBC_CROP_PX, leukocyte_crop, pbc_scale
 from lisplugin.core.revision import RevisionError, reclassified, reclassify, revise
+from lisplugin.core.rules import PatientContext, PreviousResult
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import Detection, Field, Flag, ResultValue, SpecimenResult
 from lisplugin.dicom.decode import iter_fields
 from lisplugin.service.cases import queue_oru
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import Pipeline
+from lisplugin.service.pipeline import Pipeline, patient_context
 from lisplugin.storage.orm import Case, CaseStatus
 from lisplugin.storage.orm_review import SIGN_OUT_ACTION, AuditEvent, CaseComment
 
@@ -103,17 +104,24 @@ def _flush(session: Session, case_id: int) -> None:
         ) from None
 
 
+def case_context(case: Case) -> PatientContext:
+    """The patient as the case's analysis saw them: age on that day, the order's counts, and
+    the earlier verified result it was compared with."""
+    at = as_utc(case.analysed_at) if case.analysed_at else datetime.now(UTC)
+    previous = PreviousResult.from_json((case.result or {}).get("previous"))
+    return patient_context(dict(case.patient or {}), case.order, at, previous)
+
+
 def _revised(
     pipeline: Pipeline, case: Case, result: dict[str, Any]
 ) -> tuple[SpecimenResult, dict[str, Any]]:
-    patient = pipeline.patient_context(dict(case.patient or {}), None)
-    return revise(result, pipeline.rules, pipeline.ranges, patient)
+    return revise(result, pipeline.rules, pipeline.ranges, case_context(case))
 
 
 def reported_values(pipeline: Pipeline, case: Case) -> list[ResultValue]:
     """The values the LIS would get for the case's result as it stands (rounded, flagged)."""
     specimen, _ = _revised(pipeline, case, case.result or {})
-    return pipeline.values(specimen, dict(case.patient or {}))
+    return result_values(specimen, pipeline.ranges, case_context(case))
 
 
 def reclassify_cell(
@@ -194,7 +202,7 @@ def sign_out(
         hint = "; change a cell to correct it" if case.status in REVIEWABLE else ""
         raise Conflict(f"case {case_id} is {case.status.value}, not in review{hint}")
     specimen, revised = _revised(pipeline, case, case.result)
-    values = pipeline.values(specimen, dict(case.patient or {}))
+    values = result_values(specimen, pipeline.ranges, case_context(case))
     status = "C" if case.final_sent else "F"
     changed, leukocytes = _reviewed_cells(revised)
     note = Flag(

@@ -1,0 +1,175 @@
+"""What a haematology laboratory needs to sign a result, over the real sockets.
+
+The analyser's WBC count comes with the order (OML^O21 over MLLP, OBX 6690-2) and the ORU the
+LIS simulator receives carries absolute counts, the ABS_* flags and the model versions. The
+case under review is a synthetic capture analysed by the real ingest, scheduler and classifier
+(cells from the generator's ground truth, see ``review_support``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import hl7
+import httpx
+import pytest
+from review_support import (
+    PASSWORD,
+    GroundTruthDetector,
+    ReviewRuntime,
+    ServerThread,
+    free_port,
+    ingest,
+    obx_values,
+    review_capture,
+)
+
+from lisplugin.config import Settings
+from lisplugin.hl7.lis_sim import LisSimulator
+from lisplugin.hl7.mllp import send_message
+from lisplugin.http.app import create_app
+from lisplugin.service import users
+from lisplugin.service.pipeline import Pipeline
+from lisplugin.storage.orm_review import Role, User
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def oml_o21(accession: str, patient_id: str, wbc: str, units: str = "10*9/L") -> str:
+    """An OML^O21 as a LIS sends it after the analyser's CBC: the WBC count in an OBX."""
+    return "\r".join(
+        [
+            f"MSH|^~\\&|LIS|LAB|LISPLUGIN|LAB|20261121083000||OML^O21^OML_O21|{accession}-1|P|"
+            "2.5.1||||||UNICODE UTF-8",
+            f"PID|1||{patient_id}^^^HOSP^MR||NGUYỄN^THỊ||19700101|F",
+            f"ORC|NW|{accession}|{accession}",
+            f"OBR|1|{accession}|{accession}|69738-3^Differential panel^LN",
+            f"OBX|1|NM|6690-2^Leukocytes [#/volume] in Blood by Automated count^LN||{wbc}|"
+            f"{units}|4.0-10.0|L|||F",
+        ]
+    )
+
+
+@dataclass
+class Lab:
+    runtime: ReviewRuntime
+    lis: LisSimulator
+    detector: GroundTruthDetector
+    folder: Path
+    url: str
+
+    def order(self, message: str) -> str:
+        """Send an order over MLLP; the ACK code."""
+        port = self.runtime.settings.hl7.listen_port
+        return send_message("127.0.0.1", port, message, timeout=10).code
+
+    def capture(self, seed: int, accession: str, patient_id: str) -> int:
+        path = review_capture(self.folder, self.detector, seed, accession, patient_id)
+        return ingest(self.runtime, path)
+
+    def deliver(self) -> list[str]:
+        """Every pending message to the LIS simulator; the ORUs it has received."""
+        self.runtime.outbox.run_once()
+        return [m for m in self.lis.received if "ORU^R01" in m]
+
+    def client(self, username: str) -> httpx.Client:
+        client = httpx.Client(base_url=self.url, timeout=60)
+        answer = client.post("/api/session", json={"username": username, "password": PASSWORD})
+        answer.raise_for_status()
+        client.cookies.clear()
+        client.headers["Authorization"] = f"Bearer {answer.json()['token']}"
+        return client
+
+
+@pytest.fixture(scope="module")
+def base_pipeline() -> Pipeline:
+    return Pipeline.from_settings(Settings())
+
+
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    return users.hash_password(PASSWORD)
+
+
+def make_lab(
+    tmp_path: Path, database_url: str, base: Pipeline, password_hash: str, **review: object
+) -> Iterator[Lab]:
+    lis = LisSimulator(port=free_port()).start()
+    settings = Settings(
+        storage={"path": tmp_path / "var"},
+        database={"url": database_url},
+        hl7={
+            "listen_host": "127.0.0.1",
+            "listen_port": free_port(),
+            "lis_host": "127.0.0.1",
+            "lis_port": lis.port,
+            "ack_timeout_seconds": 5,
+        },
+        review=review,
+    )
+    detector = GroundTruthDetector()
+    runtime = ReviewRuntime(settings, base, detector)
+    with runtime.db.session() as session:
+        for name, role in (("tech", Role.TECHNOLOGIST), ("path", Role.PATHOLOGIST)):
+            session.add(User(username=name, password_hash=password_hash, role=role))
+    runtime.mllp.start()
+    try:
+        with ServerThread(create_app(runtime), free_port()) as server:
+            yield Lab(runtime, lis, detector, tmp_path / "in", server.url)
+    finally:
+        runtime.mllp.stop()
+        lis.stop()
+        runtime.db.dispose()
+
+
+@pytest.fixture
+def lab(
+    tmp_path: Path, database_url: str, base_pipeline: Pipeline, password_hash: str
+) -> Iterator[Lab]:
+    yield from make_lab(tmp_path, database_url, base_pipeline, password_hash)
+
+
+def notes(oru: str) -> list[str]:
+    return [str(s[3]) for s in hl7.parse(oru.replace("\n", "\r")) if str(s[0]) == "NTE"]
+
+
+def equipment(oru: str) -> dict[str, str]:
+    """OBX-3 code -> OBX-18 as sent."""
+    parsed = hl7.parse(oru.replace("\n", "\r"))
+    return {str(obx[3][0][0]): str(obx[18]) for obx in parsed.segments("OBX")}
+
+
+def test_oml_o21_wbc_count_gives_absolute_counts_and_abs_flags(lab: Lab) -> None:
+    assert lab.order(oml_o21("ACC7001", "PAT7001", "0.4")) == "AA"
+    lab.capture(31, "ACC7001", "PAT7001")
+    (oru,) = lab.deliver()
+    values = obx_values(oru)
+    share = float(values["neutrophil_pct"][0])
+    absolute = float(values["neutrophil_abs"][0])
+    assert absolute == pytest.approx(share / 100 * 0.4, abs=0.006)
+    assert float(values["lymphocyte_abs"][0]) == pytest.approx(
+        float(values["lymphocyte_pct"][0]) / 100 * 0.4, abs=0.006
+    )
+    codes = [n.split(" ", 1)[0] for n in notes(oru)]
+    assert "ABS_NEUT_SEVERE" in codes  # < 0.5 x10^9/L whatever the neutrophil share
+    # every value names the models that made it: both for the differential, the detector for
+    # the counts
+    sent = equipment(oru)
+    detector, classifier = (lab.runtime.pipeline().detector, lab.runtime.pipeline().classifier)
+    assert sent["26499-4"] == (
+        f"detector {detector.version}^LISPLUGIN~classifier {classifier.version}^LISPLUGIN"
+    )
+    assert sent["LPL-RBC-COUNTED"] == f"detector {detector.version}^LISPLUGIN"
+
+
+def test_without_a_wbc_count_there_are_no_absolute_counts(lab: Lab) -> None:
+    lab.capture(32, "ACC7002", "PAT7002")
+    (oru,) = lab.deliver()
+    assert not [k for k in obx_values(oru) if k.endswith("_abs")]
+    assert not [n for n in notes(oru) if n.startswith("ABS_")]
+
+
+def test_unusable_wbc_count_is_refused_with_an_error(lab: Lab) -> None:
+    assert lab.order(oml_o21("ACC7003", "PAT7003", "7.9", units="mmol/L")) == "AE"
