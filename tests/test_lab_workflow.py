@@ -173,3 +173,119 @@ def test_without_a_wbc_count_there_are_no_absolute_counts(lab: Lab) -> None:
 
 def test_unusable_wbc_count_is_refused_with_an_error(lab: Lab) -> None:
     assert lab.order(oml_o21("ACC7003", "PAT7003", "7.9", units="mmol/L")) == "AE"
+
+
+# --- sign-out that is safe ------------------------------------------------------------------
+
+
+def acknowledge_all(client: httpx.Client, url: str, version: int) -> int:
+    for flag in client.get(url).json()["result"]["flags"]:
+        if flag["severity"] != "info":
+            answer = client.post(
+                f"{url}/flags/{flag['code']}/acknowledge",
+                json={"version": version, "reason": "checked on the smear"},
+            )
+            assert answer.status_code == 200, answer.text
+            version = answer.json()["version"]
+    return version
+
+
+def test_sign_out_needs_every_flag_acknowledged_and_an_override_below_the_minimum(
+    lab: Lab,
+) -> None:
+    case_id = lab.capture(33, "ACC7010", "PAT7010")
+    tech, path = lab.client("tech"), lab.client("path")
+    url = f"/api/cases/{case_id}"
+    case = path.get(url).json()
+    holding = [f["code"] for f in case["result"]["flags"] if f["severity"] != "info"]
+    assert "WBC_FEW" in holding  # one field: a handful of leukocytes, minimum 100
+
+    refused = path.post(f"{url}/signout", json={"version": case["version"], "override": "x"})
+    assert refused.status_code == 409
+    assert all(code in refused.json()["detail"] for code in holding)
+    # WBC_FEW asks for a reason (rules.yaml ack_reason)
+    bare = tech.post(f"{url}/flags/WBC_FEW/acknowledge", json={"version": case["version"]})
+    assert bare.status_code == 422 and "reason" in bare.json()["detail"]
+    missing = tech.post(f"{url}/flags/NO_SUCH/acknowledge", json={"version": case["version"]})
+    assert missing.status_code == 404
+    version = acknowledge_all(tech, url, case["version"])
+    acknowledged = path.get(url).json()["result"]["review"]["acknowledged"]
+    assert set(acknowledged) == set(holding)
+    assert acknowledged["WBC_FEW"]["username"] == "tech"
+
+    canned = {c["code"]: c["text"] for c in tech.get("/api/canned-comments").json()}
+    assert tech.post(f"{url}/comments", json={"canned": "TOXIC"}).status_code == 201
+    assert tech.post(f"{url}/comments", json={"text": "Few cells: thin film."}).status_code == 201
+    assert tech.post(f"{url}/comments", json={"canned": "NOPE"}).status_code == 422
+
+    below = path.post(f"{url}/signout", json={"version": version})
+    assert below.status_code == 422 and "override" in below.json()["detail"]
+    done = path.post(
+        f"{url}/signout", json={"version": version, "override": "Leukopenic patient, 2 films"}
+    )
+    assert done.status_code == 200, done.text
+    assert done.json()["result_status"] == "F"
+    oru = lab.deliver()[-1]
+    sent = notes(oru)
+    assert f"tech: {canned['TOXIC']}" in sent and "tech: Few cells: thin film." in sent
+    assert any(n.startswith("override by path: released with") and "2 films" in n for n in sent)
+    trail = path.get(f"{url}/audit").json()
+    signout = next(e for e in trail if e["action"] == "case.signout")
+    assert signout["after"]["override"]["text"] == "Leukopenic patient, 2 films"
+    assert {e["action"] for e in trail} >= {"flag.acknowledge", "comment.add", "case.signout"}
+
+
+@pytest.fixture
+def two_stage_lab(
+    tmp_path: Path, database_url: str, base_pipeline: Pipeline, password_hash: str
+) -> Iterator[Lab]:
+    yield from make_lab(tmp_path, database_url, base_pipeline, password_hash, two_stage=True)
+
+
+def test_two_stage_review_technologist_then_pathologist(two_stage_lab: Lab) -> None:
+    lab = two_stage_lab
+    case_id = lab.capture(34, "ACC7020", "PAT7020")
+    tech, path = lab.client("tech"), lab.client("path")
+    url = f"/api/cases/{case_id}"
+    case = tech.get(url).json()
+    early = tech.post(f"{url}/technical-review", json={"version": case["version"]})
+    assert early.status_code == 409  # flags still open
+    version = acknowledge_all(tech, url, case["version"])
+    not_yet = path.post(f"{url}/signout", json={"version": version, "override": "ok"})
+    assert not_yet.status_code == 409 and "technical review" in not_yet.json()["detail"]
+    done = tech.post(f"{url}/technical-review", json={"version": version})
+    assert done.status_code == 200, done.text
+    assert done.json()["review"]["technical_review"]["username"] == "tech"
+    # a change after the technical review undoes it: the result it approved is gone
+    cell = next(c for c in tech.get(url).json()["result"]["cells"] if c["kind"] == "WBC")
+    changed = tech.patch(
+        f"{url}/cells/{cell['id']}",
+        json={"class": "artefact", "version": done.json()["version"]},
+    ).json()
+    assert "technical_review" not in path.get(url).json()["result"]["review"]
+    version = acknowledge_all(tech, url, changed["version"])
+    version = tech.post(f"{url}/technical-review", json={"version": version}).json()["version"]
+    signed = path.post(f"{url}/signout", json={"version": version, "override": "few cells"})
+    assert signed.status_code == 200, signed.text
+
+
+# --- delta check ------------------------------------------------------------------------------
+
+
+def test_delta_check_uses_only_verified_results_of_the_same_patient(lab: Lab) -> None:
+    path = lab.client("path")
+    first = lab.capture(35, "ACC7030", "PAT7030")  # preliminary (P): in review
+    second = lab.capture(36, "ACC7031", "PAT7030")
+    assert path.get(f"/api/cases/{second}").json()["result"]["previous"] is None
+    url = f"/api/cases/{first}"
+    version = acknowledge_all(path, url, path.get(url).json()["version"])
+    signed = path.post(f"{url}/signout", json={"version": version, "override": "few cells"})
+    assert signed.status_code == 200, signed.text
+    third = lab.capture(37, "ACC7032", "PAT7030")
+    previous = path.get(f"/api/cases/{third}").json()["result"]["previous"]
+    assert (previous["case_id"], previous["accession_number"]) == (first, "ACC7030")
+    # the same identifier from another assigning authority is another patient
+    other = oml_o21("ACC7033", "PAT7030", "7.0").replace("^^^HOSP^MR", "^^^OTHER^MR")
+    assert lab.order(other) == "AA"
+    fourth = lab.capture(38, "ACC7033", "PAT7030")
+    assert path.get(f"/api/cases/{fourth}").json()["result"]["previous"] is None

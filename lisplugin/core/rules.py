@@ -4,7 +4,9 @@ Rules live in the site's ``rules.yaml`` so a laboratory can tune them without co
 ``code`` (sent with the flag), a ``description``, a ``severity`` (``info`` is only reported;
 ``review`` and ``critical`` hold the result for review) and a ``kind`` with its parameters.
 Any rule may also carry ``age_years: [from, to)`` and ``sex: F|M`` to apply to some patients
-only (an unknown age counts as adult, see :mod:`lisplugin.core.reference`).
+only (an unknown age counts as adult, see :mod:`lisplugin.core.reference`), and
+``ack_reason: true``: a reviewer who acknowledges its flag must say why (always so for
+``critical`` rules).
 
 Kinds and their parameters (``*`` = required):
 
@@ -411,7 +413,7 @@ _PARAMS: dict[str, dict[str, Any]] = {
     },
     "delta_check": {"max_change": None, "window_hours": 72},
 }
-_COMMON = {"age_years", "sex"}
+_COMMON = {"age_years", "sex", "ack_reason"}
 _ENTRY = {"code", "description", "severity", "kind"}
 
 
@@ -484,6 +486,16 @@ def parse_rules(data: Any, settings: AnalysisSettings | None = None) -> list[Rul
     if len(set(codes)) != len(codes):
         raise ValueError("rules: codes must be unique")
     return rules
+
+
+def reason_required(rules: Sequence[Rule], flag: Flag) -> bool:
+    """Whether acknowledging ``flag`` needs a reason: critical, or its rule asks for one."""
+    if flag.severity == "critical":
+        return True
+    rule = next(
+        (r for r in rules if flag.code == r.code or flag.code.startswith(f"{r.code}_")), None
+    )
+    return bool(rule and rule.params.get("ack_reason"))
 
 
 def evaluate_rules(
