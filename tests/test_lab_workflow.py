@@ -289,3 +289,14 @@ def test_delta_check_uses_only_verified_results_of_the_same_patient(lab: Lab) ->
     assert lab.order(other) == "AA"
     fourth = lab.capture(38, "ACC7033", "PAT7030")
     assert path.get(f"/api/cases/{fourth}").json()["result"]["previous"] is None
+
+
+def test_case_page_shows_progress_previous_result_and_an_unknown_case_is_404(lab: Lab) -> None:
+    client = httpx.Client(base_url=lab.url, timeout=60)
+    client.post("/api/session", json={"username": "path", "password": PASSWORD})
+    case_id = lab.capture(39, "ACC7040", "PAT7040")
+    page = client.get(f"/cases/{case_id}")
+    assert page.status_code == 200
+    assert 'id="count-progress"' in page.text and 'id="sign-out"' in page.text
+    missing = client.get("/cases/999999")
+    assert missing.status_code == 404 and "text/html" in missing.headers["content-type"]

@@ -202,6 +202,7 @@ def test_review_station_from_sign_in_to_the_final_result(
         )
     )
     second_id = selected.get_attribute("data-id")
+    second_class = selected.get_attribute("data-class")
     if selected.get_attribute("data-class") not in ("erythroblast", "platelet"):
         total -= 1  # it was one of the leukocytes counted
     before = version()
@@ -218,10 +219,24 @@ def test_review_station_from_sign_in_to_the_final_result(
         )
     )
     third_id = third.get_attribute("data-id")
+    last_id, last_key, last_class = second_id, "a", second_class
     if third.get_attribute("data-class") != "lymphocyte":
+        last_id, last_key, last_class = third_id, "2", third.get_attribute("data-class")
         before = version()
         body.send_keys("2")
         wait.until(lambda d: version() > before)
+
+    # U undoes the last change (the cell is selected again), its key redoes it.
+    before = version()
+    body.send_keys("u")
+    wait.until(lambda d: version() > before)
+    assert api_case(url, "tina", case_id)["result"]["cells"][int(last_id)]["class"] == last_class
+    assert (
+        browser.find_element(By.CSS_SELECTOR, ".tile.selected").get_attribute("data-id") == last_id
+    )
+    before = version()
+    body.send_keys(last_key)
+    wait.until(lambda d: version() > before)
 
     case = api_case(url, "tina", case_id)
     cells = {str(c["id"]): c for c in case["result"]["cells"]}
@@ -247,11 +262,47 @@ def test_review_station_from_sign_in_to_the_final_result(
     browser.save_screenshot(str(ARTIFACTS / "review-case.png"))
     browser.set_window_size(1440, 1000)
 
-    # The pathologist signs the case out; the LIS receives the final, changed result.
+    # The pathologist signs the case out: not before every flag is acknowledged, and with an
+    # override comment, since one field has far fewer than 100 leukocytes.
     browser.find_element(By.ID, "log-out").click()
     wait.until(ec.url_contains("/login"))
     sign_in(browser, url, "paul", f"/cases/{case_id}")
+    for size in ((1366, 768), (1920, 1080)):  # the screens a laboratory has
+        browser.set_window_size(*size)
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(ARTIFACTS / f"review-case-{size[0]}x{size[1]}.png"))
+        inner = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+        for element in ("sign-out", "count-progress", "flags"):
+            box = browser.execute_script(
+                f"return document.getElementById('{element}').getBoundingClientRect().toJSON()"
+            )
+            assert box["right"] <= inner[0] and box["top"] < inner[1], (size, element, box)
+        scroll = browser.execute_script("return document.documentElement.scrollWidth")
+        assert scroll <= inner[0], (size, "no horizontal scrolling")
+    browser.set_window_size(1440, 1000)
+    progress = browser.find_element(By.ID, "progress-text").text
+    assert f"{total} leukocytes classified" in progress and "more to 100" in progress
     browser.find_element(By.ID, "sign-out").click()
+    refused = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.error")))
+    assert "Acknowledge every review flag" in refused.text and "WBC_FEW" in refused.text
+    while buttons := browser.find_elements(By.CSS_SELECTOR, "#flags button.ack"):
+        code = buttons[0].get_attribute("data-ack")
+        reason = browser.find_element(By.CSS_SELECTOR, f'.flag[data-code="{code}"] .ack-reason')
+        reason.send_keys("checked on the smear")
+        seen = version()
+        buttons[0].click()
+        wait.until(lambda d, seen=seen: version() > seen)
+    acknowledged = browser.find_elements(By.CSS_SELECTOR, "#flags .ack-done")
+    assert acknowledged and all("paul" in a.text for a in acknowledged)
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("f")  # F opens the sign-out, with the override asked for
+    override = wait.until(ec.visibility_of_element_located((By.ID, "override-text")))
+    browser.find_element(By.ID, "sign-out-yes").click()
+    refused = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.error")))
+    assert "override" in refused.text
+    browser.find_element(By.ID, "sign-out").click()
+    override = wait.until(ec.visibility_of_element_located((By.ID, "override-text")))
+    override.send_keys("Leukopenia: one field only, film reviewed by microscopy")
     browser.find_element(By.ID, "sign-out-yes").click()
     banner = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.ok")))
     assert "(F)" in banner.text
@@ -266,5 +317,14 @@ def test_review_station_from_sign_in_to_the_final_result(
     for cls, share in signed["result"]["differential"].items():
         key = "erythroblast_per_100wbc" if cls == "erythroblast" else f"{cls}_pct"
         assert float(values[key][0]) == pytest.approx(round(share, 1)), key
+    notes = [line for line in final.replace("\n", "\r").split("\r") if line.startswith("NTE")]
+    assert any("two cells corrected; please sign out" in n for n in notes)
+    assert any("override by paul" in n and "Leukopenia" in n for n in notes)
     assert (ARTIFACTS / "review-worklist.png").stat().st_size
     assert (ARTIFACTS / "review-case.png").stat().st_size
+
+    # N opens the next case on the worklist.
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("n")
+    wait.until(lambda d: d_path(d) != f"/cases/{case_id}")
+    assert d_path(browser).startswith("/cases/")
