@@ -58,7 +58,24 @@ CLASS_STYLE: dict[str, tuple[str, str, str]] = {
     "smudge": ("Smudge cell", "#332288", "S"),
     UNIDENTIFIED: ("Unidentified", "#1A1A1A", ""),
 }
-KIND_STYLE = {"RBC": ("Red cells", "#E07B7B"), "PLT": ("Platelets", "#8E6BB8")}
+#: Red cells in Tol's grey and platelets in the platelet class's olive: inside the palette, so
+#: no outline is told from another by hue alone; the letters on the outlines say the class.
+KIND_STYLE = {"RBC": ("Red cells", "#BBBBBB"), "PLT": ("Platelets", "#999933")}
+#: The letter drawn on each outline (colour is never the only cue).
+CLASS_LETTER = {
+    "neutrophil": "N",
+    "lymphocyte": "L",
+    "monocyte": "M",
+    "eosinophil": "E",
+    "basophil": "B",
+    "ig": "I",
+    "erythroblast": "R",
+    "platelet": "P",
+    "artefact": "A",
+    "smudge": "S",
+    UNIDENTIFIED: "?",
+    "PLT": "p",
+}
 
 router = APIRouter(include_in_schema=False)
 
@@ -177,11 +194,21 @@ def _case_data(
         "previous": result.get("previous"),
         "next_case": _next_case(case.id, worklist),
         "classes": [
-            {"key": k, "name": n, "colour": c, "shortcut": s, "result_key": result_key(k)}
+            {
+                "key": k,
+                "name": n,
+                "colour": c,
+                "shortcut": s,
+                "letter": CLASS_LETTER[k],
+                "result_key": result_key(k),
+            }
             for k, (n, c, s) in CLASS_STYLE.items()
         ],
         "review_classes": list(REVIEW_CLASSES),
-        "kinds": {k: {"name": n, "colour": c} for k, (n, c) in KIND_STYLE.items()},
+        "kinds": {
+            k: {"name": n, "colour": c, "letter": CLASS_LETTER.get(k, "")}
+            for k, (n, c) in KIND_STYLE.items()
+        },
         "values": [value_to_json(v) for v in values],
         "result": {
             "fields": result.get("fields") or [],

@@ -501,7 +501,8 @@ class SaliencyCache:
         self._size = size
 
     def render(self, case: Case, cell_id: int, pipeline: Pipeline) -> tuple[bytes, str, float]:
-        """PNG of the cell with its saliency overlaid (2x), the top class and its probability."""
+        """PNG of the part of the cell's window the classifier sees, with its saliency overlaid
+        (320 px), the top class and its probability."""
         if _cell(case, cell_id)["kind"] != "WBC":
             raise Invalid(f"cell {cell_id} is not a leukocyte detection; it was not classified")
         key = (case.id, case.analysed_at, cell_id, pipeline.classifier.version)
@@ -509,8 +510,9 @@ class SaliencyCache:
             if key not in self._images:
                 crop = cell_crop(case, cell_id)
                 found = occlusion_sensitivity(crop, pipeline.classifier)
-                overlay = Image.fromarray(heat_overlay(crop, found.heat))
-                image = np.asarray(overlay.resize((crop.shape[1] * 2, crop.shape[0] * 2)))
+                seen = found.seen(crop)  # the part the classifier looks at
+                overlay = Image.fromarray(heat_overlay(seen, found.heat))
+                image = np.asarray(overlay.resize((PBC_CROP_PX * 2, PBC_CROP_PX * 2)))
                 self._images[key] = (png(image), found.top_class, found.probability)
                 while len(self._images) > self._size:
                     self._images.popitem(last=False)

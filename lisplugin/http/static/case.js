@@ -146,8 +146,9 @@
     $("field-image").src = `/api/cases/${data.id}/fields/${index}.png`;
     const overlay = $("overlay");
     overlay.setAttribute("viewBox", `0 0 ${field.width} ${field.height}`);
+    const here = cells.filter((c) => c.field === index);
     overlay.replaceChildren(
-      ...cells.filter((c) => c.field === index).map((cell) => {
+      ...here.map((cell) => {
         const polygon = document.createElementNS(SVG, "polygon");
         polygon.setAttribute("points", cell.outline.map((p) => p.join(",")).join(" "));
         polygon.dataset.id = cell.id;
@@ -157,8 +158,26 @@
         if (cell.kind === "WBC") polygon.addEventListener("click", () => select(cell.id));
         paintPolygon(polygon, cell);
         return polygon;
+      }),
+      ...here.filter((cell) => cell.kind !== "RBC").map((cell) => {
+        const label = document.createElementNS(SVG, "text");
+        label.setAttribute("x", (cell.box[0] + cell.box[2]) / 2);
+        label.setAttribute("y", Math.max(cell.box[1] - 3, 12));
+        label.setAttribute("text-anchor", "middle");
+        label.dataset.id = cell.id;
+        paintLetter(label, cell);
+        return label;
       })
     );
+  }
+
+  const letter = (cell) =>
+    cell.kind === "WBC" ? style[cell.class].letter : data.kinds[cell.kind].letter;
+
+  function paintLetter(label, cell) {
+    label.textContent = letter(cell);
+    label.setAttribute("fill", colour(cell));
+    label.setAttribute("class", `letter${state.hidden.has(legendKey(cell)) ? " off" : ""}`);
   }
 
   function paintPolygon(polygon, cell) {
@@ -177,6 +196,9 @@
   function repaintOverlay() {
     for (const polygon of $("overlay").querySelectorAll("polygon")) {
       paintPolygon(polygon, cells[Number(polygon.dataset.id)]);
+    }
+    for (const label of $("overlay").querySelectorAll("text")) {
+      paintLetter(label, cells[Number(label.dataset.id)]);
     }
   }
 
@@ -292,9 +314,10 @@
       "data-class": cell.class,
       title: `#${cell.id}: ${name(cell.class)}`,
     });
-    const image = el("img", { alt: `cell ${cell.id}`, loading: "lazy", width: 104, height: 104 });
+    const image = el("img", { alt: `cell ${cell.id}`, loading: "lazy", width: 168, height: 168 });
     image.src = `/api/cases/${data.id}/cells/${cell.id}.png`;
-    button.append(image, el("span", { class: "tile-id", text: `#${cell.id}` }), bars(cell));
+    button.append(el("span", { class: "thumb" }, image),
+      el("span", { class: "tile-id", text: `#${cell.id}` }), bars(cell));
     if (cell.original_class && cell.original_class !== cell.class) {
       button.append(el("span", { class: "was", text: `was ${style[cell.original_class].name}` }));
     }
