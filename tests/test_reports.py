@@ -168,13 +168,16 @@ def test_sr_is_valid_and_reads_back(captures: list[Path], tmp_path: Path) -> Non
 
 def test_signed_out_sr_names_its_verifying_observer(captures: list[Path], tmp_path: Path) -> None:
     signed = Verification("jdoe", "HAEM LAB", datetime(2026, 11, 21, 14, 5, 9, tzinfo=UTC))
+    result = result_for(captures)
+    result["review"] = {"acknowledged": {"min_wbc": {"username": "jdoe", "reason": "2 films"}}}
     sr = build_sr(
-        result_for(captures),
+        result,
         read_headers(captures),
         loinc_map=LOINC,
         producer=PRODUCER,
         preliminary=False,
         verification=signed,
+        comments=["jdoe: Toxic granulation."],
     )
     path = tmp_path / "signed.dcm"
     sr.save_as(path)
@@ -187,6 +190,10 @@ def test_signed_out_sr_names_its_verifying_observer(captures: list[Path], tmp_pa
         "HAEM LAB",
     )
     assert observer.VerificationDateTime.startswith("20261121140509")
+    texts = [str(e.value) for e in back.iterall() if e.keyword == "TextValue"]
+    assert "Comment jdoe: Toxic granulation." in texts
+    assert any(t.startswith("min_wbc") and "acknowledged by jdoe: 2 films" in t for t in texts)
+    assert back.SoftwareVersions[1:] == [f"{n} {v}" for n, v in MODELS.items()]  # both models
 
 
 def test_annotations_are_valid_and_read_back(captures: list[Path], tmp_path: Path) -> None:
@@ -445,6 +452,7 @@ def test_pdf_names_reviewers_dispositions_comments_and_models(
     report["comments"] = [
         {"username": "alice", "at": "2026-11-21T09:01:00+00:00", "text": "Toxic granulation."}
     ]
+    jsonschema.Draft202012Validator(SCHEMA).validate(json.loads(json.dumps(report)))
     text = _pdf_text(build_pdf(report, {}), tmp_path)
     assert "technical review by bob" in text and "awaiting sign-out by a pathologist" in text
     assert "technologist review required" not in text
