@@ -20,6 +20,7 @@ from review_support import (
     GroundTruthDetector,
     ReviewRuntime,
     ServerThread,
+    acknowledge_all,
     free_port,
     ingest,
     obx_values,
@@ -176,18 +177,6 @@ def test_unusable_wbc_count_is_refused_with_an_error(lab: Lab) -> None:
 
 
 # --- sign-out that is safe ------------------------------------------------------------------
-
-
-def acknowledge_all(client: httpx.Client, url: str, version: int) -> int:
-    for flag in client.get(url).json()["result"]["flags"]:
-        if flag["severity"] != "info":
-            answer = client.post(
-                f"{url}/flags/{flag['code']}/acknowledge",
-                json={"version": version, "reason": "checked on the smear"},
-            )
-            assert answer.status_code == 200, answer.text
-            version = answer.json()["version"]
-    return version
 
 
 def test_sign_out_needs_every_flag_acknowledged_and_an_override_below_the_minimum(

@@ -28,6 +28,7 @@ from review_support import (
     GroundTruthDetector,
     ReviewRuntime,
     ServerThread,
+    acknowledge_all,
     free_port,
     ingest,
     obx_values,
@@ -143,14 +144,7 @@ def signed_report(client: httpx.Client, case_id: int) -> dict[str, Any]:
 def release(client: httpx.Client, url: str, version: int) -> httpx.Response:
     """Sign out as a pathologist does: every open flag acknowledged (with a reason), and an
     override comment, since one synthetic field has fewer leukocytes than the minimum."""
-    for flag in client.get(url).json()["result"]["flags"]:
-        if flag["severity"] != "info":
-            answer = client.post(
-                f"{url}/flags/{flag['code']}/acknowledge",
-                json={"version": version, "reason": "seen on the smear"},
-            )
-            assert answer.status_code == 200, answer.text
-            version = answer.json()["version"]
+    version = acknowledge_all(client, url, version)
     return client.post(
         f"{url}/signout", json={"version": version, "override": "one field: research sample"}
     )

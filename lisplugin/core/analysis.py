@@ -232,55 +232,39 @@ def result_values(
     there when enough cells were seen for them.
     """
     patient = patient or PatientContext()
-    values = []
-    for cls in (*LEUKOCYTE_CLASSES, UNIDENTIFIED):
-        if cls not in specimen.differential:
-            continue
-        key = result_key(cls)
+
+    def ranged(key: str, value: float, units: str) -> ResultValue:
+        """A value with the patient's reference interval for ``key``, if there is one."""
         interval = ranges.lookup(key, patient.age_years, patient.sex) if ranges else None
-        values.append(
-            ResultValue(
-                key=key,
-                value=report_value(specimen.differential[cls]),
-                units=UNITS.get(key, "%"),
-                reference_low=interval.low if interval else None,
-                reference_high=interval.high if interval else None,
-            )
+        return ResultValue(
+            key=key,
+            value=value,
+            units=units,
+            reference_low=interval.low if interval else None,
+            reference_high=interval.high if interval else None,
         )
+
+    values = [
+        ranged(result_key(cls), report_value(share), UNITS.get(result_key(cls), "%"))
+        for cls in (*LEUKOCYTE_CLASSES, UNIDENTIFIED)
+        if (share := specimen.differential.get(cls)) is not None
+    ]
     values.append(ResultValue("wbc_classified", float(specimen.wbc_classified), "{cells}"))
     for kind in CELL_KINDS:
         values.append(
             ResultValue(f"{kind.lower()}_counted", float(specimen.counts.get(kind, 0)), "{cells}")
         )
     if patient.wbc_count is not None:
-        for cls in ABSOLUTE_CLASSES:
-            if cls not in specimen.differential:
-                continue
-            key = absolute_key(cls)
-            interval = ranges.lookup(key, patient.age_years, patient.sex) if ranges else None
-            values.append(
-                ResultValue(
-                    key=key,
-                    value=round(specimen.differential[cls] / 100.0 * patient.wbc_count, 2),
-                    units=ABSOLUTE_UNITS,
-                    reference_low=interval.low if interval else None,
-                    reference_high=interval.high if interval else None,
-                )
-            )
+        values += [
+            ranged(absolute_key(cls), round(share / 100.0 * patient.wbc_count, 2), ABSOLUTE_UNITS)
+            for cls in ABSOLUTE_CLASSES
+            if (share := specimen.differential.get(cls)) is not None
+        ]
     analysed = sum(1 for f in specimen.fields if f.quality.passed)
     if analysed:
         per_field = round(specimen.counts.get("PLT", 0) / analysed, 1)
         values.append(ResultValue("plt_per_field", per_field, "{cells}"))
     estimate = platelet_estimate(specimen.counts, typical_rbc_count(ranges, patient))
     if estimate is not None:
-        interval = ranges.lookup("plt_estimate", patient.age_years, patient.sex) if ranges else None
-        values.append(
-            ResultValue(
-                "plt_estimate",
-                estimate,
-                ABSOLUTE_UNITS,
-                reference_low=interval.low if interval else None,
-                reference_high=interval.high if interval else None,
-            )
-        )
+        values.append(ranged("plt_estimate", estimate, ABSOLUTE_UNITS))
     return values
