@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hl7
 import httpx
+import pydicom
 import pytest
 from review_support import (
     PASSWORD,
@@ -289,3 +290,41 @@ def test_case_page_shows_progress_previous_result_and_an_unknown_case_is_404(lab
     assert 'id="count-progress"' in page.text and 'id="sign-out"' in page.text
     missing = client.get("/cases/999999")
     assert missing.status_code == 404 and "text/html" in missing.headers["content-type"]
+
+
+def test_more_captures_grow_the_differential_and_keep_reviewer_decisions(lab: Lab) -> None:
+    case_id = lab.capture(40, "ACC7050", "PAT7050")
+    tech = lab.client("tech")
+    url = f"/api/cases/{case_id}"
+    case = tech.get(url).json()
+    cell = next(c for c in case["result"]["cells"] if c["kind"] == "WBC")
+    target = "basophil" if cell["class"] != "basophil" else "monocyte"
+    changed = tech.patch(
+        f"{url}/cells/{cell['id']}", json={"class": target, "version": case["version"]}
+    )
+    version = acknowledge_all(tech, url, changed.json()["version"])
+    before = tech.get(url).json()
+    nothing_new = tech.post(f"{url}/add-captures", json={"version": version})
+    assert nothing_new.status_code == 409
+
+    # a second slide of the same accession arrives while the case is in review
+    second = review_capture(lab.folder, lab.detector, 41, "ACC7050", "PAT7050")
+    lab.runtime.store.store(pydicom.dcmread(second), second.read_bytes())
+    waiting = tech.get(url).json()  # the case page as the reviewer reloads it
+    assert waiting["captures_after_analysis"] == 1
+    answer = tech.post(f"{url}/add-captures", json={"version": waiting["version"]})
+    assert answer.status_code == 202, answer.text
+    lab.runtime.scheduler.run_once()
+    grown = tech.get(url).json()
+    assert grown["status"] == "review" and grown["captures_after_analysis"] == 0
+    assert len(grown["result"]["fields"]) == 2
+    assert grown["result"]["wbc_classified"] > before["result"]["wbc_classified"]
+    kept = [c for c in grown["result"]["cells"] if "original_class" in c]
+    assert [(c["field"], c["box"], c["class"]) for c in kept] == [
+        (cell["field"], cell["box"], target)
+    ]
+    assert set(grown["result"]["review"]["acknowledged"]) == set(
+        before["result"]["review"]["acknowledged"]
+    )
+    trail = [e["action"] for e in tech.get(f"{url}/audit").json()]
+    assert "case.add_captures" in trail

@@ -78,6 +78,34 @@ def reclassified(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     ]
 
 
+def carry_decisions(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """``after`` (a new analysis of the same captures and more) with the reviewer's work on
+    ``before``: the classes people gave, matched by capture and box (the models are
+    deterministic, so a field analysed again gives the same cells), and the acknowledged flags.
+    The technical review is not carried: it approved a smaller result.
+    """
+
+    def sources(result: Mapping[str, Any]) -> dict[int, str]:
+        return {int(f["index"]): str(f["source"]) for f in result.get("fields") or []}
+
+    old_sources, new_sources = sources(before), sources(after)
+    decided = {
+        (old_sources[int(c["field"])], tuple(c["box"])): c
+        for c in before.get("cells") or []
+        if "original_class" in c
+    }
+    carried = copy.deepcopy(dict(after))
+    for cell in carried.get("cells") or []:
+        old = decided.get((new_sources[int(cell["field"])], tuple(cell["box"])))
+        if old is not None and cell["kind"] == "WBC":
+            cell["original_class"] = cell["class"]
+            cell["class"] = old["class"]
+    review = {k: v for k, v in (before.get("review") or {}).items() if k != "technical_review"}
+    if review:
+        carried["review"] = review
+    return carried
+
+
 def _cell(data: Mapping[str, Any]) -> Cell:
     """A stored cell as the rules see it: a class a person gave is certain."""
     probabilities = data.get("probabilities")

@@ -367,6 +367,25 @@ def acknowledge_flag(
 
 
 @router.post(
+    "/cases/{case_id}/add-captures",
+    response_model=ReviewState,
+    status_code=202,
+    responses={409: {"description": "no newer captures, or the case changed or is not in review"}},
+)
+def add_captures(
+    case_id: int, body: ReviewStep, principal: Reviewer, runtime: RuntimeDep, session: SessionDep
+) -> Any:
+    """Count captures that arrived after the result (a second slide, more fields) into the
+    case: it is analysed again and keeps every reclassification and acknowledgement."""
+    try:
+        case = review.add_captures(session, case_id, body.version, principal.username)
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    runtime.wake_scheduler()
+    return _state(case)
+
+
+@router.post(
     "/cases/{case_id}/technical-review",
     response_model=ReviewState,
     responses={409: {"description": "a flag is open, or the case changed or is not in review"}},

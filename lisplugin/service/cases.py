@@ -19,13 +19,14 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from lisplugin.config import Hl7Settings, Settings
+from lisplugin.core.revision import carry_decisions, revise
 from lisplugin.core.rules import PreviousResult
 from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import Pipeline, read_fields
+from lisplugin.service.pipeline import Pipeline, patient_context, read_fields
 from lisplugin.service.reports import mark_reports_due, reports_due, write_case_reports
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
@@ -33,6 +34,9 @@ from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage,
 log = logging.getLogger(__name__)
 
 DELTA_WINDOW = timedelta(hours=72)
+#: Key set in a reviewed result whose case is to be analysed again with the captures that
+#: arrived since, keeping the reviewer's decisions (``service.review.add_captures``).
+EXTEND_MARK = "add_captures_requested"
 
 
 def queue_oru(
@@ -178,16 +182,29 @@ class CaseScheduler:
             order = dict(case.order) if case.order else None
             final_sent = case.final_sent
             previous = self._previous_result(session, case)
+            # a reviewer asked to add new captures to a case they have worked on
+            before = dict(case.result) if (case.result or {}).get(EXTEND_MARK) else None
         try:
             fields = read_fields([Path(p) for p in paths])
             pipeline = self._pipeline()
             result = pipeline.analyse(fields, patient, previous, order)
+            result_json = {
+                **pipeline.to_json(result),
+                "previous": previous.to_json() if previous else None,
+            }
+            if before is not None:
+                context = patient_context(patient, order, datetime.now(UTC), previous)
+                result, result_json = revise(
+                    carry_decisions(before, result_json), pipeline.rules, pipeline.ranges, context
+                )
             values = pipeline.values(result, patient, order)
         except Exception as exc:
             log.exception("analysis of case %s failed", case_id)
             self._fail(case_id, f"analysis failed: {exc}")
             return
-        status = result_status(result.needs_review, final_sent)
+        # reviewed work goes out only when a person signs it out
+        held = result.needs_review or before is not None
+        status = result_status(held, final_sent)
         try:
             with self.db.session() as session:
                 case = session.get(Case, case_id)
@@ -206,11 +223,8 @@ class CaseScheduler:
                     now,
                     model_versions=result.model_versions,
                 )
-                case.result = {
-                    **pipeline.to_json(result),
-                    "previous": previous.to_json() if previous else None,
-                }
-                case.status = CaseStatus.REVIEW if result.needs_review else CaseStatus.VERIFIED
+                case.result = result_json
+                case.status = CaseStatus.REVIEW if held else CaseStatus.VERIFIED
                 case.analysed_at = now
                 case.error = None
                 case.final_sent = final_sent or status in ("F", "C")

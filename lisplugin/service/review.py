@@ -40,7 +40,7 @@ from lisplugin.core.rules import PatientContext, PreviousResult, reason_required
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import Detection, Field, Flag, ResultValue, SpecimenResult
 from lisplugin.dicom.decode import iter_fields
-from lisplugin.service.cases import queue_oru
+from lisplugin.service.cases import EXTEND_MARK, queue_oru
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline, patient_context
 from lisplugin.storage.orm import Case, CaseStatus
@@ -285,6 +285,29 @@ def _require_acknowledged(case: Case) -> None:
         raise Conflict(
             "acknowledge every review flag first; open: " + ", ".join(f["code"] for f in still_open)
         )
+
+
+def add_captures(session: Session, case_id: int, version: int, username: str) -> Case:
+    """Count the captures that arrived after the analysis (a second slide, more fields) into
+    the case under review: it is analysed again and keeps the reviewer's decisions."""
+    case = _case_to_change(session, case_id, version)
+    if case.status != CaseStatus.REVIEW or case.result is None:
+        raise Conflict(f"case {case_id} is {case.status.value}, not in review")
+    late = captures_after_analysis(case)
+    if not late:
+        raise Conflict(f"case {case_id} has no captures newer than its result")
+    case.result = {**case.result, EXTEND_MARK: True}
+    case.status = CaseStatus.QUEUED
+    audit(
+        session,
+        username,
+        "case.add_captures",
+        case.id,
+        before={"status": CaseStatus.REVIEW.value},
+        after={"status": case.status.value, "captures": late},
+    )
+    _flush(session, case_id)
+    return case
 
 
 def case_comments(session: Session, case_id: int) -> list[CaseComment]:

@@ -554,6 +554,29 @@
     });
   }
 
+  function setUpAddCaptures() {
+    const button = $("add-captures");
+    if (!button) return;
+    button.addEventListener("click", () => {
+      state.pending = state.pending.then(async () => {
+        try {
+          await api("POST", `/api/cases/${data.id}/add-captures`, { version: data.version });
+          button.disabled = true;
+          banner("Counting the new captures in; the case reloads when the analysis is done.", "ok");
+          for (;;) {
+            await new Promise((resolve) => setTimeout(resolve, 1000));
+            const now = await api("GET", `/api/cases/${data.id}`);
+            if (now.status !== "queued") break;
+          }
+          window.location.reload();
+        } catch (failure) {
+          if (failure.status === 409) conflict(failure.message);
+          else banner(failure.message, "error");
+        }
+      });
+    });
+  }
+
   function setUpSignOut() {
     const start = $("sign-out");
     if (!start) return;
@@ -660,5 +683,6 @@
   renderProgress();
   setUpSignOut();
   setUpTechnicalReview();
+  setUpAddCaptures();
   setUpComments();
 })();
