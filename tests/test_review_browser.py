@@ -80,6 +80,16 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 @pytest.fixture
 def station(tmp_path: Path) -> Iterator[tuple[LisSimulator, str]]:
     """The whole daemon on free loopback ports, with two cases waiting for review."""
+    yield from run_station(tmp_path)
+
+
+@pytest.fixture
+def two_stage_station(tmp_path: Path) -> Iterator[tuple[LisSimulator, str]]:
+    """The same, with the two-stage review (technologist, then pathologist)."""
+    yield from run_station(tmp_path, review={"two_stage": True})
+
+
+def run_station(tmp_path: Path, **extra: object) -> Iterator[tuple[LisSimulator, str]]:
     lis = LisSimulator(port=free_port()).start()
     settings = Settings(
         storage={"path": tmp_path / "var"},
@@ -94,6 +104,7 @@ def station(tmp_path: Path) -> Iterator[tuple[LisSimulator, str]]:
             "retry_initial_seconds": 0.5,
         },
         cases={"stable_seconds": 0.5},
+        **extra,
     )
     detector = GroundTruthDetector()
     runtime = ReviewRuntime(settings, Pipeline.from_settings(settings), detector)
@@ -328,3 +339,47 @@ def test_review_station_from_sign_in_to_the_final_result(
     body.send_keys("n")
     wait.until(lambda d: d_path(d) != f"/cases/{case_id}")
     assert d_path(browser).startswith("/cases/")
+
+
+def test_two_stage_review_in_the_browser(
+    browser: webdriver.Chrome, two_stage_station: tuple[LisSimulator, str]
+) -> None:
+    """The technologist acknowledges the flags and completes the technical review; only then
+    does the pathologist's sign-out go through."""
+    lis, url = two_stage_station
+    wait = WebDriverWait(browser, 60)
+    sign_in(browser, url, "tina", "/worklist")
+    browser.find_elements(By.CSS_SELECTOR, "#worklist tbody tr a")[0].click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".tile")))
+    case_id = int(browser.current_url.rstrip("/").rsplit("/", 1)[1])
+
+    def version() -> int:
+        return int(browser.find_element(By.ID, "case-version").text)
+
+    technical = browser.find_element(By.ID, "technical-review")
+    technical.click()  # flags still open: refused, and said so
+    refused = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.error")))
+    assert "acknowledge every review flag" in refused.text
+    while buttons := browser.find_elements(By.CSS_SELECTOR, "#flags button.ack"):
+        code = buttons[0].get_attribute("data-ack")
+        browser.find_element(By.CSS_SELECTOR, f'.flag[data-code="{code}"] .ack-reason').send_keys(
+            "seen"
+        )
+        seen = version()
+        buttons[0].click()
+        wait.until(lambda d, seen=seen: version() > seen)
+    technical.click()
+    wait.until(lambda d: "done" in d.find_element(By.ID, "technical-review").text)
+    assert "technical review by tina" in browser.find_element(By.ID, "review-stage").text
+
+    browser.find_element(By.ID, "log-out").click()
+    wait.until(ec.url_contains("/login"))
+    sign_in(browser, url, "paul", f"/cases/{case_id}")
+    browser.find_element(By.TAG_NAME, "body").send_keys("f")
+    wait.until(ec.visibility_of_element_located((By.ID, "override-text"))).send_keys(
+        "one field, film checked"
+    )
+    browser.find_element(By.ID, "sign-out-yes").click()
+    banner = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.ok")))
+    assert "(F)" in banner.text
+    assert lis.wait_for(3, timeout=60)
