@@ -83,6 +83,11 @@ class AnalysisSettings(BaseModel):
     count_tolerance: float = 0.35
 
 
+class ReviewSettings(BaseModel):
+    #: A technologist completes the technical review before a pathologist may sign out.
+    two_stage: bool = False
+
+
 class PacsSettings(BaseModel):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -103,6 +108,7 @@ class Settings(BaseSettings):
     cases: CaseSettings = CaseSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     pacs: PacsSettings = PacsSettings()
+    review: ReviewSettings = ReviewSettings()
     config_dir: Path = DEFAULT_CONFIG_DIR
 
     @classmethod

@@ -28,6 +28,7 @@ from review_support import (
     GroundTruthDetector,
     ReviewRuntime,
     ServerThread,
+    acknowledge_all,
     free_port,
     ingest,
     obx_values,
@@ -141,6 +142,15 @@ def signed_report(client: httpx.Client, case_id: int) -> dict[str, Any]:
     raise AssertionError(f"no signed report for case {case_id} within 30 s")
 
 
+def release(client: httpx.Client, url: str, version: int) -> httpx.Response:
+    """Sign out as a pathologist does: every open flag acknowledged (with a reason), and an
+    override comment, since one synthetic field has fewer leukocytes than the minimum."""
+    version = acknowledge_all(client, url, version)
+    return client.post(
+        f"{url}/signout", json={"version": version, "override": "one field: research sample"}
+    )
+
+
 def leukocytes(case: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in case["result"]["cells"] if c["kind"] == "WBC"]
 
@@ -183,7 +193,13 @@ def test_every_route_needs_sign_in_except_health_and_sign_in(station: Station) -
         ("POST", "/api/session"),
     }
     assert open_routes < routes
-    values = {"case_id": station.case_id, "cell_id": 0, "index": 0, "number": 1}
+    values = {
+        "case_id": station.case_id,
+        "cell_id": 0,
+        "index": 0,
+        "number": 1,
+        "code": "WBC_FEW",
+    }
     for method, path in sorted(routes | pages):
         answer = anonymous.request(method, path.format(**values), follow_redirects=False)
         if (method, path) in open_routes:
@@ -418,7 +434,7 @@ def test_sign_out_sends_final_and_a_correction_sends_corrected(station: Station)
         f"{url}/cells/{cell['id']}", json={"class": other_class(cell), "version": case["version"]}
     ).json()
 
-    done = path.post(f"{url}/signout", json={"version": changed["version"]})
+    done = release(path, url, changed["version"])
     assert done.status_code == 200, done.text
     assert done.json()["result_status"] == "F"
     station.deliver()
@@ -433,6 +449,7 @@ def test_sign_out_sends_final_and_a_correction_sends_corrected(station: Station)
         key: float(value) for key, (value, _) in values.items()
     }
     assert "verified by path" in final
+    assert "override by path: released with" in final  # the override comment as NTE
     signed = station.case(path)
     assert signed["status"] == "final"
     # The reports made at sign-out name the signer: SR Verifying Observer, JSON and PDF.
@@ -456,7 +473,7 @@ def test_sign_out_sends_final_and_a_correction_sends_corrected(station: Station)
     ).json()
     assert corrected["status"] == "review"
     assert [e["id"] for e in path.get("/api/worklist").json()] == [station.case_id]
-    done = path.post(f"{url}/signout", json={"version": corrected["version"]})
+    done = release(path, url, corrected["version"])
     assert done.json()["result_status"] == "C"
     station.deliver()
     correction = [m for m in station.lis.received if "ACC9001" in m][-1]
@@ -480,9 +497,9 @@ def test_audit_trail_shows_every_change_and_cannot_be_rewritten(station: Station
         f"{url}/cells/{cell['id']}", json={"class": target, "version": case["version"]}
     ).json()
     assert tech.post(f"{url}/comments", json={"text": "left shift?"}).status_code == 201
-    signed = path.post(f"{url}/signout", json={"version": changed["version"]}).json()
+    signed = release(path, url, changed["version"]).json()
 
-    trail = tech.get(f"{url}/audit").json()
+    trail = [e for e in tech.get(f"{url}/audit").json() if e["action"] != "flag.acknowledge"]
     assert [(e["action"], e["username"]) for e in trail] == [
         ("cell.reclassify", "tech"),
         ("comment.add", "tech"),
@@ -501,7 +518,9 @@ def test_audit_trail_shows_every_change_and_cannot_be_rewritten(station: Station
             with pytest.raises(DBAPIError, match="append-only"):
                 connection.execute(text(statement))
             connection.rollback()
-    assert len(tech.get(f"{url}/audit").json()) == 3
+    assert len(tech.get(f"{url}/audit").json()) == 3 + len(changed["flags"]) - sum(
+        f["severity"] == "info" for f in changed["flags"]
+    )
 
 
 # --- worklist and images -------------------------------------------------------------------

@@ -29,8 +29,10 @@ from lisplugin.core.rules import (
     PatientContext,
     Rule,
     evaluate_rules,
+    platelet_estimate,
     report_value,
     result_key,
+    typical_rbc_count,
 )
 from lisplugin.core.types import (
     CELL_KINDS,
@@ -248,6 +250,18 @@ def analyse_fields(
 
 #: Units of each result key, as config/loinc.yaml expects them.
 UNITS = {"erythroblast_per_100wbc": "/100{WBCs}"}
+#: Classes reported as absolute counts when the order carries the WBC count.
+ABSOLUTE_CLASSES: tuple[str, ...] = (*(c for c in LEUKOCYTE_CLASSES if c != "platelet"),)
+ABSOLUTE_UNITS = "10*9/L"
+#: Result keys that come from the detector alone (the classifier has no part in them).
+DETECTOR_KEYS = frozenset(
+    {"rbc_counted", "wbc_counted", "plt_counted", "plt_per_field", "plt_estimate"}
+)
+
+
+def absolute_key(cls: str) -> str:
+    """Result key (config/loinc.yaml) of a class's absolute count."""
+    return f"{cls}_abs"
 
 
 def result_values(
@@ -257,27 +271,45 @@ def result_values(
 ) -> list[ResultValue]:
     """The reportable quantities, shares rounded to one decimal as reported.
 
-    Shares are left out when no leukocyte was classified; the counts are always there.
+    Shares are left out when no leukocyte was classified; the counts are always there. With
+    the analyser's WBC count (``patient.wbc_count``) each class also has its absolute count
+    (share x WBC, x10^9/L); platelets per analysed field and the smear platelet estimate are
+    there when enough cells were seen for them.
     """
     patient = patient or PatientContext()
-    values = []
-    for cls in (*LEUKOCYTE_CLASSES, UNIDENTIFIED):
-        if cls not in specimen.differential:
-            continue
-        key = result_key(cls)
+
+    def ranged(key: str, value: float, units: str) -> ResultValue:
+        """A value with the patient's reference interval for ``key``, if there is one."""
         interval = ranges.lookup(key, patient.age_years, patient.sex) if ranges else None
-        values.append(
-            ResultValue(
-                key=key,
-                value=report_value(specimen.differential[cls]),
-                units=UNITS.get(key, "%"),
-                reference_low=interval.low if interval else None,
-                reference_high=interval.high if interval else None,
-            )
+        return ResultValue(
+            key=key,
+            value=value,
+            units=units,
+            reference_low=interval.low if interval else None,
+            reference_high=interval.high if interval else None,
         )
+
+    values = [
+        ranged(result_key(cls), report_value(share), UNITS.get(result_key(cls), "%"))
+        for cls in (*LEUKOCYTE_CLASSES, UNIDENTIFIED)
+        if (share := specimen.differential.get(cls)) is not None
+    ]
     values.append(ResultValue("wbc_classified", float(specimen.wbc_classified), "{cells}"))
     for kind in CELL_KINDS:
         values.append(
             ResultValue(f"{kind.lower()}_counted", float(specimen.counts.get(kind, 0)), "{cells}")
         )
+    if patient.wbc_count is not None:
+        values += [
+            ranged(absolute_key(cls), round(share / 100.0 * patient.wbc_count, 2), ABSOLUTE_UNITS)
+            for cls in ABSOLUTE_CLASSES
+            if (share := specimen.differential.get(cls)) is not None
+        ]
+    analysed = sum(1 for f in specimen.fields if f.quality.passed)
+    if analysed:
+        per_field = round(specimen.counts.get("PLT", 0) / analysed, 1)
+        values.append(ResultValue("plt_per_field", per_field, "{cells}"))
+    estimate = platelet_estimate(specimen.counts, typical_rbc_count(ranges, patient))
+    if estimate is not None:
+        values.append(ranged("plt_estimate", estimate, ABSOLUTE_UNITS))
     return values

@@ -40,6 +40,32 @@ CANCEL_CONTROLS = ("CA", "DC")
 ACCESSION_FIELDS = (("OBR", 18), ("OBR", 20), ("OBR", 3), ("ORC", 3))
 #: Administrative sex, HL7 table 0001; anything else is reported as U.
 SEXES = ("F", "M", "O", "U", "A", "N")
+#: OBX-3 codes (LOINC) of the analyser counts an order may carry, x10^9/L after conversion.
+WBC_COUNT_CODES = ("6690-2", "26464-8", "804-5")  # leukocytes #/volume (automated, any, manual)
+PLATELET_COUNT_CODES = ("777-3", "26515-7", "778-1")  # platelets #/volume
+#: OBX-6 units (lower case, spaces removed) -> factor to x10^9/L; no units is taken as x10^9/L.
+COUNT_UNITS = {
+    "": 1.0,
+    "10*9/l": 1.0,
+    "10^9/l": 1.0,
+    "x10e9/l": 1.0,
+    "10e9/l": 1.0,
+    "g/l": 1.0,
+    "/nl": 1.0,
+    "10*3/ul": 1.0,
+    "10^3/ul": 1.0,
+    "x10e3/ul": 1.0,
+    "10e3/ul": 1.0,
+    "k/ul": 1.0,
+    "10*3/mm3": 1.0,
+    "/ul": 0.001,
+    "{cells}/ul": 0.001,
+    "/mm3": 0.001,
+}
+#: Counts above these (x10^9/L) are taken for a unit error, not a patient.
+MAX_COUNTS = {"wbc": 1000.0, "platelet": 5000.0}
+#: OBX-11 statuses whose value is not (or no longer) a result: deleted, wrong, no result.
+VOID_OBSERVATION_STATUSES = ("D", "W", "X", "N")
 #: HL7 DTM, YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]; python-hl7 alone accepts more.
 _DTM = re.compile(r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,4})?(?:[+-]\d{4})?")
 
@@ -74,6 +100,8 @@ class Order:
     ordering_provider_id: str  # OBR-16, else ORC-12: XCN-1
     ordering_provider_family_name: str  # XCN-2
     ordering_provider_given_name: str  # XCN-3
+    wbc_count: float | None = None  # x10^9/L, the analyser's count in an OBX of the order
+    platelet_count: float | None = None  # x10^9/L, likewise
 
     @property
     def is_stat(self) -> bool:
@@ -126,6 +154,7 @@ def parse_order(text: str) -> Order:
     collected_at = _timestamp(reader, obr, 7) or _timestamp(reader, order_group.first("SPM"), 17)
     provider = obr if reader.value(obr, 16) else orc
     provider_field = 16 if provider is obr else 12
+    counts = _counts(reader, order_group)
     return Order(
         control_id=reader.value(msh, 10),
         message_type=message_type,
@@ -149,7 +178,52 @@ def parse_order(text: str) -> Order:
         ordering_provider_id=reader.value(provider, provider_field),
         ordering_provider_family_name=reader.value(provider, provider_field, 2),
         ordering_provider_given_name=reader.value(provider, provider_field, 3),
+        wbc_count=counts.get("wbc"),
+        platelet_count=counts.get("platelet"),
     )
+
+
+def _counts(reader: _Reader, order_group: _Group) -> dict[str, float]:
+    """WBC and platelet counts of the order's OBX segments (prior results left out), x10^9/L.
+
+    An OBX-5 that is no number, units that are not a count per volume, or a count beyond
+    ``MAX_COUNTS`` is refused (AE): a wrong count would make wrong absolute counts.
+    """
+    found: dict[str, float] = {}
+    for obx in (ref for ref in order_group.segments() if ref.name == "OBX"):
+        code = reader.value(obx, 3)
+        kind = (
+            "wbc" if code in WBC_COUNT_CODES else "platelet" if code in PLATELET_COUNT_CODES else ""
+        )
+        if not kind or reader.value(obx, 11).upper() in VOID_OBSERVATION_STATUSES:
+            continue
+        text = reader.value(obx, 5)
+        try:
+            value = float(text)
+        except ValueError:
+            raise OrderRejected(
+                ErrorCode.DATA_TYPE_ERROR,
+                f"OBX-5 {text!r} of {code} is not a number",
+                obx.at(5),
+            ) from None
+        units = reader.value(obx, 6).lower().replace(" ", "")
+        if units not in COUNT_UNITS:
+            raise OrderRejected(
+                ErrorCode.DATA_TYPE_ERROR,
+                f"OBX-6 units {reader.value(obx, 6)!r} of {code} are not a count per volume: "
+                "send 10*9/L or 10*3/uL",
+                obx.at(6),
+            )
+        value *= COUNT_UNITS[units]
+        if not 0 <= value <= MAX_COUNTS[kind]:
+            raise OrderRejected(
+                ErrorCode.DATA_TYPE_ERROR,
+                f"OBX-5 {text} {reader.value(obx, 6)} of {code} is not a plausible count "
+                f"(0 to {MAX_COUNTS[kind]:g} x10^9/L)",
+                obx.at(5),
+            )
+        found[kind] = round(value, 3)
+    return found
 
 
 class _Reader:

@@ -123,7 +123,35 @@ class ReviewedCase(BaseModel):
 
 
 class NewComment(BaseModel):
-    text: str = Field(min_length=1, max_length=review.MAX_COMMENT)
+    text: str = Field(default="", max_length=review.MAX_COMMENT)
+    canned: str | None = Field(
+        default=None, description="code of a canned comment (GET /api/canned-comments)"
+    )
+
+
+class CannedComment(BaseModel):
+    code: str
+    text: str
+
+
+class Acknowledge(BaseModel):
+    version: int
+    reason: str = Field(
+        default="", max_length=review.MAX_COMMENT, description="required where the rule asks"
+    )
+
+
+class ReviewStep(BaseModel):
+    version: int
+
+
+class ReviewState(BaseModel):
+    """The case after a review decision: its version and the decisions so far."""
+
+    id: int
+    version: int
+    review: dict[str, Any]
+    open_flags: list[FlagInfo]
 
 
 class Comment(BaseModel):
@@ -135,6 +163,11 @@ class Comment(BaseModel):
 
 class SignOut(BaseModel):
     version: int
+    override: str = Field(
+        default="",
+        max_length=review.MAX_COMMENT,
+        description="why the result goes out below the minimum leukocyte count (sent as NTE)",
+    )
 
 
 class SignedOut(BaseModel):
@@ -268,12 +301,106 @@ def list_comments(case_id: int, principal: PrincipalDep, session: SessionDep) ->
 
 
 @router.post("/cases/{case_id}/comments", response_model=Comment, status_code=201)
-def add_comment(case_id: int, body: NewComment, principal: Reviewer, session: SessionDep) -> Any:
-    """A note on the case for the other reviewers (kept with the case, not sent to the LIS)."""
+def add_comment(
+    case_id: int, body: NewComment, principal: Reviewer, runtime: RuntimeDep, session: SessionDep
+) -> Any:
+    """A result comment, free text or canned: the PDF and SR show it, and the ORU carries it
+    as NTE once the case is signed out."""
     try:
-        return review.add_comment(session, case_id, body.text, principal.username)
+        return review.add_comment(
+            session, case_id, body.text, principal.username, body.canned, runtime.settings
+        )
     except review.ReviewError as exc:
         raise _errors(exc) from None
+
+
+@router.get("/canned-comments", response_model=list[CannedComment])
+def canned_comments(principal: PrincipalDep, runtime: RuntimeDep) -> Any:
+    """The site's canned result comments (config/comments.yaml)."""
+    return [
+        {"code": code, "text": text}
+        for code, text in review.canned_comments(runtime.settings).items()
+    ]
+
+
+def _state(case: Any) -> dict[str, Any]:
+    result = case.result or {}
+    return {
+        "id": case.id,
+        "version": case.version,
+        "review": result.get("review") or {},
+        "open_flags": review.open_flags(result),
+    }
+
+
+@router.post(
+    "/cases/{case_id}/flags/{code}/acknowledge",
+    response_model=ReviewState,
+    responses={
+        404: {"description": "no such review flag"},
+        409: {"description": "the case changed since the version sent, or is not in review"},
+        422: {"description": "the rule asks for a reason"},
+    },
+)
+def acknowledge_flag(
+    case_id: int,
+    code: str,
+    body: Acknowledge,
+    principal: Reviewer,
+    runtime: RuntimeDep,
+    session: SessionDep,
+) -> Any:
+    """Acknowledge a review flag (audited); every one must be before sign-out."""
+    try:
+        case = review.acknowledge_flag(
+            session,
+            runtime.pipeline(),
+            case_id,
+            code,
+            body.reason,
+            body.version,
+            principal.username,
+        )
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    return _state(case)
+
+
+@router.post(
+    "/cases/{case_id}/add-captures",
+    response_model=ReviewState,
+    status_code=202,
+    responses={409: {"description": "no newer captures, or the case changed or is not in review"}},
+)
+def add_captures(
+    case_id: int, body: ReviewStep, principal: Reviewer, runtime: RuntimeDep, session: SessionDep
+) -> Any:
+    """Count captures that arrived after the result (a second slide, more fields) into the
+    case: it is analysed again and keeps every reclassification and acknowledgement."""
+    try:
+        case = review.add_captures(session, case_id, body.version, principal.username)
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    runtime.wake_scheduler()
+    return _state(case)
+
+
+@router.post(
+    "/cases/{case_id}/technical-review",
+    response_model=ReviewState,
+    responses={409: {"description": "a flag is open, or the case changed or is not in review"}},
+)
+def technical_review(
+    case_id: int, body: ReviewStep, principal: Reviewer, runtime: RuntimeDep, session: SessionDep
+) -> Any:
+    """Complete the technical review (two-stage mode: before the pathologist's sign-out)."""
+    try:
+        case = review.complete_technical_review(
+            session, runtime.pipeline(), case_id, body.version, principal.username
+        )
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    return _state(case)
 
 
 @router.post(
@@ -281,7 +408,11 @@ def add_comment(case_id: int, body: NewComment, principal: Reviewer, session: Se
     response_model=SignedOut,
     responses={
         403: {"description": "not a pathologist"},
-        409: {"description": "the case changed since the version sent, or is not in review"},
+        409: {
+            "description": "the case changed since the version sent, is not in review, has an "
+            "open flag, or (two-stage) awaits its technical review"
+        },
+        422: {"description": "below the minimum leukocyte count without an override comment"},
     },
 )
 def sign_out(
@@ -292,6 +423,9 @@ def sign_out(
     background: BackgroundTasks,
 ) -> Any:
     """Release the reviewed result to the LIS: ``F``, or ``C`` if a final went out before.
+
+    Every review flag must be acknowledged; below the minimum leukocyte count an ``override``
+    comment is needed (audited, sent as NTE with the reviewers' comments).
 
     The case's reports (SR, annotations, PDF) are made again after the answer is sent.
     """
@@ -304,6 +438,7 @@ def sign_out(
                 case_id,
                 body.version,
                 principal.username,
+                body.override,
             )
     except review.ReviewError as exc:
         raise _errors(exc) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,14 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from lisplugin.config import Hl7Settings, Settings
+from lisplugin.core.revision import carry_decisions, revise
 from lisplugin.core.rules import PreviousResult
 from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import Pipeline, read_fields
+from lisplugin.service.pipeline import Pipeline, patient_context, read_fields
 from lisplugin.service.reports import mark_reports_due, reports_due, write_case_reports
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
@@ -33,6 +34,9 @@ from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage,
 log = logging.getLogger(__name__)
 
 DELTA_WINDOW = timedelta(hours=72)
+#: Key set in a reviewed result whose case is to be analysed again with the captures that
+#: arrived since, keeping the reviewer's decisions (``service.review.add_captures``).
+EXTEND_MARK = "add_captures_requested"
 
 
 def queue_oru(
@@ -44,9 +48,13 @@ def queue_oru(
     loinc_map: dict[str, Any],
     settings: Hl7Settings,
     observed_at: datetime,
+    comments: Sequence[str] = (),
+    model_versions: Mapping[str, str] | None = None,
 ) -> str:
     """Build the case's ORU^R01 and add it to the outbox in the caller's transaction.
 
+    ``comments`` go out as NTE; ``model_versions`` (default: those of the case's result) are
+    named in OBX-18.
     Control ids are ``LP<case>-<n>``: unique, stable across resends, readable in the LIS. The
     case's reports are marked due in the same transaction.
     """
@@ -76,6 +84,10 @@ def queue_oru(
         control_id=control_id,
         settings=settings,
         observed_at=observed_at,
+        comments=comments,
+        model_versions=(case.result or {}).get("model_versions")
+        if model_versions is None
+        else model_versions,
     )
     session.add(
         OutboxMessage(
@@ -167,18 +179,32 @@ class CaseScheduler:
             version = case.version
             paths = [i.path for i in case.instances]
             patient = dict(case.patient or {})
+            order = dict(case.order) if case.order else None
             final_sent = case.final_sent
             previous = self._previous_result(session, case)
+            # a reviewer asked to add new captures to a case they have worked on
+            before = dict(case.result) if (case.result or {}).get(EXTEND_MARK) else None
         try:
             fields = read_fields([Path(p) for p in paths])
             pipeline = self._pipeline()
-            result = pipeline.analyse(fields, patient, previous)
-            values = pipeline.values(result, patient)
+            result = pipeline.analyse(fields, patient, previous, order)
+            result_json = {
+                **pipeline.to_json(result),
+                "previous": previous.to_json() if previous else None,
+            }
+            if before is not None:
+                context = patient_context(patient, order, datetime.now(UTC), previous)
+                result, result_json = revise(
+                    carry_decisions(before, result_json), pipeline.rules, pipeline.ranges, context
+                )
+            values = pipeline.values(result, patient, order)
         except Exception as exc:
             log.exception("analysis of case %s failed", case_id)
             self._fail(case_id, f"analysis failed: {exc}")
             return
-        status = result_status(result.needs_review, final_sent)
+        # reviewed work goes out only when a person signs it out
+        held = result.needs_review or before is not None
+        status = result_status(held, final_sent)
         try:
             with self.db.session() as session:
                 case = session.get(Case, case_id)
@@ -195,9 +221,10 @@ class CaseScheduler:
                     pipeline.loinc_map,
                     self.settings.hl7,
                     now,
+                    model_versions=result.model_versions,
                 )
-                case.result = pipeline.to_json(result)
-                case.status = CaseStatus.REVIEW if result.needs_review else CaseStatus.VERIFIED
+                case.result = result_json
+                case.status = CaseStatus.REVIEW if held else CaseStatus.VERIFIED
                 case.analysed_at = now
                 case.error = None
                 case.final_sent = final_sent or status in ("F", "C")
@@ -213,9 +240,14 @@ class CaseScheduler:
         log.info("case %s analysed: %s, ORU %s queued", case_id, status, control_id)
         self.on_outbox()
 
-    def _previous_result(self, session, case: Case) -> PreviousResult | None:  # type: ignore[no-untyped-def]
-        """The same patient's latest other result within the delta-check window."""
-        patient_id = (case.patient or {}).get("id")
+    def _previous_result(self, session: Session, case: Case) -> PreviousResult | None:
+        """The same patient's latest verified (F/C) result within the delta-check window.
+
+        The same patient is the same identifier from the same assigning authority; a result
+        still waiting for review (P) is never compared with: it may be wrong.
+        """
+        patient = case.patient or {}
+        patient_id, authority = patient.get("id"), patient.get("id_authority") or ""
         if not patient_id:
             return None
         since = datetime.now(UTC) - DELTA_WINDOW
@@ -223,14 +255,21 @@ class CaseScheduler:
             select(Case)
             .where(Case.id != case.id)
             .where(Case.result.is_not(None))
+            .where(Case.status.in_([CaseStatus.VERIFIED, CaseStatus.FINAL]))
             .where(Case.analysed_at >= since)
             .order_by(Case.analysed_at.desc())
         )
         for other in candidates:
-            if (other.patient or {}).get("id") == patient_id and other.analysed_at:
+            theirs = other.patient or {}
+            same = (
+                theirs.get("id") == patient_id and (theirs.get("id_authority") or "") == authority
+            )
+            if same and other.analysed_at:
                 return PreviousResult(
                     analysed_at=as_utc(other.analysed_at),
                     differential=dict(other.result.get("differential", {})),
+                    case_id=other.id,
+                    accession_number=other.accession_number,
                 )
         return None
 

@@ -43,6 +43,25 @@ def age_in_years(birth_date: str, on: date) -> float | None:
     return (on - born).days / 365.25
 
 
+def patient_context(
+    patient: dict[str, Any],
+    order: dict[str, Any] | None,
+    at: datetime,
+    previous: PreviousResult | None = None,
+) -> PatientContext:
+    """What the rules and values know of the patient: age and sex, the analyser's counts the
+    order carried, and the earlier result to compare with."""
+    order = order or {}
+    return PatientContext(
+        age_years=age_in_years(str(patient.get("birth_date") or ""), at.date()),
+        sex=str(patient.get("sex") or "") or None,
+        wbc_count=order.get("wbc_count"),
+        platelet_count=order.get("platelet_count"),
+        analysed_at=at,
+        previous=previous,
+    )
+
+
 @dataclass(frozen=True)
 class Pipeline:
     settings: Settings
@@ -64,22 +83,12 @@ class Pipeline:
             loinc_map=settings.load_yaml("loinc.yaml"),
         )
 
-    def patient_context(
-        self, patient: dict[str, Any], previous: PreviousResult | None
-    ) -> PatientContext:
-        now = datetime.now(UTC)
-        return PatientContext(
-            age_years=age_in_years(str(patient.get("birth_date") or ""), now.date()),
-            sex=str(patient.get("sex") or "") or None,
-            analysed_at=now,
-            previous=previous,
-        )
-
     def analyse(
         self,
         fields: Sequence[Field],
         patient: dict[str, Any],
         previous: PreviousResult | None,
+        order: dict[str, Any] | None = None,
     ) -> SpecimenResult:
         return analyse_fields(
             fields,
@@ -88,11 +97,18 @@ class Pipeline:
             self.settings.analysis,
             self.rules,
             self.ranges,
-            self.patient_context(patient, previous),
+            patient_context(patient, order, datetime.now(UTC), previous),
         )
 
-    def values(self, result: SpecimenResult, patient: dict[str, Any]) -> list[ResultValue]:
-        return result_values(result, self.ranges, self.patient_context(patient, None))
+    def values(
+        self,
+        result: SpecimenResult,
+        patient: dict[str, Any],
+        order: dict[str, Any] | None = None,
+    ) -> list[ResultValue]:
+        return result_values(
+            result, self.ranges, patient_context(patient, order, datetime.now(UTC))
+        )
 
     @staticmethod
     def to_json(result: SpecimenResult) -> dict[str, Any]:
