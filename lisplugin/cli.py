@@ -39,10 +39,14 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import threading
+    import time
+
     import uvicorn
 
     from lisplugin.config import load_settings
     from lisplugin.http.app import create_app
+    from lisplugin.service.notify import Watchdog, notify
     from lisplugin.service.runtime import Runtime
 
     settings = load_settings(args.config)
@@ -51,15 +55,50 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     runtime = Runtime(settings)
     runtime.start()
-    try:
-        uvicorn.run(
+    server = uvicorn.Server(
+        uvicorn.Config(
             create_app(runtime),
             host=settings.http.host,
             port=settings.http.port,
-            log_level="info",
+            log_config=None,  # uvicorn's loggers go through lisplugin's logging set-up
         )
+    )
+    watchdog = Watchdog(runtime.alive)
+
+    def ready_when_serving() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.1)
+        if server.started:
+            notify("READY=1")
+            watchdog.start()
+
+    threading.Thread(target=ready_when_serving, name="lisplugin-ready", daemon=True).start()
+    try:
+        server.run()
     finally:
+        watchdog.stop()
         runtime.stop()
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    """Copy the shipped default config and models to DIR for the site to edit."""
+    import shutil
+
+    from lisplugin.config import DEFAULT_CONFIG_DIR, DEFAULT_MODELS_DIR
+
+    target: Path = args.dir
+    clashes = [target / p.name for p in DEFAULT_CONFIG_DIR.glob("*.yaml")] + [target / "models"]
+    existing = [str(p) for p in clashes if p.exists()]
+    if existing and not args.force:
+        print(f"{', '.join(existing)} exists; --force overwrites", file=sys.stderr)
+        return 2
+    target.mkdir(parents=True, exist_ok=True)
+    for path in DEFAULT_CONFIG_DIR.glob("*.yaml"):
+        shutil.copy2(path, target / path.name)
+    shutil.copytree(DEFAULT_MODELS_DIR, target / "models", dirs_exist_ok=True)
+    print(f"laid out {target}: set LISPLUGIN_CONFIG_DIR={target} and "
+          f"LISPLUGIN_ANALYSIS__MODELS_DIR={target / 'models'}")
     return 0
 
 
@@ -95,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the daemon (DICOM SCP, MLLP, HTTP API)")
     serve.add_argument("--config", type=Path, help="site settings YAML (default: built-in)")
     serve.set_defaults(func=_serve)
+
+    init = commands.add_parser(
+        "init", help="copy the shipped default config and models into DIR (e.g. /etc/lisplugin)"
+    )
+    init.add_argument("dir", type=Path, metavar="DIR")
+    init.add_argument("--force", action="store_true", help="overwrite files already there")
+    init.set_defaults(func=_init)
 
     analyze = commands.add_parser("analyze", help="analyse images or DICOM files, no daemon")
     analyze.add_argument("paths", nargs="+", help="image files, DICOM files or folders")

@@ -18,8 +18,11 @@ from pydantic_settings import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_DIR = REPO_ROOT / "config"
-DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+#: Where an installed wheel carries ``models/`` and ``config/`` (copied in by setup.py).
+SHIPPED_DIR = Path(__file__).resolve().parent / "_shipped"
+_DATA_ROOT = SHIPPED_DIR if (SHIPPED_DIR / "config").is_dir() else REPO_ROOT
+DEFAULT_CONFIG_DIR = _DATA_ROOT / "config"
+DEFAULT_MODELS_DIR = _DATA_ROOT / "models"
 
 
 class DicomSettings(BaseModel):

@@ -115,6 +115,11 @@ class Runtime:
             "hl7": self.mllp.running,
         }
 
+    def alive(self) -> bool:
+        """Every listener and worker thread is running (what systemd's watchdog is told)."""
+        threads = all(thread.is_alive() for thread in self._threads)
+        return threads and self.scp_running and self.mllp.running
+
     @property
     def scp_running(self) -> bool:
         try:
