@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import logging
@@ -25,6 +26,46 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("demo",): "lisplugin.service.demo",
     ("user",): "lisplugin.service.users",
 }
+
+
+#: One line per delegated command for ``--help`` (their modules load torch or models: not imported
+#: just to describe them). A delegated command missing here is still listed, without a line.
+SUMMARIES: dict[tuple[str, ...], str] = {
+    ("train",): "train a model (needs the train extra and the public data)",
+    ("train", "classifier"): "train the leukocyte classifier on PBC",
+    ("train", "detector"): "train the cell detector on BCCD / TXL-PBC",
+    ("evaluate",): "measure a model on a labelled folder",
+    ("evaluate", "detection"): "detector mAP and recall on an annotated folder",
+    ("evaluate", "differential"): "classifier accuracy and calibration on labelled crops",
+    ("evaluate", "field-differential"): "the whole path on BCCD fields with labelled leukocytes",
+    ("bench",): "time the whole analysis per field on this machine",
+    ("send",): "wrap JPEG/PNG as VL Microscopic Image and C-STORE (DICOM files as they are)",
+    ("lis-sim",): "a small LIS: ACKs and stores ORUs, can send a test order",
+    ("demo",): "start daemon and LIS simulator, send a capture, show the ORU and the case",
+    ("user",): "review-station accounts: add NAME --role ROLE | list | disable NAME",
+}
+
+
+def _show_defaults() -> None:
+    """Every ``--help`` of this process shows defaults, the delegated modules' parsers too.
+
+    Those parsers are built in the modules that implement the commands (and change with them);
+    patching the formatter here once covers every one, options without help text included.
+    """
+    base = argparse.HelpFormatter
+    if getattr(base, "_lisplugin_defaults", False):
+        return
+    format_action = base._format_action
+
+    def _format_action(self: argparse.HelpFormatter, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not None:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return format_action(self, action)
+
+    base._format_action = _format_action  # type: ignore[method-assign]
+    base._get_help_string = argparse.ArgumentDefaultsHelpFormatter._get_help_string  # type: ignore[method-assign]
+    base._lisplugin_defaults = True  # type: ignore[attr-defined]
 
 
 def _delegate(argv: Sequence[str]) -> int | None:
@@ -148,17 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", type=Path)
     analyze.set_defaults(func=_analyze)
 
-    for name, help_text in (
-        ("send", "wrap JPEG/PNG as VL Microscopic Image and C-STORE (DICOM files as they are)"),
-        ("lis-sim", "a small LIS: ACKs and stores ORUs, can send a test order"),
-        ("demo", "start daemon and LIS simulator, send a capture, show the ORU and the case"),
-        ("train", "train a model: classifier | detector"),
-        ("evaluate", "evaluate a model: detection | differential"),
-        ("bench", "time the whole analysis per field on this machine"),
-        ("user", "review-station accounts: add NAME --role ROLE | list | disable NAME"),
-    ):
-        commands.add_parser(name, help=help_text, add_help=False)
+    _add_delegated(commands)
     return parser
+
+
+def _add_delegated(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Delegated commands, listed for ``--help``; their own parsers take their arguments.
+
+    A group (``train``, ``evaluate``) gets its sub-commands as choices, so ``lisplugin train
+    --help`` lists them; a leaf is added without help, its module answers ``--help`` itself.
+    """
+    groups: dict[str, list[str]] = {}
+    for words in DELEGATED:
+        groups.setdefault(words[0], []).extend(words[1:2])
+    for name, leaves in groups.items():
+        summary = SUMMARIES.get((name,))
+        if not leaves:
+            commands.add_parser(name, help=summary, add_help=False)
+            continue
+        group = commands.add_parser(name, help=summary, description=summary)
+        sub = group.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+        for leaf in leaves:
+            sub.add_parser(leaf, help=SUMMARIES.get((name, leaf)), add_help=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (a small resize was seen to stall for tens of ms under load). Set before numpy loads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
+    _show_defaults()
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
