@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
+from lisplugin.config import Settings
+from lisplugin.http.app import create_app
+from lisplugin.service import users
+from lisplugin.service.runtime import Runtime
+from lisplugin.storage.orm_review import Role
 from tests.daemon import Daemon, free_port
+from tests.review_support import PASSWORD, ServerThread
 
 
 def _datagrams(sock: socket.socket, until: set[str], timeout: float) -> set[str]:
@@ -83,3 +93,49 @@ def test_progress_bar_is_off_without_a_terminal() -> None:
     )
     assert result.stdout.split() == ["1249975000", "False"]
     assert result.stderr == ""
+
+
+@dataclass
+class Ops:
+    """A started runtime and its HTTP API on loopback ports, with an admin signed in."""
+
+    runtime: Runtime
+    url: str
+    admin: httpx.Client
+    anonymous: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
+    root = tmp_path_factory.mktemp("ops")
+    settings = Settings(
+        storage={"path": root / "var"},
+        dicom={"host": "127.0.0.1", "port": free_port()},
+        hl7={"listen_host": "127.0.0.1", "listen_port": free_port(), "lis_port": free_port()},
+    )
+    runtime = Runtime(settings)
+    with runtime.db.session() as session:
+        users.add_user(session, "ops", PASSWORD, Role.ADMIN, by="test")
+    runtime.start()
+    try:
+        with ServerThread(create_app(runtime), free_port()) as server:
+            admin = httpx.Client(base_url=server.url, timeout=30)
+            token = admin.post("/api/session", json={"username": "ops", "password": PASSWORD})
+            admin.headers["Authorization"] = f"Bearer {token.json()['token']}"
+            yield Ops(runtime, server.url, admin, httpx.Client(base_url=server.url, timeout=30))
+    finally:
+        runtime.stop()
+
+
+def test_api_docs_load_nothing_from_outside(ops: Ops) -> None:
+    assert ops.anonymous.get("/docs").status_code == 401
+    page = ops.admin.get("/docs")
+    assert page.status_code == 200
+    html = page.text
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html), html
+    assert not re.search(r"https?://", html), html
+    assets = re.findall(r"""(?:src|href|url)\s*[=:]\s*["']([^"']+)["']""", html)
+    assert {a for a in assets if a.endswith((".js", ".css"))}, assets
+    for asset in assets:
+        assert ops.admin.get(asset).status_code == 200, asset
+    assert ops.admin.get("/openapi.json").json()["info"]["title"] == "lisplugin"

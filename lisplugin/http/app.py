@@ -14,9 +14,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sqlalchemy import func, select, text
+from swagger_ui_bundle import swagger_ui_path
 
 from lisplugin import __version__
 from lisplugin.http import pages, reports
@@ -27,6 +29,8 @@ from lisplugin.service import review
 from lisplugin.service.metrics import OUTBOX_PENDING, REGISTRY
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
+
+DOCS_ASSETS = "/docs-assets"
 
 
 class CaseSummary(BaseModel):
@@ -102,9 +106,19 @@ def create_app(runtime: Runtime) -> FastAPI:
     def openapi() -> dict[str, Any]:
         return app.openapi()
 
+    # Swagger UI from the swagger-ui-bundle package: no CDN, so the docs work on an isolated
+    # hospital network. The assets are public files and need no session; the page does.
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
     @app.get("/docs", include_in_schema=False, dependencies=signed_in)
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="lisplugin API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="lisplugin API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:
