@@ -6,7 +6,6 @@ import argparse
 import copy
 import importlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -75,6 +74,19 @@ def _delegate(argv: Sequence[str]) -> int | None:
     return None
 
 
+def _configure_logging(config: Path | None, verbose: bool = False) -> None:
+    """Logging as the settings say (``logging.format``/``level``, env vars included)."""
+    from lisplugin.config import load_settings
+    from lisplugin.logging_setup import configure_logging
+
+    try:
+        settings = load_settings(config).logging
+    except Exception:  # a broken settings file is reported by the command itself
+        configure_logging()
+        return
+    configure_logging(settings.format, "DEBUG" if verbose else settings.level)
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -91,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     from lisplugin.service.runtime import Runtime
 
     settings = load_settings(args.config)
+    _configure_logging(args.config, args.verbose)
     # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it still lets the
     # runtime finish the message in flight and record it, instead of dying mid-delivery.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -102,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
             host=settings.http.host,
             port=settings.http.port,
             log_config=None,  # uvicorn's loggers go through lisplugin's logging set-up
+            access_log=False,  # the app logs each request itself, with its request id
         )
     )
     watchdog = Watchdog(runtime.alive)
@@ -220,10 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _show_defaults()
     verbose = "-v" in argv or "--verbose" in argv
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(None, verbose)
     delegated = _delegate([a for a in argv if a not in ("-v", "--verbose")])
     if delegated is not None:
         return delegated

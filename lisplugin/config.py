@@ -7,7 +7,7 @@ simulator on loopback, the models shipped in ``models/``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field
@@ -62,6 +62,8 @@ class DatabaseSettings(BaseModel):
 
 class StorageSettings(BaseModel):
     path: Path = Path("var")
+    #: /readyz fails (and captures should go elsewhere) when less space than this is free.
+    min_free_mb: int = 500
 
 
 class CaseSettings(BaseModel):
@@ -93,6 +95,12 @@ class PacsSettings(BaseModel):
     ae_title: str = "ORTHANC"
 
 
+class LoggingSettings(BaseModel):
+    #: "text" for people reading a terminal or journal, "json" for a log collector.
+    format: Literal["text", "json"] = "text"
+    level: str = "INFO"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LISPLUGIN_", env_nested_delimiter="__", extra="ignore"
@@ -106,6 +114,7 @@ class Settings(BaseSettings):
     cases: CaseSettings = CaseSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     pacs: PacsSettings = PacsSettings()
+    logging: LoggingSettings = LoggingSettings()
     config_dir: Path = DEFAULT_CONFIG_DIR
 
     @classmethod

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from pydicom import Dataset
+from sqlalchemy import func, select, text
 
 from lisplugin.config import Settings
 from lisplugin.dicom.scp import StorageSCP
@@ -19,14 +21,15 @@ from lisplugin.hl7.mllp import (
     send_message,
 )
 from lisplugin.hl7.orders import Order
+from lisplugin.inference.registry import ModelCardError, load_card
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler
 from lisplugin.service.ingest import InstanceStore, apply_order
-from lisplugin.service.metrics import INSTANCES, ORDERS
+from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
 from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.storage.db import Database
-from lisplugin.storage.orm import OutboxMessage
+from lisplugin.storage.orm import OutboxMessage, OutboxStatus
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,18 @@ class Runtime:
         with self._pipeline_lock:
             if self._pipeline is None:
                 self._pipeline = Pipeline.from_settings(self.settings)
+                self._publish_models()
             return self._pipeline
+
+    def _publish_models(self) -> None:
+        analysis = self.settings.analysis
+        MODEL_INFO.clear()
+        for name in (analysis.detector, analysis.classifier):
+            try:
+                card = load_card(analysis.models_dir, name, verify=False)
+            except ModelCardError:  # a test double in place of a shipped model
+                continue
+            MODEL_INFO.labels(card.name, card.version, card.sha256).set(1)
 
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
         self.store.store(ds, raw)
@@ -109,11 +123,41 @@ class Runtime:
         self.scheduler.wake()
 
     def readiness(self) -> dict[str, bool]:
+        """Each part needed to accept and report work: all must be True to be ready."""
         return {
             "models": self._pipeline is not None,
             "dicom": self.scp_running,
             "hl7": self.mllp.running,
+            "database": self.database_reachable(),
+            "disk": self.disk_free_mb() >= self.settings.storage.min_free_mb,
         }
+
+    def database_reachable(self) -> bool:
+        try:
+            with self.db.session() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            log.warning("database unreachable: %s", type(exc).__name__)
+            return False
+        return True
+
+    def disk_free_mb(self) -> float:
+        return shutil.disk_usage(self.settings.storage.path).free / 2**20
+
+    def lis_link(self) -> str:
+        """"degraded" while a result waits for a retry (the LIS did not answer or refused)."""
+        try:
+            with self.db.session() as session:
+                failing = session.scalar(
+                    select(func.count())
+                    .select_from(OutboxMessage)
+                    .where(OutboxMessage.channel == "hl7")
+                    .where(OutboxMessage.status == OutboxStatus.PENDING)
+                    .where(OutboxMessage.attempts > 0)
+                )
+        except Exception:
+            return "unknown"
+        return "degraded" if failing else "ok"
 
     def alive(self) -> bool:
         """Every listener and worker thread is running (what systemd's watchdog is told)."""
