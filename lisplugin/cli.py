@@ -136,6 +136,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_reference() -> str:
+    from lisplugin.settings_doc import render
+
+    return render()
+
+
 def _init(args: argparse.Namespace) -> int:
     """Copy the shipped default config and models to DIR for the site to edit."""
     import shutil
@@ -152,8 +158,13 @@ def _init(args: argparse.Namespace) -> int:
     for path in DEFAULT_CONFIG_DIR.glob("*.yaml"):
         shutil.copy2(path, target / path.name)
     shutil.copytree(DEFAULT_MODELS_DIR, target / "models", dirs_exist_ok=True)
-    print(f"laid out {target}: set LISPLUGIN_CONFIG_DIR={target} and "
-          f"LISPLUGIN_ANALYSIS__MODELS_DIR={target / 'models'}")
+    # The copied site.yaml points at the copies, so the lab's edits there take effect.
+    site = target / "site.yaml"
+    text = site.read_text(encoding="utf-8")
+    text = text.replace('config_dir: ""', f'config_dir: "{target.resolve()}"', 1)
+    text = text.replace('models_dir: ""', f'models_dir: "{(target / "models").resolve()}"', 1)
+    site.write_text(text, encoding="utf-8")
+    print(f"laid out {target}: lisplugin serve --config {site}")
     return 0
 
 
@@ -196,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("dir", type=Path, metavar="DIR")
     init.add_argument("--force", action="store_true", help="overwrite files already there")
     init.set_defaults(func=_init)
+
+    reference = commands.add_parser(
+        "settings-reference", help="print the settings reference (deploy/settings.md)"
+    )
+    reference.set_defaults(func=lambda _args: print(_settings_reference(), end=""))
 
     analyze = commands.add_parser("analyze", help="analyse images or DICOM files, no daemon")
     analyze.add_argument("paths", nargs="+", help="image files, DICOM files or folders")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -87,6 +87,11 @@ class AnalysisSettings(BaseModel):
     #: Relative disagreement between detector counts and the count regression that raises a flag.
     count_tolerance: float = 0.35
 
+    @field_validator("models_dir", mode="before")
+    @classmethod
+    def _shipped_models(cls, value: Any) -> Any:
+        return value or DEFAULT_MODELS_DIR
+
 
 class PacsSettings(BaseModel):
     enabled: bool = False
@@ -128,6 +133,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment wins over the YAML file, which is passed as init values.
         return env_settings, init_settings
+
+    @field_validator("config_dir", mode="before")
+    @classmethod
+    def _shipped_config(cls, value: Any) -> Any:
+        return value or DEFAULT_CONFIG_DIR
 
     @property
     def database_url(self) -> str:

@@ -112,6 +112,19 @@ def test_init_lays_out_config_and_models(installed: Path, tmp_path: Path) -> Non
     )
     assert {p.name for p in target.glob("*.yaml")} >= {"site.yaml", "rules.yaml", "loinc.yaml"}
     assert (target / "models" / "leukocyte-classifier.md").is_file()
+    settings = subprocess.run(
+        [
+            str(installed),
+            "-c",
+            "from lisplugin.config import load_settings as l; "
+            f"s = l({str(target / 'site.yaml')!r}); print(s.config_dir, s.analysis.models_dir)",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert settings == [str(target.resolve()), str((target / "models").resolve())]
     again = subprocess.run(
         [str(installed), "-m", "lisplugin", "init", str(target)],
         cwd=tmp_path,
