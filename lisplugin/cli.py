@@ -24,6 +24,9 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("lis-sim",): "lisplugin.hl7.lis_sim",
     ("demo",): "lisplugin.service.demo",
     ("user",): "lisplugin.service.users",
+    ("purge",): "lisplugin.service.lifecycle:purge_cli",
+    ("backup",): "lisplugin.service.lifecycle:backup_cli",
+    ("db",): "lisplugin.service.lifecycle:db_cli",
 }
 
 
@@ -42,6 +45,9 @@ SUMMARIES: dict[tuple[str, ...], str] = {
     ("lis-sim",): "a small LIS: ACKs and stores ORUs, can send a test order",
     ("demo",): "start daemon and LIS simulator, send a capture, show the ORU and the case",
     ("user",): "review-station accounts: add NAME --role ROLE | list | disable NAME",
+    ("purge",): "remove what the retention settings no longer keep (--dry-run: only say)",
+    ("backup",): "back up the database and storage.path into a folder",
+    ("db",): "database schema: upgrade | current",
 }
 
 
@@ -70,7 +76,9 @@ def _show_defaults() -> None:
 def _delegate(argv: Sequence[str]) -> int | None:
     for words, module in sorted(DELEGATED.items(), key=lambda kv: -len(kv[0])):
         if tuple(argv[: len(words)]) == words:
-            return int(importlib.import_module(module).cli(list(argv[len(words) :])) or 0)
+            module_name, _, function = module.partition(":")
+            entry = getattr(importlib.import_module(module_name), function or "cli")
+            return int(entry(list(argv[len(words) :])) or 0)
     return None
 
 
@@ -101,13 +109,18 @@ def _serve(args: argparse.Namespace) -> int:
     from lisplugin.http.app import create_app
     from lisplugin.service.notify import Watchdog, notify
     from lisplugin.service.runtime import Runtime
+    from lisplugin.storage.db import SchemaOutdated
 
     settings = load_settings(args.config)
     _configure_logging(args.config, args.verbose)
     # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it still lets the
     # runtime finish the message in flight and record it, instead of dying mid-delivery.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    runtime = Runtime(settings)
+    try:
+        runtime = Runtime(settings)
+    except SchemaOutdated as exc:  # database.migrate_on_start is off and nobody upgraded
+        print(f"lisplugin serve: {exc}", file=sys.stderr)
+        return 2
     runtime.start()
     server = uvicorn.Server(
         uvicorn.Config(

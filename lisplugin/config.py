@@ -58,6 +58,9 @@ class HttpSettings(BaseModel):
 class DatabaseSettings(BaseModel):
     #: Any SQLAlchemy URL; empty means SQLite at ``<storage.path>/lisplugin.db``.
     url: str = ""
+    #: Upgrade the schema when the daemon starts; false: ``lisplugin db upgrade`` does it, and
+    #: the daemon refuses to start on an older schema (production: see deploy/README.md).
+    migrate_on_start: bool = True
 
 
 class StorageSettings(BaseModel):
@@ -100,6 +103,25 @@ class PacsSettings(BaseModel):
     ae_title: str = "ORTHANC"
 
 
+class RetentionSettings(BaseModel):
+    """How long ``lisplugin purge`` keeps things; 0 keeps them for ever.
+
+    Only closed cases (final, verified, cancelled) lose captures and reports; case rows, results
+    and the audit trail stay in the database as the laboratory's record.
+    """
+
+    #: Days after a closed case last changed that its received captures are kept.
+    images_days: int = 0
+    #: Days after a closed case last changed that its report folder is kept.
+    reports_days: int = 0
+    #: Days a replaced DICOM report object (SR, annotations, PDF) is kept after it was written.
+    superseded_reports_days: int = 30
+    #: Days a refused (quarantined) instance and its reason are kept.
+    quarantine_days: int = 90
+    #: Days the database keeps a delivered outgoing message (HL7 ORU, DICOM object).
+    outbox_days: int = 90
+
+
 class LoggingSettings(BaseModel):
     #: "text" for people reading a terminal or journal, "json" for a log collector.
     format: Literal["text", "json"] = "text"
@@ -120,6 +142,7 @@ class Settings(BaseSettings):
     analysis: AnalysisSettings = AnalysisSettings()
     pacs: PacsSettings = PacsSettings()
     logging: LoggingSettings = LoggingSettings()
+    retention: RetentionSettings = RetentionSettings()
     config_dir: Path = DEFAULT_CONFIG_DIR
 
     @classmethod

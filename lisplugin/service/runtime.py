@@ -59,7 +59,10 @@ class Runtime:
         self.settings = settings
         settings.storage.path.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url)
-        self.db.migrate()
+        if settings.database.migrate_on_start:
+            self.db.migrate()
+        else:
+            self.db.check_schema()
         self.store = InstanceStore(self.db, settings.storage.path)
         hl7 = settings.hl7
         self.outbox = OutboxWorker(
