@@ -32,6 +32,8 @@ class DicomSettings(BaseModel):
     max_pdu: int = 0  # 0 = unlimited
     #: Calling AE titles allowed to store; empty allows any.
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Answer Modality Worklist C-FIND queries with the scheduled orders (same AE and port).
+    worklist: bool = True
 
 
 class Hl7Settings(BaseModel):

@@ -14,11 +14,12 @@ from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from lisplugin.config import DicomSettings
 from lisplugin.dicom.decode import UnusableInstance, validate_identity
+from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ class StorageSCP:
         settings: DicomSettings,
         store: StoreCallback,
         refused: RefusedCallback | None = None,
+        worklist: WorklistSCP | None = None,
     ) -> None:
         self.settings = settings
         self._store = store
         self._refused = refused
+        self._worklist = worklist
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> ThreadedAssociationServer:
@@ -79,6 +82,9 @@ class StorageSCP:
         ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES[:2]))
         ae.require_calling_aet = list(self.settings.allowed_calling_aets)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        if self._worklist is not None:  # Modality Worklist C-FIND on the same AE (dicom/mwl.py)
+            ae.add_supported_context(ModalityWorklistInformationFind, list(TRANSFER_SYNTAXES[:2]))
+            handlers.append((evt.EVT_C_FIND, self._worklist.handle))
         self._server = ae.start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
         )

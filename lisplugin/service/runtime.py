@@ -12,6 +12,7 @@ from pydicom import Dataset
 from sqlalchemy import func, select, text
 
 from lisplugin.config import Settings
+from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.scp import StorageSCP
 from lisplugin.hl7.mllp import (
     BackgroundServer,
@@ -28,6 +29,7 @@ from lisplugin.service.ingest import InstanceStore, apply_order
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
 from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
 from lisplugin.service.pipeline import Pipeline
+from lisplugin.service.worklist import scheduled_orders
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage, OutboxStatus
 
@@ -80,7 +82,12 @@ class Runtime:
         self.scheduler = CaseScheduler(
             self.db, settings, self.pipeline, on_outbox=self.outbox.notify
         )
-        self.scp = StorageSCP(settings.dicom, self.store_instance, self.quarantine_instance)
+        worklist = (
+            WorklistSCP(lambda: scheduled_orders(self.db)) if settings.dicom.worklist else None
+        )
+        self.scp = StorageSCP(
+            settings.dicom, self.store_instance, self.quarantine_instance, worklist
+        )
         listener = MllpOrderListener(
             settings.hl7.listen_host,
             settings.hl7.listen_port,
@@ -148,7 +155,7 @@ class Runtime:
         return shutil.disk_usage(self.settings.storage.path).free / 2**20
 
     def lis_link(self) -> str:
-        """"degraded" while a result waits for a retry (the LIS did not answer or refused)."""
+        """ "degraded" while a result waits for a retry (the LIS did not answer or refused)."""
         try:
             with self.db.session() as session:
                 failing = session.scalar(
