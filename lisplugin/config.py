@@ -55,6 +55,8 @@ class HttpSettings(BaseModel):
     port: int = 8080
     #: A review-station session ends after this many minutes without a request.
     session_idle_minutes: float = 480.0
+    #: Largest STOW-RS request body (all instances of one POST /dicomweb/studies), in MB.
+    max_stow_mb: int = 512
 
 
 class DatabaseSettings(BaseModel):

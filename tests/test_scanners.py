@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
+import requests
 from dicom_factory import dcmtk
+from dicomweb_client import DICOMwebClient
 from hl7.client import MLLPClient
+from pydicom.uid import CTImageStorage, generate_uid
 from report_factory import smear_capture
 
 from lisplugin.dicom.scu import send
@@ -129,3 +133,65 @@ def test_worklist_answers_findscu_with_orders_from_hl7(daemon: Daemon, tmp_path:
     assert case["order"]["patient_family_name"] == "Müller"
     left = findscu(daemon, tmp_path / "after", *WORKLIST_KEYS)
     assert [ds.AccessionNumber for ds in left] == ["MWL1002"]
+
+
+def test_stow_rs_through_the_same_ingest_with_dicomweb_client(
+    tmp_path: Path, lis: LisSimulator
+) -> None:
+    daemon = Daemon(tmp_path / "var", "", lis.port)
+    daemon.extra_env.update({"LISPLUGIN_DATABASE__URL": "", "LISPLUGIN_HTTP__MAX_STOW_MB": "4"})
+    daemon.start()
+    try:
+        client = DICOMwebClient(
+            url=f"{daemon.api}/dicomweb", headers={"Authorization": f"Bearer {daemon.token}"}
+        )
+        study = generate_uid()
+        captures = [
+            pydicom.dcmread(
+                smear_capture(tmp_path / "in", seed, study, accession="STOW1", patient_id="P-STOW")
+            )
+            for seed in (1, 2)
+        ]
+        answer = client.store_instances(captures)
+        stored = {str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence}
+        assert stored == {str(ds.SOPInstanceUID) for ds in captures}
+        assert "FailedSOPSequence" not in answer
+        case = daemon.wait_for_case("STOW1", {"review", "verified"})
+        assert case["instances"] == 2 and case["study_instance_uid"] == study
+
+        # A class the C-STORE SCP refuses is refused here too; the rest of the request is kept.
+        ct = pydicom.dcmread(smear_capture(tmp_path / "in", 3, study, accession="STOW2"))
+        ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        good = pydicom.dcmread(smear_capture(tmp_path / "in", 4, study, accession="STOW2"))
+        mixed = client.store_instances([ct, good])
+        (failed,) = mixed.FailedSOPSequence
+        assert failed.ReferencedSOPInstanceUID == ct.SOPInstanceUID
+        assert failed.FailureReason == 0x0122
+        assert [i.ReferencedSOPInstanceUID for i in mixed.ReferencedSOPSequence] == [
+            good.SOPInstanceUID
+        ]
+        # Unidentifiable: quarantined with the C-STORE status, as the SCP does.
+        broken = pydicom.dcmread(smear_capture(tmp_path / "in", 5, study, accession="STOW3"))
+        broken.SOPInstanceUID = "not a uid"
+        with pytest.raises(requests.HTTPError) as refused:
+            client.store_instances([broken])
+        assert refused.value.response.status_code == 409
+        (item,) = pydicom.Dataset.from_json(refused.value.response.json()).FailedSOPSequence
+        assert item.FailureReason == 0xA900
+        assert len(list((tmp_path / "var" / "quarantine").glob("*.dcm"))) == 1
+
+        url = f"{daemon.api}/dicomweb/studies"
+        multipart = 'multipart/related; type="application/dicom"; boundary=XX'
+        assert httpx.post(url, content=b"x", headers={"Content-Type": multipart}).status_code == 401
+        auth = {"Authorization": f"Bearer {daemon.token}"}
+        too_big = httpx.post(
+            url, content=b"x" * (5 * 2**20), headers={**auth, "Content-Type": multipart}, timeout=30
+        )
+        assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+        wrong = httpx.post(url, content=b"{}", headers={**auth, "Content-Type": "application/json"})
+        assert wrong.status_code == 415
+        metrics = httpx.get(f"{daemon.api}/metrics").text
+        assert 'lisplugin_instances_received_total{outcome="stored"} 3.0' in metrics
+        assert 'lisplugin_instances_received_total{outcome="quarantined"} 1.0' in metrics
+    finally:
+        daemon.stop()

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from swagger_ui_bundle import swagger_ui_path
 
 from lisplugin import __version__
-from lisplugin.http import pages, reports
+from lisplugin.http import dicomweb, pages, reports
 from lisplugin.http import review as review_api
 from lisplugin.http.auth import PrincipalDep, signed_in_user
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
@@ -208,5 +208,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(cases)
     app.include_router(reports.router, dependencies=signed_in)
     app.include_router(review_api.router)
+    app.include_router(dicomweb.router, dependencies=signed_in)
     pages.install(app)
     return app
