@@ -182,7 +182,7 @@ def test_every_route_needs_sign_in_except_health_and_sign_in(station: Station) -
         ("POST", "/api/session"),
     }
     assert open_routes < routes
-    values = {"case_id": station.case_id, "cell_id": 0, "index": 0, "number": 1}
+    values = {"case_id": station.case_id, "cell_id": 0, "index": 0, "number": 1, "study": "1.2"}
     for method, path in sorted(routes | pages):
         answer = anonymous.request(method, path.format(**values), follow_redirects=False)
         if (method, path) in open_routes:
