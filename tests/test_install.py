@@ -92,7 +92,6 @@ def test_wheel_installs_and_serves_outside_the_checkout(
     assert Path(where[2], "rules.yaml").is_file()
 
     daemon = Daemon(tmp_path / "var", "", lis_port, python=str(installed), cwd=tmp_path)
-    daemon.extra_env["LISPLUGIN_DATABASE__URL"] = ""
     try:
         daemon.start(timeout=120)
         assert daemon.get("/api/cases") == []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import _postgres_database
+from ops_support import outbox_message
 from sqlalchemy import func, select
 
 from lisplugin.config import Settings
@@ -91,26 +92,10 @@ def test_purge_keeps_open_cases_current_reports_and_unsent_objects(settings: Set
     with db.session() as session:
         closed, closed_image, closed_reports = _case(session, storage, "DONE1", CaseStatus.FINAL)
         _, open_image, open_reports = _case(session, storage, "OPEN1", CaseStatus.REVIEW)
+        waiting = str(closed_reports / "sr-2.dcm")
+        session.add(outbox_message(closed.id, "dicom", "2", OutboxStatus.PENDING, waiting))
         session.add(
-            OutboxMessage(
-                case_id=closed.id,
-                channel="dicom",
-                control_id="2",
-                result_status="F",
-                payload=str(closed_reports / "sr-2.dcm"),
-                status=OutboxStatus.PENDING,
-            )
-        )
-        session.add(
-            OutboxMessage(
-                case_id=closed.id,
-                channel="hl7",
-                control_id="old",
-                result_status="F",
-                payload="MSH|",
-                delivered_at=OLD,
-                status=OutboxStatus.DELIVERED,
-            )
+            outbox_message(closed.id, "hl7", "old", OutboxStatus.DELIVERED, delivered_at=OLD)
         )
         quarantined = _file(storage / "quarantine" / "q.dcm", 700)
         _file(quarantined.with_suffix(".json"), 30)

@@ -29,9 +29,10 @@ from lisplugin.logging_setup import QUIET_LOGGERS
 from lisplugin.service import users
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.db import Database
-from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
+from lisplugin.storage.orm import Case, CaseStatus, OutboxStatus
 from lisplugin.storage.orm_review import Role
 from tests.daemon import Daemon, free_port
+from tests.ops_support import outbox_message
 from tests.report_factory import smear_capture
 from tests.review_support import PASSWORD, ServerThread
 
@@ -54,7 +55,6 @@ def test_serve_tells_systemd_ready_and_pings_the_watchdog(tmp_path: Path) -> Non
         sock.bind(str(path))
         daemon = Daemon(tmp_path / "var", "", free_port())
         daemon.extra_env.update({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
-        daemon.extra_env["LISPLUGIN_DATABASE__URL"] = ""
         try:
             daemon.start()
             seen = _datagrams(sock, {"READY=1", "WATCHDOG=1"}, timeout=20)
@@ -175,13 +175,11 @@ def test_metrics_standard_collectors_versions_counters_and_state(ops: Ops) -> No
         session.add(case)
         session.flush()
         session.add(
-            OutboxMessage(
-                case_id=case.id,
-                channel="hl7",
-                control_id="MET1-1",
-                result_status="P",
-                payload="MSH|",
-                status=OutboxStatus.PENDING,
+            outbox_message(
+                case.id,
+                "hl7",
+                "MET1-1",
+                OutboxStatus.PENDING,
                 attempts=1,
                 created_at=long_ago,
                 next_attempt_at=long_ago + timedelta(days=1),
@@ -259,7 +257,7 @@ def test_readyz_fails_when_the_database_is_unreachable(ops: Ops) -> None:
 def test_logs_are_json_one_format_with_ids_and_no_phi(tmp_path: Path) -> None:
     lis = LisSimulator(port=free_port()).start()
     daemon = Daemon(tmp_path / "var", "", lis.port)
-    daemon.extra_env.update({"LISPLUGIN_DATABASE__URL": "", "LISPLUGIN_LOGGING__FORMAT": "json"})
+    daemon.extra_env.update({"LISPLUGIN_LOGGING__FORMAT": "json"})
     accession, patient_id = "LOG1001", "PIDSECRET77"
     try:
         daemon.start()

@@ -32,7 +32,6 @@ def lis() -> LisSimulator:
 @pytest.fixture
 def daemon(tmp_path: Path, lis: LisSimulator) -> Daemon:
     process = Daemon(tmp_path / "var", "", lis.port)
-    process.extra_env["LISPLUGIN_DATABASE__URL"] = ""
     process.start()
     yield process
     process.stop()
@@ -139,7 +138,7 @@ def test_stow_rs_through_the_same_ingest_with_dicomweb_client(
     tmp_path: Path, lis: LisSimulator
 ) -> None:
     daemon = Daemon(tmp_path / "var", "", lis.port)
-    daemon.extra_env.update({"LISPLUGIN_DATABASE__URL": "", "LISPLUGIN_HTTP__MAX_STOW_MB": "4"})
+    daemon.extra_env.update({"LISPLUGIN_HTTP__MAX_STOW_MB": "4"})
     daemon.start()
     try:
         client = DICOMwebClient(
