@@ -22,12 +22,19 @@ LogFormat = Literal["text", "json"]
 #: Libraries whose INFO lines are noise for a laboratory's log (563 of 893 lines were highdicom's).
 QUIET_LOGGERS = ("highdicom", "alembic", "pynetdicom", "PIL", "multipart", "onnxruntime")
 
+def _drop_colour(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn adds a terminal-coloured copy of its message as ``color_message``: not logged."""
+    event.pop("color_message", None)
+    return event
+
+
 _SHARED = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
     structlog.stdlib.ExtraAdder(),
+    _drop_colour,
 ]
 
 

@@ -288,6 +288,7 @@ def test_logs_are_json_one_format_with_ids_and_no_phi(tmp_path: Path) -> None:
     lines = daemon.log_path.read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"timestamp", "level", "logger", "event"} <= r.keys() for r in records)
+    assert not any("color_message" in r for r in records)
     loggers = {r["logger"] for r in records}
     assert "uvicorn.error" in loggers and "lisplugin.http.access" in loggers
     assert any(
