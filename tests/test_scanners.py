@@ -134,6 +134,7 @@ def test_worklist_answers_findscu_with_orders_from_hl7(daemon: Daemon, tmp_path:
     assert [ds.AccessionNumber for ds in left] == ["MWL1002"]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the malformed UID on purpose
 def test_stow_rs_through_the_same_ingest_with_dicomweb_client(
     tmp_path: Path, lis: LisSimulator
 ) -> None:
