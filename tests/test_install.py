@@ -153,17 +153,24 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     ):
         assert line in text, line
     # verify needs the ExecStart binary to exist: point it at one that does.
-    unit = tmp_path / "lisplugin.service"
-    unit.write_text(text.replace("/opt/lisplugin/.venv/bin/lisplugin", shutil.which("true") or ""))
+    units = []
+    for source in (
+        UNIT,
+        UNIT.with_name("lisplugin-purge.service"),
+        UNIT.with_name("lisplugin-purge.timer"),
+    ):
+        unit = tmp_path / source.name
+        unit.write_text(
+            source.read_text().replace(
+                "/opt/lisplugin/.venv/bin/lisplugin", shutil.which("true") or ""
+            )
+        )
+        units.append(str(unit))
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        ["systemd-analyze", "verify", "--man=no", *units],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    problems = [
-        line
-        for line in result.stderr.splitlines()
-        if str(unit) in line or "lisplugin.service" in line
-    ]
+    problems = [line for line in result.stderr.splitlines() if "lisplugin" in line]
     assert result.returncode == 0 and not problems, result.stderr
