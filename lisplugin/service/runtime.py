@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
@@ -23,6 +24,7 @@ from lisplugin.hl7.mllp import (
 )
 from lisplugin.hl7.orders import Order
 from lisplugin.inference.registry import ModelCardError, load_card
+from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler
 from lisplugin.service.ingest import InstanceStore, apply_order
@@ -78,6 +80,7 @@ class Runtime:
             ),
         )
         self._pipeline: Pipeline | None = None
+        self._pipeline_models: Path | None = None
         self._pipeline_lock = threading.Lock()
         self.scheduler = CaseScheduler(
             self.db, settings, self.pipeline, on_outbox=self.outbox.notify
@@ -99,19 +102,23 @@ class Runtime:
         self._threads: list[threading.Thread] = []
 
     def pipeline(self) -> Pipeline:
-        """Models are loaded once, on first use or at start-up."""
+        """Models are loaded on first use or at start-up, and again when an admin has promoted
+        (or rolled back) a models folder since: the next case uses it, no restart needed."""
         with self._pipeline_lock:
-            if self._pipeline is None:
+            models_dir = active_models_dir(self.settings)
+            if self._pipeline is None or models_dir != self._pipeline_models:
                 self._pipeline = Pipeline.from_settings(self.settings)
-                self._publish_models()
+                self._pipeline_models = models_dir
+                log.info("analysing with the models in %s", models_dir)
+                self._publish_models(models_dir)
             return self._pipeline
 
-    def _publish_models(self) -> None:
+    def _publish_models(self, models_dir: Path) -> None:
         analysis = self.settings.analysis
         MODEL_INFO.clear()
         for name in (analysis.detector, analysis.classifier):
             try:
-                card = load_card(analysis.models_dir, name, verify=False)
+                card = load_card(models_dir, name, verify=False)
             except ModelCardError:  # a test double in place of a shipped model
                 continue
             MODEL_INFO.labels(card.name, card.version, card.sha256).set(1)
