@@ -7,10 +7,10 @@ simulator on loopback, the models shipped in ``models/``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,8 +18,11 @@ from pydantic_settings import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_DIR = REPO_ROOT / "config"
-DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+#: Where an installed wheel carries ``models/`` and ``config/`` (copied in by setup.py).
+SHIPPED_DIR = Path(__file__).resolve().parent / "_shipped"
+_DATA_ROOT = SHIPPED_DIR if (SHIPPED_DIR / "config").is_dir() else REPO_ROOT
+DEFAULT_CONFIG_DIR = _DATA_ROOT / "config"
+DEFAULT_MODELS_DIR = _DATA_ROOT / "models"
 
 
 class DicomSettings(BaseModel):
@@ -29,6 +32,8 @@ class DicomSettings(BaseModel):
     max_pdu: int = 0  # 0 = unlimited
     #: Calling AE titles allowed to store; empty allows any.
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Answer Modality Worklist C-FIND queries with the scheduled orders (same AE and port).
+    worklist: bool = True
 
 
 class Hl7Settings(BaseModel):
@@ -50,15 +55,22 @@ class HttpSettings(BaseModel):
     port: int = 8080
     #: A review-station session ends after this many minutes without a request.
     session_idle_minutes: float = 480.0
+    #: Largest STOW-RS request body (all instances of one POST /dicomweb/studies), in MB.
+    max_stow_mb: int = 512
 
 
 class DatabaseSettings(BaseModel):
     #: Any SQLAlchemy URL; empty means SQLite at ``<storage.path>/lisplugin.db``.
     url: str = ""
+    #: Upgrade the schema when the daemon starts; false: ``lisplugin db upgrade`` does it, and
+    #: the daemon refuses to start on an older schema (production: see deploy/README.md).
+    migrate_on_start: bool = True
 
 
 class StorageSettings(BaseModel):
     path: Path = Path("var")
+    #: /readyz fails (and captures should go elsewhere) when less space than this is free.
+    min_free_mb: int = 500
 
 
 class CaseSettings(BaseModel):
@@ -82,6 +94,11 @@ class AnalysisSettings(BaseModel):
     #: Relative disagreement between detector counts and the count regression that raises a flag.
     count_tolerance: float = 0.35
 
+    @field_validator("models_dir", mode="before")
+    @classmethod
+    def _shipped_models(cls, value: Any) -> Any:
+        return value or DEFAULT_MODELS_DIR
+
 
 class ReviewSettings(BaseModel):
     #: A technologist completes the technical review before a pathologist may sign out.
@@ -93,6 +110,31 @@ class PacsSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 4242
     ae_title: str = "ORTHANC"
+
+
+class RetentionSettings(BaseModel):
+    """How long ``lisplugin purge`` keeps things; 0 keeps them for ever.
+
+    Only closed cases (final, verified, cancelled) lose captures and reports; case rows, results
+    and the audit trail stay in the database as the laboratory's record.
+    """
+
+    #: Days after a closed case last changed that its received captures are kept.
+    images_days: int = 0
+    #: Days after a closed case last changed that its report folder is kept.
+    reports_days: int = 0
+    #: Days a replaced DICOM report object (SR, annotations, PDF) is kept after it was written.
+    superseded_reports_days: int = 30
+    #: Days a refused (quarantined) instance and its reason are kept.
+    quarantine_days: int = 90
+    #: Days the database keeps a delivered outgoing message (HL7 ORU, DICOM object).
+    outbox_days: int = 90
+
+
+class LoggingSettings(BaseModel):
+    #: "text" for people reading a terminal or journal, "json" for a log collector.
+    format: Literal["text", "json"] = "text"
+    level: str = "INFO"
 
 
 class Settings(BaseSettings):
@@ -109,6 +151,8 @@ class Settings(BaseSettings):
     analysis: AnalysisSettings = AnalysisSettings()
     pacs: PacsSettings = PacsSettings()
     review: ReviewSettings = ReviewSettings()
+    logging: LoggingSettings = LoggingSettings()
+    retention: RetentionSettings = RetentionSettings()
     config_dir: Path = DEFAULT_CONFIG_DIR
 
     @classmethod
@@ -122,6 +166,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment wins over the YAML file, which is passed as init values.
         return env_settings, init_settings
+
+    @field_validator("config_dir", mode="before")
+    @classmethod
+    def _shipped_config(cls, value: Any) -> Any:
+        return value or DEFAULT_CONFIG_DIR
 
     @property
     def database_url(self) -> str:

@@ -199,6 +199,7 @@ def test_every_route_needs_sign_in_except_health_and_sign_in(station: Station) -
         "index": 0,
         "number": 1,
         "code": "WBC_FEW",
+        "study": "1.2",
     }
     for method, path in sorted(routes | pages):
         answer = anonymous.request(method, path.format(**values), follow_redirects=False)

@@ -14,11 +14,12 @@ from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from lisplugin.config import DicomSettings
 from lisplugin.dicom.decode import UnusableInstance, validate_identity
+from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ class StorageSCP:
         settings: DicomSettings,
         store: StoreCallback,
         refused: RefusedCallback | None = None,
+        worklist: WorklistSCP | None = None,
     ) -> None:
         self.settings = settings
         self._store = store
         self._refused = refused
+        self._worklist = worklist
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> ThreadedAssociationServer:
@@ -79,6 +82,9 @@ class StorageSCP:
         ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES[:2]))
         ae.require_calling_aet = list(self.settings.allowed_calling_aets)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        if self._worklist is not None:  # Modality Worklist C-FIND on the same AE (dicom/mwl.py)
+            ae.add_supported_context(ModalityWorklistInformationFind, list(TRANSFER_SYNTAXES[:2]))
+            handlers.append((evt.EVT_C_FIND, self._worklist.handle))
         self._server = ae.start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
         )
@@ -117,29 +123,49 @@ class StorageSCP:
         try:
             ds = event.dataset
             ds.file_meta = file_meta
+        except Exception as exc:  # a data set pydicom cannot parse
+            return self._refuse(
+                UnusableInstance(f"undecodable data set: {exc}"), raw, calling, sop_uid
+            )
+        return _status(*self.receive(ds, raw, calling, str(request.AffectedSOPClassUID), sop_uid))
+
+    def receive(
+        self, ds: Dataset, raw: bytes, calling: str, sop_class_uid: str, sop_uid: str
+    ) -> tuple[int, str]:
+        """Check, store (or quarantine) one instance: (status, Error Comment).
+
+        The one ingest path of C-STORE and of STOW-RS (``lisplugin.http.dicomweb``), which
+        passes the instance's own class and UID as the "request" values.
+        """
+        try:
             sop_class = str(ds.get("SOPClassUID", "") or "")
-            if sop_class != str(request.AffectedSOPClassUID):
+            if sop_class != sop_class_uid:
                 raise UnusableInstance("SOP Class UID differs from request", identity=True)
             validate_identity(ds)
             if str(ds.SOPInstanceUID).strip() != sop_uid:
                 raise UnusableInstance("SOP Instance UID differs from request", identity=True)
         except UnusableInstance as exc:
-            return self._refuse(exc, raw, calling, sop_uid)
+            return self._refused_status(exc, raw, calling, sop_uid)
         except Exception as exc:  # a data set pydicom cannot parse
-            return self._refuse(
+            return self._refused_status(
                 UnusableInstance(f"undecodable data set: {exc}"), raw, calling, sop_uid
             )
         try:
             self._store(ds, raw)
         except UnusableInstance as exc:
-            return self._refuse(exc, raw, calling, sop_uid)
+            return self._refused_status(exc, raw, calling, sop_uid)
         except Exception as exc:
             log.exception("C-STORE %s from %s: storing failed", sop_uid, calling)
-            return _status(OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}")
+            return OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}"
         log.info("C-STORE %s from %s stored", sop_uid, calling)
-        return _status(SUCCESS)
+        return SUCCESS, ""
 
     def _refuse(self, exc: UnusableInstance, raw: bytes, calling: str, sop_uid: str) -> Dataset:
+        return _status(*self._refused_status(exc, raw, calling, sop_uid))
+
+    def _refused_status(
+        self, exc: UnusableInstance, raw: bytes, calling: str, sop_uid: str
+    ) -> tuple[int, str]:
         """A failure status with the reason; the instance itself is kept in quarantine."""
         code = DATASET_DOES_NOT_MATCH_SOP_CLASS if exc.identity else CANNOT_UNDERSTAND
         log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, calling, code, exc.reason)
@@ -148,8 +174,8 @@ class StorageSCP:
                 self._refused(raw, exc.reason, sop_uid, calling)
             except Exception:
                 log.exception("could not quarantine %s", sop_uid)
-                return _status(OUT_OF_RESOURCES, "quarantine failed")
-        return _status(code, exc.reason)
+                return OUT_OF_RESOURCES, "quarantine failed"
+        return code, exc.reason
 
 
 def _status(code: int, comment: str = "") -> Dataset:

@@ -14,19 +14,24 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
-from sqlalchemy import func, select, text
+from sqlalchemy import select
+from swagger_ui_bundle import swagger_ui_path
 
 from lisplugin import __version__
-from lisplugin.http import pages, reports
+from lisplugin.http import dicomweb, pages, reports
 from lisplugin.http import review as review_api
 from lisplugin.http.auth import PrincipalDep, signed_in_user
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
+from lisplugin.http.middleware import install_request_context
 from lisplugin.service import review
-from lisplugin.service.metrics import OUTBOX_PENDING, REGISTRY
+from lisplugin.service.metrics import REGISTRY, StateCollector
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
+
+DOCS_ASSETS = "/docs-assets"
 
 
 class CaseSummary(BaseModel):
@@ -96,15 +101,26 @@ def create_app(runtime: Runtime) -> FastAPI:
         openapi_url=None,
     )
     app.state.runtime = runtime
+    install_request_context(app)
     signed_in = [Depends(signed_in_user)]
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=signed_in)
     def openapi() -> dict[str, Any]:
         return app.openapi()
 
+    # Swagger UI from the swagger-ui-bundle package: no CDN, so the docs work on an isolated
+    # hospital network. The assets are public files and need no session; the page does.
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
     @app.get("/docs", include_in_schema=False, dependencies=signed_in)
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="lisplugin API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="lisplugin API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:
@@ -113,30 +129,30 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/readyz", tags=["operations"])
     def readyz(runtime: RuntimeDep, response: Response) -> dict[str, Any]:
-        """Every part needed to accept and report work is up."""
-        checks = dict(runtime.readiness())
-        try:
-            with runtime.db.session() as session:
-                session.execute(text("SELECT 1"))
-            checks["database"] = True
-        except Exception:
-            checks["database"] = False
+        """Every part needed to accept and report work is up (database, disk space included).
+
+        ``lis`` is "degraded" while results wait for a retry: the daemon still takes work, so
+        readiness does not fail on it, but monitoring should alert.
+        """
+        checks = runtime.readiness()
         ready = all(checks.values())
         response.status_code = 200 if ready else 503
-        return {"ready": ready, "checks": checks}
+        return {
+            "ready": ready,
+            "checks": checks,
+            "lis": runtime.lis_link(),
+            "free_mb": round(runtime.disk_free_mb()),
+        }
+
+    state = CollectorRegistry()
+    state.register(StateCollector(runtime.db.session, runtime.settings.storage.path))
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
-    def metrics(session: SessionDep) -> Response:
+    def metrics() -> Response:
         """Prometheus text exposition."""
-        pending = session.execute(
-            select(OutboxMessage.channel, func.count())
-            .where(OutboxMessage.status == OutboxStatus.PENDING)
-            .group_by(OutboxMessage.channel)
-        ).all()
-        OUTBOX_PENDING.clear()
-        for channel in ("hl7", "dicom"):
-            OUTBOX_PENDING.labels(channel).set(dict(pending).get(channel, 0))
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(REGISTRY) + generate_latest(state), media_type=CONTENT_TYPE_LATEST
+        )
 
     cases = APIRouter(prefix="/api/cases", tags=["cases"], dependencies=signed_in)
 
@@ -192,5 +208,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(cases)
     app.include_router(reports.router, dependencies=signed_in)
     app.include_router(review_api.router)
+    app.include_router(dicomweb.router, dependencies=signed_in)
     pages.install(app)
     return app

@@ -24,6 +24,7 @@ from lisplugin.core.rules import PreviousResult
 from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
+from lisplugin.logging_setup import bound_contextvars
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline, patient_context, read_fields
@@ -148,7 +149,8 @@ class CaseScheduler:
                 select(Case.id).where(Case.status == CaseStatus.QUEUED).order_by(Case.id)
             ).all()
         for case_id in queued:
-            self.analyse_case(case_id)
+            with bound_contextvars(case_id=case_id):
+                self.analyse_case(case_id)
         self.catch_up_reports()
         return list(queued)
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
+from lisplugin.service.metrics import RESULTS_REJECTED
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage, OutboxStatus
 
@@ -98,6 +99,7 @@ class OutboxWorker:
                 row.status = OutboxStatus.REJECTED
                 row.last_error = delivery.text or delivery.code
                 log.error("%s %s rejected: %s", row.channel, row.control_id, row.last_error)
+                RESULTS_REJECTED.labels(row.channel).inc()
 
     def _retry_later(self, message_id: int, error: str) -> None:
         with self.db.session() as session:

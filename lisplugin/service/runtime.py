@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from sqlalchemy import func, select, text
 
 from lisplugin.config import Settings
+from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.scp import StorageSCP
 from lisplugin.hl7.mllp import (
     BackgroundServer,
@@ -20,15 +23,17 @@ from lisplugin.hl7.mllp import (
     send_message,
 )
 from lisplugin.hl7.orders import Order
+from lisplugin.inference.registry import ModelCardError, load_card
 from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler
 from lisplugin.service.ingest import InstanceStore, apply_order
-from lisplugin.service.metrics import INSTANCES, ORDERS
+from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
 from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
 from lisplugin.service.pipeline import Pipeline
+from lisplugin.service.worklist import scheduled_orders
 from lisplugin.storage.db import Database
-from lisplugin.storage.orm import OutboxMessage
+from lisplugin.storage.orm import OutboxMessage, OutboxStatus
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,10 @@ class Runtime:
         self.settings = settings
         settings.storage.path.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url)
-        self.db.migrate()
+        if settings.database.migrate_on_start:
+            self.db.migrate()
+        else:
+            self.db.check_schema()
         self.store = InstanceStore(self.db, settings.storage.path)
         hl7 = settings.hl7
         self.outbox = OutboxWorker(
@@ -77,7 +85,12 @@ class Runtime:
         self.scheduler = CaseScheduler(
             self.db, settings, self.pipeline, on_outbox=self.outbox.notify
         )
-        self.scp = StorageSCP(settings.dicom, self.store_instance, self.quarantine_instance)
+        worklist = (
+            WorklistSCP(lambda: scheduled_orders(self.db)) if settings.dicom.worklist else None
+        )
+        self.scp = StorageSCP(
+            settings.dicom, self.store_instance, self.quarantine_instance, worklist
+        )
         listener = MllpOrderListener(
             settings.hl7.listen_host,
             settings.hl7.listen_port,
@@ -97,7 +110,18 @@ class Runtime:
                 self._pipeline = Pipeline.from_settings(self.settings)
                 self._pipeline_models = models_dir
                 log.info("analysing with the models in %s", models_dir)
+                self._publish_models(models_dir)
             return self._pipeline
+
+    def _publish_models(self, models_dir: Path) -> None:
+        analysis = self.settings.analysis
+        MODEL_INFO.clear()
+        for name in (analysis.detector, analysis.classifier):
+            try:
+                card = load_card(models_dir, name, verify=False)
+            except ModelCardError:  # a test double in place of a shipped model
+                continue
+            MODEL_INFO.labels(card.name, card.version, card.sha256).set(1)
 
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
         self.store.store(ds, raw)
@@ -116,11 +140,46 @@ class Runtime:
         self.scheduler.wake()
 
     def readiness(self) -> dict[str, bool]:
+        """Each part needed to accept and report work: all must be True to be ready."""
         return {
             "models": self._pipeline is not None,
             "dicom": self.scp_running,
             "hl7": self.mllp.running,
+            "database": self.database_reachable(),
+            "disk": self.disk_free_mb() >= self.settings.storage.min_free_mb,
         }
+
+    def database_reachable(self) -> bool:
+        try:
+            with self.db.session() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            log.warning("database unreachable: %s", type(exc).__name__)
+            return False
+        return True
+
+    def disk_free_mb(self) -> float:
+        return shutil.disk_usage(self.settings.storage.path).free / 2**20
+
+    def lis_link(self) -> str:
+        """ "degraded" while a result waits for a retry (the LIS did not answer or refused)."""
+        try:
+            with self.db.session() as session:
+                failing = session.scalar(
+                    select(func.count())
+                    .select_from(OutboxMessage)
+                    .where(OutboxMessage.channel == "hl7")
+                    .where(OutboxMessage.status == OutboxStatus.PENDING)
+                    .where(OutboxMessage.attempts > 0)
+                )
+        except Exception:
+            return "unknown"
+        return "degraded" if failing else "ok"
+
+    def alive(self) -> bool:
+        """Every listener and worker thread is running (what systemd's watchdog is told)."""
+        threads = all(thread.is_alive() for thread in self._threads)
+        return threads and self.scp_running and self.mllp.running
 
     @property
     def scp_running(self) -> bool:

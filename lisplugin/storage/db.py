@@ -8,6 +8,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +30,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    # A database host that drops packets must not hang /readyz (or anything else) for minutes.
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def alembic_config(url: str) -> Config:
@@ -46,6 +50,19 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+class SchemaOutdated(RuntimeError):
+    """The database schema is not the one this version of lisplugin needs."""
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's current Alembic revision or None, the newest this code knows)."""
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    return current, str(head)
+
+
 class Database:
     """One engine and its session factory, shared by every adapter of the daemon."""
 
@@ -55,6 +72,15 @@ class Database:
 
     def migrate(self) -> None:
         migrate(self.engine)
+
+    def check_schema(self) -> None:
+        """Raise ``SchemaOutdated`` unless the schema is at the newest revision."""
+        current, head = schema_revisions(self.engine)
+        if current != head:
+            raise SchemaOutdated(
+                f"database schema is at {current or 'nothing'}, this lisplugin needs {head}: "
+                "run `lisplugin db upgrade` (back up first: `lisplugin backup DIR`)"
+            )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
