@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -215,9 +215,18 @@ def sign_off(principal: PrincipalDep, session: SessionDep, response: Response) -
 
 
 @router.get("/worklist", response_model=list[WorklistEntry])
-def get_worklist(principal: PrincipalDep, session: SessionDep) -> Any:
-    """Cases waiting for review, STAT first, then the longest waiting."""
-    return review.worklist(session)
+def get_worklist(
+    principal: PrincipalDep,
+    session: SessionDep,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=review.WORKLIST_MAX)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Any:
+    """Cases waiting for review, STAT first, then the longest waiting; ``limit`` entries from
+    ``offset``. Header ``X-Total-Count`` says how many cases wait in all."""
+    page = review.worklist(session, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(page.total)
+    return page.entries
 
 
 @router.patch(

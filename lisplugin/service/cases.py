@@ -219,20 +219,21 @@ class CaseScheduler:
         if not patient_id:
             return None
         since = datetime.now(UTC) - DELTA_WINDOW
-        candidates = session.scalars(
-            select(Case)
+        other = session.execute(
+            select(Case.analysed_at, Case.summary)
             .where(Case.id != case.id)
-            .where(Case.result.is_not(None))
+            .where(Case.summary.is_not(None))
             .where(Case.analysed_at >= since)
+            .where(Case.patient["id"].as_string() == str(patient_id))
             .order_by(Case.analysed_at.desc())
+            .limit(1)
+        ).first()
+        if other is None or other.analysed_at is None:
+            return None
+        return PreviousResult(
+            analysed_at=as_utc(other.analysed_at),
+            differential=dict(other.summary.get("differential", {})),
         )
-        for other in candidates:
-            if (other.patient or {}).get("id") == patient_id and other.analysed_at:
-                return PreviousResult(
-                    analysed_at=as_utc(other.analysed_at),
-                    differential=dict(other.result.get("differential", {})),
-                )
-        return None
 
     def _fail(self, case_id: int, error: str) -> None:
         with self.db.session() as session:
