@@ -28,8 +28,6 @@ from lisplugin.http.auth import (
 )
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
 from lisplugin.service import review
-from lisplugin.service.reports import write_case_reports
-from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import CaseStatus
 from lisplugin.storage.orm_review import AuditEvent, CaseComment, Role, UserSession
 
@@ -317,7 +315,7 @@ def sign_out(
     except review.ReviewError as exc:
         raise _errors(exc) from None
     runtime.outbox.notify()  # committed: the outbox finds the message at once
-    background.add_task(_write_reports, runtime, case_id)
+    background.add_task(runtime.reports.request, case_id)
     return SignedOut(
         id=case_id,
         status=CaseStatus.FINAL,
@@ -325,15 +323,6 @@ def sign_out(
         result_status=done.result_status,  # type: ignore[arg-type]
         control_id=done.control_id,
     )
-
-
-def _write_reports(runtime: Runtime, case_id: int) -> None:
-    try:
-        write_case_reports(runtime.db, case_id, runtime.settings)
-    except Exception:  # the ORU is queued already; reports can be made again later
-        log.exception("reports of case %s failed after sign-out", case_id)
-        return
-    runtime.outbox.notify()  # PACS copies, when the PACS is enabled
 
 
 @router.get("/cases/{case_id}/audit", response_model=list[AuditEntry])

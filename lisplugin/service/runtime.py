@@ -20,7 +20,7 @@ from lisplugin.hl7.mllp import (
 )
 from lisplugin.hl7.orders import Order
 from lisplugin.reports.pacs import pacs_sender
-from lisplugin.service.cases import CaseScheduler
+from lisplugin.service.cases import CaseScheduler, ReportWriter
 from lisplugin.service.ingest import InstanceStore, apply_order
 from lisplugin.service.metrics import INSTANCES, ORDERS
 from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
@@ -71,8 +71,9 @@ class Runtime:
         )
         self._pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
+        self.reports = ReportWriter(self.db, settings, on_outbox=self.outbox.notify)
         self.scheduler = CaseScheduler(
-            self.db, settings, self.pipeline, on_outbox=self.outbox.notify
+            self.db, settings, self.pipeline, on_outbox=self.outbox.notify, reports=self.reports
         )
         self.scp = StorageSCP(settings.dicom, self.store_instance, self.quarantine_instance)
         listener = MllpOrderListener(
@@ -95,6 +96,7 @@ class Runtime:
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
         self.store.store(ds, raw)
         INSTANCES.labels("stored").inc()
+        self.scheduler.wake()  # the case's stability clock restarted: no poll finds it late
 
     def quarantine_instance(self, raw: bytes, reason: str, sop_uid: str, calling: str) -> None:
         self.store.quarantine(raw, reason, sop_uid, calling)
@@ -129,6 +131,7 @@ class Runtime:
         self.mllp.start()
         self._spawn("scheduler", self.scheduler.run_forever)
         self._spawn("outbox", self.outbox.run_forever)
+        self._spawn("reports", self.reports.run_forever)
 
     def _spawn(self, name: str, target: Callable[[], Any]) -> None:
         thread = threading.Thread(target=target, name=f"lisplugin-{name}", daemon=True)
@@ -137,6 +140,7 @@ class Runtime:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.reports.stop()
         self.outbox.stop()
         self.mllp.stop()
         self.scp.stop()
