@@ -32,6 +32,7 @@ from lisplugin.core.rules import (
     report_value,
     result_key,
 )
+from lisplugin.core.slide import TiledImage, analyse_slide
 from lisplugin.core.types import (
     CELL_KINDS,
     LEUKOCYTE_CLASSES,
@@ -187,7 +188,7 @@ def aggregate(
 
 
 def analyse_fields(
-    fields: Sequence[Field],
+    fields: Sequence[Field | TiledImage],
     detector: CellDetector,
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
@@ -195,8 +196,16 @@ def analyse_fields(
     ranges: ReferenceRanges | None = None,
     patient: PatientContext | None = None,
 ) -> SpecimenResult:
-    """Analyse every field of a specimen and aggregate them."""
-    results = [analyse_field(i, f, detector, classifier, settings) for i, f in enumerate(fields)]
+    """Analyse every field of a specimen and aggregate them; a whole-slide level gives the
+    fields of its monolayer (see :mod:`lisplugin.core.slide`)."""
+    results: list[FieldResult] = []
+    for item in fields:
+        if isinstance(item, Field):
+            results.append(analyse_field(len(results), item, detector, classifier, settings))
+        else:
+            results += analyse_slide(
+                item, len(results), detector, classifier, settings, analyse_field
+            )
     versions = {"detector": detector.version, "classifier": classifier.version}
     return aggregate(results, settings, versions, rules, ranges, patient)
 
