@@ -22,7 +22,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 
 from lisplugin.core.types import Field
-from lisplugin.dicom.decode import UnusableInstance, _is_wsi_volume, iter_fields
+from lisplugin.dicom.decode import (
+    UnusableInstance,
+    _is_wsi_volume,
+    _spacing_from_groups,
+    iter_fields,
+)
 from lisplugin.dicom.decode import _spacing_um as _spacing
 
 PIXEL_DATA = 0x7FE00010
@@ -108,7 +113,11 @@ class FrameFile:
             one.PixelData = self.raw(number)
             one["PixelData"].VR = "OB" if int(one.get("BitsAllocated", 8)) <= 8 else "OW"
         field = next(iter_fields(one))
-        return Field(field.image, self.source(number), _spacing(self.header))
+        per_frame = self.header.get("PerFrameFunctionalGroupsSequence") or []
+        spacing = _spacing(self.header)
+        if number <= len(per_frame):
+            spacing = _spacing_from_groups(per_frame[number - 1]) or spacing
+        return Field(field.image, self.source(number), spacing)
 
 
 def _native_frame_size(ds: Dataset) -> int:

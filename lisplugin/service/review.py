@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import pydicom
 from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -29,7 +28,8 @@ from lisplugin.core.crops import PBC_CROP_PX, leukocyte_crop, pbc_scale
 from lisplugin.core.revision import RevisionError, reclassified, reclassify, revise
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import Detection, Field, Flag, ResultValue, SpecimenResult
-from lisplugin.dicom.decode import iter_fields
+from lisplugin.dicom.decode import UnusableInstance
+from lisplugin.dicom.frames import read_frame
 from lisplugin.service.cases import queue_oru
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline
@@ -319,10 +319,10 @@ def _field(case: Case, index: int) -> Field:
     if instance is None:
         raise NotFound(f"field {index} of case {case.id} is not a stored DICOM instance")
     number = int(frame or 1)
-    for n, field in enumerate(iter_fields(pydicom.dcmread(instance.path)), start=1):
-        if n == number:
-            return field
-    raise NotFound(f"instance {uid} has no frame {number}")
+    try:
+        return read_frame(instance.path, number)  # that frame alone, however many there are
+    except UnusableInstance as exc:
+        raise NotFound(f"instance {uid}: {exc.reason}") from None
 
 
 def png(image: np.ndarray) -> bytes:
