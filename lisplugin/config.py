@@ -86,7 +86,7 @@ class AnalysisSettings(BaseModel):
     slide_leukocyte_target: int = 200
     #: Each slide tile is analysed with this much of its neighbours around it (a large
     #: leukocyte's radius), so that cells on tile borders are seen whole and counted once.
-    slide_window_margin_um: float = 12.0
+    slide_window_margin_um: float = 10.0
 
 
 class PacsSettings(BaseModel):

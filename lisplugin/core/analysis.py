@@ -76,6 +76,13 @@ def median_rbc_diameter(detections: Iterable[Detection], width: int, height: int
     return float(np.median(sizes)) if len(sizes) >= MIN_RBC_FOR_SCALE else None
 
 
+def _centre_in(
+    box: tuple[float, float, float, float], region: tuple[float, float, float, float]
+) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return region[0] <= cx < region[2] and region[1] <= cy < region[3]
+
+
 def label_for(probabilities: np.ndarray, classes: Sequence[str], min_probability: float) -> str:
     top = int(np.argmax(probabilities))
     return classes[top] if probabilities[top] >= min_probability else UNIDENTIFIED
@@ -87,8 +94,13 @@ def analyse_field(
     detector: CellDetector,
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
+    owned: tuple[float, float, float, float] | None = None,
 ) -> FieldResult:
-    """Check, detect and classify one field; every leukocyte of the field in one batch."""
+    """Check, detect and classify one field; every leukocyte of the field in one batch.
+
+    With ``owned`` (x0, y0, x1, y1) only the cells whose box centre lies in that part of the
+    field are kept and classified: the others belong to a neighbouring window of a whole slide.
+    """
     height, width = field.image.shape[:2]
     quality = assess(field, settings)
     if not quality.passed:
@@ -99,6 +111,8 @@ def analyse_field(
     found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
     rbc_diameter = median_rbc_diameter(detections, width, height)
+    if owned is not None:
+        detections = tuple(d for d in detections if _centre_in(d.box, owned))
     wbcs = [d for d in detections if d.kind == "WBC"]
     crops = [
         leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))

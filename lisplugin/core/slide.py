@@ -32,7 +32,15 @@ from lisplugin.core.types import (
 
 #: ``core.analysis.analyse_field``, passed in (it imports this module).
 FieldAnalyser = Callable[
-    [int, Field, CellDetector, LeukocyteClassifier, AnalysisSettings], FieldResult
+    [
+        int,
+        Field,
+        CellDetector,
+        LeukocyteClassifier,
+        AnalysisSettings,
+        tuple[float, float, float, float] | None,
+    ],
+    FieldResult,
 ]
 #: Decoded tiles kept for the windows of neighbouring tiles (about 0.8 MB each at 512 px).
 TILE_CACHE = 24
@@ -162,15 +170,16 @@ def analyse_slide(
     for column, row in rank_tiles(coverage):
         if leukocytes >= settings.slide_leukocyte_target:
             break
-        if cache.get(column, row) is None:
+        tile = cache.get(column, row)
+        if tile is None:
             continue
+        height, width = tile.shape[:2]
         pixels, dx, dy = window(cache, column, row, margin)
         index = first_index + len(results)
         field = Field(pixels, image.tile_source(column, row), image.pixel_spacing_um)
-        found = analyse_field(index, field, detector, classifier, settings)
-        tile = cache.get(column, row)
-        assert tile is not None
-        height, width = tile.shape[:2]
+        # only the tile's own cells are classified: the margin's belong to its neighbours
+        core = (float(dx), float(dy), float(dx + width), float(dy + height))
+        found = analyse_field(index, field, detector, classifier, settings, core)
         owned = owned_by_tile(found, dx, dy, width, height)
         results.append(replace(owned, width=width, height=height))
         leukocytes += sum(1 for c in owned.cells if c.kind == "WBC")
