@@ -178,3 +178,19 @@ def test_delta_check_finds_the_patients_previous_result_in_sql(tmp_path: Path) -
     assert previous is not None
     assert previous.differential == {"neutrophil": 55.0}
     db.dispose()
+
+
+def test_cells_are_loaded_per_field(station: tuple[Runtime, httpx.Client]) -> None:
+    runtime, client = station
+    with runtime.db.session() as session:
+        case_id = session.scalar(select(Case.id).limit(1))
+    answer = client.get(f"/api/cases/{case_id}/fields/1/cells")
+    assert answer.status_code == 200
+    cells = answer.json()["cells"]
+    expected = [c for c in review_result(2)["cells"] if c["field"] == 1]
+    assert [c["id"] for c in cells] == [c["id"] for c in expected]
+    assert all(c["outline"] for c in cells)
+    assert client.get(f"/api/cases/{case_id}/fields/2/cells").status_code == 404
+    page = client.get(f"/cases/{case_id}")
+    assert page.status_code == 200
+    assert '"outline": null' in page.text and '"outline": [[' not in page.text

@@ -69,7 +69,21 @@ def review_result(fields: int, seed: int = 0) -> dict[str, Any]:
             {"code": "NOTE", "text": "informative", "severity": "info"},
         ],
         "fields": [
-            {"index": i, "source": f"1.2.3.{i}", "width": 640, "height": 480, "cells": 20}
+            {
+                "index": i,
+                "source": f"1.2.3.{i}",
+                "width": 640,
+                "height": 480,
+                "quality": {
+                    "focus": 120.0,
+                    "exposure": 0.7,
+                    "clipped_fraction": 0.0,
+                    "passed": True,
+                    "reasons": [],
+                },
+                "regressed_counts": None,
+                "cells": CELLS_PER_FIELD,
+            }
             for i in range(fields)
         ],
         "cells": cells,

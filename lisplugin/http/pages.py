@@ -170,7 +170,8 @@ def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[st
         "values": [value_to_json(v) for v in values],
         "result": {
             "fields": result.get("fields") or [],
-            "cells": result.get("cells") or [],
+            # outlines are fetched per field (/api/cases/{id}/fields/{index}/cells)
+            "cells": [{**c, "outline": None} for c in result.get("cells") or []],
             "counts": result.get("counts") or {},
             "class_counts": result.get("class_counts") or {},
             "excluded_counts": result.get("excluded_counts") or {},

@@ -347,6 +347,23 @@ def field_image(case_id: int, index: int, principal: PrincipalDep, session: Sess
     return _image(lambda: review.field_png(review.get_case(session, case_id), index))
 
 
+class FieldCells(BaseModel):
+    field: int
+    cells: list[dict[str, Any]] = Field(description="the field's cells, outlines included")
+
+
+@router.get("/cases/{case_id}/fields/{index}/cells", response_model=FieldCells)
+def field_cells(case_id: int, index: int, principal: PrincipalDep, session: SessionDep) -> Any:
+    """The cells of one field with their outlines: the case page loads them field by field."""
+    try:
+        return {
+            "field": index,
+            "cells": review.field_cells(review.get_case(session, case_id), index),
+        }
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+
+
 @router.get("/cases/{case_id}/cells/{cell_id}.png", response_class=Response, responses=PNG)
 def cell_image(case_id: int, cell_id: int, principal: PrincipalDep, session: SessionDep) -> Any:
     """The window the classifier saw around the cell (scale-normalised), at 320 px."""

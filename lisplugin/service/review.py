@@ -325,6 +325,14 @@ def _field(case: Case, index: int) -> Field:
         raise NotFound(f"instance {uid}: {exc.reason}") from None
 
 
+def field_cells(case: Case, index: int) -> list[dict[str, Any]]:
+    """The cells of field ``index`` as the result holds them (outlines included)."""
+    result = case.result or {}
+    if not 0 <= index < len(result.get("fields") or []):
+        raise NotFound(f"case {case.id} has {len(result.get('fields') or [])} fields")
+    return [c for c in result.get("cells") or [] if c["field"] == index]
+
+
 def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
