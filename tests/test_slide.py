@@ -8,6 +8,7 @@ frame reader.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -102,8 +103,11 @@ def test_slide_larger_than_the_memory_limit_is_analysed(tmp_path: Path) -> None:
                           "peak_rss_mb": peak}}))
         """
     )
+    # glibc reserves 64 MB of address space per malloc arena (one per thread, up to 8 per
+    # core): on a many-core machine that alone would eat the limit, so two arenas are used
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
