@@ -19,11 +19,14 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("evaluate", "detection"): "lisplugin.evaluation.detection",
     ("evaluate", "differential"): "lisplugin.evaluation.differential",
     ("evaluate", "field-differential"): "lisplugin.evaluation.field_differential",
+    ("evaluate", "cells"): "lisplugin.evaluation.cells",
     ("bench",): "lisplugin.evaluation.bench",
     ("send",): "lisplugin.dicom.scu",
     ("lis-sim",): "lisplugin.hl7.lis_sim",
     ("demo",): "lisplugin.service.demo",
     ("user",): "lisplugin.service.users",
+    ("adapt",): "lisplugin.training.adapt",
+    ("models",): "lisplugin.service.model_admin",
 }
 
 
@@ -107,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("lis-sim", "a small LIS: ACKs and stores ORUs, can send a test order"),
         ("demo", "start daemon and LIS simulator, send a capture, show the ORU and the case"),
         ("train", "train a model: classifier | detector"),
-        ("evaluate", "evaluate a model: detection | differential"),
+        ("evaluate", "evaluate a model: detection | differential | field-differential | cells"),
         ("bench", "time the whole analysis per field on this machine"),
         ("user", "review-station accounts: add NAME --role ROLE | list | disable NAME"),
+        ("adapt", "fit the classifier to this lab from its labelled or reviewed cells"),
+        ("models", "models in use: list | promote FOLDER | rollback (admin)"),
     ):
         commands.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -195,7 +195,26 @@ def test_failed_field_is_not_analysed(smear: tuple[np.ndarray, list]) -> None:
     assert not result.quality.passed
     assert result.cells == ()
     assert result.regressed_counts is None
-    assert detector.calls == 0
+    assert detector.calls == 1  # once: its red cells give the scale that focus is measured at
+
+
+def test_focus_is_judged_at_the_fields_own_magnification(smear: tuple[np.ndarray, list]) -> None:
+    """The same smear at twice the magnification (no Pixel Spacing) is as sharp as before: its
+    red cells, twice as large, set the scale that quality control measures focus at."""
+    from PIL import Image
+
+    image, truth = smear
+    h, w = image.shape[:2]
+    big = np.asarray(Image.fromarray(image).resize((2 * w, 2 * h), Image.Resampling.BICUBIC))
+    scaled_truth = [(kind, tuple(2 * v for v in box)) for kind, box in truth]
+    rows = [[1.0] + [0.0] * (len(CLASSES) - 1)] * 2
+    detector = ListDetector(detections_of(scaled_truth))
+    result = analyse_field(0, Field(big, "x2"), detector, RowClassifier(rows), SETTINGS)
+    assert result.quality.passed, result.quality.reasons
+    native = analyse_field(
+        0, Field(image, "x1"), ListDetector(detections_of(truth)), RowClassifier(rows), SETTINGS
+    )
+    assert result.quality.focus == pytest.approx(native.quality.focus, rel=0.35)
 
 
 def test_field_without_leukocytes_skips_the_classifier(smear: tuple[np.ndarray, list]) -> None:

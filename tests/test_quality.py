@@ -106,3 +106,19 @@ def test_assess_speed(benchmark: BenchmarkFixture, smear: np.ndarray) -> None:
     """QC must stay a small part of a field's time budget (run with --benchmark-enable)."""
     quality = benchmark(assess, Field(smear, "s"), SETTINGS)
     assert quality.passed
+
+
+def test_white_background_alone_is_not_clipping(smear: np.ndarray) -> None:
+    """A lab that exposes so that the glass saturates loses nothing: the cells keep their dark
+    detail. Half the field at 255 with the cells untouched passes; the whole field brightened
+    until the cells wash out still fails."""
+    grey = grey_levels(smear)
+    glass = grey > np.percentile(grey, 50)
+    saturated = smear.copy()
+    saturated[glass] = 255
+    quality = assess(Field(saturated, "s"), SETTINGS)
+    assert float(np.mean(np.rint(grey_levels(saturated)) >= 255)) > 0.4
+    assert quality.clipped_fraction == 0.0
+    assert not any(r.startswith("clipped") for r in quality.reasons)
+    washed = assess(Field(scaled(saturated, 1.6), "s"), SETTINGS)
+    assert washed.clipped_fraction > SETTINGS.max_clipped_fraction

@@ -37,6 +37,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from lisplugin.config import Settings
+from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.hl7.lis_sim import LisSimulator, build_test_order
 from lisplugin.hl7.orders import parse_order
 from lisplugin.http.app import create_app
@@ -569,3 +570,26 @@ def test_user_cli_adds_lists_and_disables(
     with station.runtime.db.session() as session:
         case = session.get(Case, station.case_id)
         assert case is not None and case.status == CaseStatus.REVIEW
+
+
+def test_signed_out_cells_are_the_sites_training_set(station: Station) -> None:
+    """`lisplugin adapt --from-reviews` reads every leukocyte of signed-out cases, with the class
+    it was released with (the reviewer's where they changed it), cut as the classifier saw it."""
+    from lisplugin.training.adapt import collect_reviews
+
+    tech, path = station.client("tech"), station.client("path")
+    case = station.case(path)
+    cell = leukocytes(case)[0]
+    url = f"/api/cases/{station.case_id}"
+    assert collect_reviews(station.runtime.settings, print)[0] == []  # nothing signed out yet
+    new_class = other_class(cell)
+    changed = tech.patch(
+        f"{url}/cells/{cell['id']}", json={"class": new_class, "version": case["version"]}
+    ).json()
+    assert path.post(f"{url}/signout", json={"version": changed["version"]}).status_code == 200
+    crops, labels, skipped = collect_reviews(station.runtime.settings, print)
+    released = [c for c in leukocytes(station.case(path)) if c["class"] in LEUKOCYTE_CLASSES]
+    assert skipped == 0 and len(crops) == len(labels) == len(released)
+    assert sorted(labels) == sorted(c["class"] for c in released)
+    assert new_class in labels
+    assert all(c.shape == (160, 160, 3) for c in crops)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lisplugin.config import AnalysisSettings
-from lisplugin.core.crops import leukocyte_crop, pbc_scale
+from lisplugin.core.crops import PBC_UM_PER_PX, leukocyte_crop, pbc_scale, usable_spacing
 from lisplugin.core.quality import assess
 from lisplugin.core.reference import ReferenceRanges
 from lisplugin.core.rules import (
@@ -83,6 +83,57 @@ def _centre_in(
     return region[0] <= cx < region[2] and region[1] <= cy < region[3]
 
 
+def leukocyte_crops(
+    field: Field,
+    detections: Sequence[Detection],
+    owned: tuple[float, float, float, float] | None = None,
+) -> list[np.ndarray]:
+    """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
+
+    The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
+    leukocyte box (``pbc_scale``); training, adaptation and the daemon all cut crops here.
+    With ``owned``, only the leukocytes whose box centre lies there are cut (the scale still
+    comes from every red cell of the field).
+    """
+    height, width = field.image.shape[:2]
+    rbc_diameter = median_rbc_diameter(detections, width, height)
+    return [
+        leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
+        for d in detections
+        if d.kind == "WBC" and (owned is None or _centre_in(d.box, owned))
+    ]
+
+
+def measured_spacing_um(field: Field, detections: Sequence[Detection]) -> float | None:
+    """Physical pixel size of a field: its Pixel Spacing, else what its red cells (or, with too
+    few whole red cells, its leukocytes) say; None when it shows no cells at all."""
+    height, width = field.image.shape[:2]
+    rbc_diameter = median_rbc_diameter(detections, width, height)
+    wbcs = [d.box for d in detections if d.kind == "WBC"]
+    if usable_spacing(field.pixel_spacing_um) is None and rbc_diameter is None and not wbcs:
+        return None
+    boxes = wbcs or [(0.0, 0.0, 1.0, 1.0)]
+    scales = [pbc_scale(field.pixel_spacing_um, rbc_diameter, box) for box in boxes]
+    return PBC_UM_PER_PX * float(np.median(scales))
+
+
+def most_confident_leukocyte(
+    field: Field, detector: CellDetector
+) -> tuple[Detection, np.ndarray] | None:
+    """The leukocyte the detector is surest of, with its crop; None when it finds none.
+
+    An image of one labelled leukocyte (a lab's class folders for ``evaluate cells`` and
+    ``adapt``) may show others at its edges: the most confident detection is the labelled one.
+    """
+    detections = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um).cells
+    wbcs = [d for d in detections if d.kind == "WBC"]
+    if not wbcs:
+        return None
+    crops = leukocyte_crops(field, detections)
+    best = max(range(len(wbcs)), key=lambda i: wbcs[i].score)
+    return wbcs[best], crops[best]
+
+
 def label_for(probabilities: np.ndarray, classes: Sequence[str], min_probability: float) -> str:
     top = int(np.argmax(probabilities))
     return classes[top] if probabilities[top] >= min_probability else UNIDENTIFIED
@@ -96,28 +147,26 @@ def analyse_field(
     settings: AnalysisSettings,
     owned: tuple[float, float, float, float] | None = None,
 ) -> FieldResult:
-    """Check, detect and classify one field; every leukocyte of the field in one batch.
+    """Detect, check and classify one field; every leukocyte of the field in one batch.
 
+    Detection comes first because quality control needs the field's scale: focus is measured
+    at one physical pixel size, and a field without a Pixel Spacing gets its scale from its own
+    red cells (as the crops do), so a lab at twice BCCD's magnification is not called blurred.
     With ``owned`` (x0, y0, x1, y1) only the cells whose box centre lies in that part of the
     field are kept and classified: the others belong to a neighbouring window of a whole slide.
     """
     height, width = field.image.shape[:2]
-    quality = assess(field, settings)
-    if not quality.passed:
-        return FieldResult(index, field.source, width, height, quality, cells=())
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
     if unknown:
         raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
     found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
-    rbc_diameter = median_rbc_diameter(detections, width, height)
+    quality = assess(field, settings, measured_spacing_um(field, detections))
+    if not quality.passed:
+        return FieldResult(index, field.source, width, height, quality, cells=())
+    crops = leukocyte_crops(field, detections, owned)
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
-    wbcs = [d for d in detections if d.kind == "WBC"]
-    crops = [
-        leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
-        for d in wbcs
-    ]
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []

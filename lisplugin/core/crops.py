@@ -142,3 +142,57 @@ def leukocyte_crop(
     if sx1 > sx0 and sy1 > sy0:
         canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
     return resize_rgb(canvas, out_size)
+
+
+#: Colour the glass of every crop is mapped to by :func:`white_balanced` (a neutral light grey
+#: that leaves head-room above it, so that the paler parts of cells are not clipped).
+REFERENCE_WHITE = 235.0
+#: Share of the brightest pixels taken as the glass (the background between cells).
+WHITE_QUANTILE = 0.9
+
+
+def white_point(image: np.ndarray) -> np.ndarray:
+    """Colour of the glass: the median colour of the brightest 10 % of the pixels (RGB float).
+
+    Labs differ most in lamp colour, white balance and exposure; all of them show up in the
+    colour of the empty glass, which is the brightest part of a smear (or, in a dense area, the
+    pale centres of red cells, which are near-white too). Clipped pixels are left out while
+    enough others remain.
+    """
+    rgb = image[..., :3].reshape(-1, 3).astype(np.float32)
+    # Saturated glass has lost the lamp's colour; the brightest pixels that are not clipped
+    # (the glass's edges, the red cells' pale centres) still carry it.
+    unclipped = rgb[rgb.max(axis=1) < 254]
+    if len(unclipped) >= 0.05 * len(rgb):
+        rgb = unclipped
+    grey = rgb.mean(axis=1)
+    bright = rgb[grey >= np.quantile(grey, WHITE_QUANTILE)]
+    return np.maximum(np.median(bright, axis=0), 1.0)
+
+
+def white_balanced(image: np.ndarray, white: np.ndarray | None = None) -> np.ndarray:
+    """The image with per-channel gains that map its glass to :data:`REFERENCE_WHITE`.
+
+    A von Kries correction: it removes the lamp colour, white balance and exposure of the
+    capture, leaving the stain's own colours for the classifier (and for the stain augmentation
+    in training) to deal with. Used by the classifier adapter when its card asks for it, and by
+    training on the same crops, so both see the same colours.
+    """
+    white = white_point(image) if white is None else np.asarray(white, dtype=np.float32)
+    gain = REFERENCE_WHITE / white
+    out = image[..., :3].astype(np.float32) * gain
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+#: Colour normalisations a classifier card may name (``colour_normalisation``).
+COLOUR_NORMALISATIONS = (None, "white-point")
+
+
+def classifier_input(crop: np.ndarray, size: int, centre: float, colour: str | None) -> np.ndarray:
+    """A PBC-scale crop as the classifier sees it: white-balanced when its card says so, the
+    central ``centre`` window, resized to ``size``. The adapter and training both call this."""
+    if colour not in COLOUR_NORMALISATIONS:
+        raise ValueError(f"unknown colour normalisation {colour!r}")
+    if colour == "white-point":
+        crop = white_balanced(crop)
+    return resize_rgb(centre_window(crop[..., :3], centre), size)

@@ -64,7 +64,7 @@ class FieldQuality:
 
     focus: float  # variance of the Laplacian of the grey image
     exposure: float  # mean grey level, 0..1
-    clipped_fraction: float  # share of pixels at 0 or 255
+    clipped_fraction: float  # share of pixels at 0, plus at 255 when the field is washed out
     passed: bool
     reasons: tuple[str, ...] = ()
 

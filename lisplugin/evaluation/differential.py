@@ -89,9 +89,9 @@ def evaluate_folder(
     model_name: str = "leukocyte-classifier",
 ) -> dict[str, Any]:
     """Classify every image of the chosen split with the shipped model and score it."""
+    from lisplugin.datasets import load_rgb, read_samples, select
     from lisplugin.inference.classifier import OnnxLeukocyteClassifier
     from lisplugin.inference.registry import load_card
-    from lisplugin.training.pbc import load_rgb, read_samples, select
 
     classifier = OnnxLeukocyteClassifier(load_card(models_dir, model_name))
     classes = list(classifier.classes)

@@ -1,8 +1,9 @@
 """ONNX Runtime adapter for the leukocyte classifier, configured entirely by its model card.
 
 The card front matter gives the input size, the central part of the crop the model looks at
-(``centre_crop``, a fraction of the PBC window), the normalisation, the order of the output classes
-and the temperature fitted on the validation split; the graph outputs raw logits and the
+(``centre_crop``, a fraction of the PBC window), the colour normalisation of the crop
+(``colour_normalisation``: none, or ``white-point``), the normalisation, the order of the output
+classes and the temperature fitted on the validation split; the graph outputs raw logits and the
 calibrated probabilities are ``softmax(logits / temperature)``.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from lisplugin.core.crops import centre_window, resize_rgb
+from lisplugin.core.crops import COLOUR_NORMALISATIONS, classifier_input
 from lisplugin.inference.registry import ModelCard, ModelCardError
 
 
@@ -30,6 +31,9 @@ class OnnxLeukocyteClassifier:
             raise ModelCardError(f"{card.name}: card lacks {exc}") from exc
         self.temperature = float(card.get("temperature", 1.0))
         self.centre = float(card.get("centre_crop", 1.0))
+        self.colour = card.get("colour_normalisation")
+        if self.colour not in COLOUR_NORMALISATIONS:
+            raise ModelCardError(f"{card.name}: unknown colour_normalisation {self.colour!r}")
         self.version = card.version
         self.batch_size = batch_size
         # Images are 0..255; fold the /255 and the normalisation into one scale and shift.
@@ -49,7 +53,7 @@ class OnnxLeukocyteClassifier:
         for start in range(0, len(crops), self.batch_size):
             batch = np.stack(
                 [
-                    resize_rgb(centre_window(c[..., :3], self.centre), self.input_size)
+                    classifier_input(c, self.input_size, self.centre, self.colour)
                     for c in crops[start : start + self.batch_size]
                 ]
             )

@@ -14,6 +14,7 @@ from lisplugin.core.types import CellDetector, LeukocyteClassifier
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
 from lisplugin.inference.detector import OnnxCellDetector
 from lisplugin.inference.registry import load_card
+from lisplugin.inference.store import active_models_dir
 
 _loaded: dict[tuple[Path, str, str], tuple[CellDetector, LeukocyteClassifier]] = {}
 _lock = threading.Lock()
@@ -24,8 +25,11 @@ def load_models(settings: Settings | AnalysisSettings) -> tuple[CellDetector, Le
 
     Raises ``ModelCardError`` when a card or its ONNX file is missing or does not match.
     """
-    analysis = settings.analysis if isinstance(settings, Settings) else settings
-    key = (Path(analysis.models_dir).resolve(), analysis.detector, analysis.classifier)
+    if isinstance(settings, Settings):  # a daemon's settings: the promoted models, if any
+        analysis, models_dir = settings.analysis, active_models_dir(settings)
+    else:
+        analysis, models_dir = settings, settings.models_dir
+    key = (Path(models_dir).resolve(), analysis.detector, analysis.classifier)
     with _lock:
         if key not in _loaded:
             detector = OnnxCellDetector(load_card(key[0], analysis.detector))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
@@ -19,6 +20,7 @@ from lisplugin.hl7.mllp import (
     send_message,
 )
 from lisplugin.hl7.orders import Order
+from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler, ReportWriter
 from lisplugin.service.ingest import InstanceStore, apply_order
@@ -70,6 +72,7 @@ class Runtime:
             ),
         )
         self._pipeline: Pipeline | None = None
+        self._pipeline_models: Path | None = None
         self._pipeline_lock = threading.Lock()
         self.reports = ReportWriter(self.db, settings, on_outbox=self.outbox.notify)
         self.scheduler = CaseScheduler(
@@ -87,10 +90,14 @@ class Runtime:
         self._threads: list[threading.Thread] = []
 
     def pipeline(self) -> Pipeline:
-        """Models are loaded once, on first use or at start-up."""
+        """Models are loaded on first use or at start-up, and again when an admin has promoted
+        (or rolled back) a models folder since: the next case uses it, no restart needed."""
         with self._pipeline_lock:
-            if self._pipeline is None:
+            models_dir = active_models_dir(self.settings)
+            if self._pipeline is None or models_dir != self._pipeline_models:
                 self._pipeline = Pipeline.from_settings(self.settings)
+                self._pipeline_models = models_dir
+                log.info("analysing with the models in %s", models_dir)
             return self._pipeline
 
     def store_instance(self, ds: Dataset, raw: bytes) -> None:

@@ -7,74 +7,22 @@ images. Without a split file every image in a known class folder belongs to one 
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from lisplugin.core.crops import centre_window, resize_rgb
-from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.core.crops import classifier_input
+from lisplugin.datasets import IMAGE_SUFFIXES, Sample, load_rgb, read_samples, select
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    label: str
-    split: str
+__all__ = ["IMAGE_SUFFIXES", "Sample", "load_images", "load_rgb", "read_samples", "select"]
 
 
-def read_samples(
-    data_dir: Path,
-    split_file: Path | None = None,
-    classes: Sequence[str] = LEUKOCYTE_CLASSES,
-) -> list[Sample]:
-    """Samples of the known classes; from ``split_file`` (default ``DIR/split.csv``) if present.
-
-    Folders and labels outside ``classes`` are ignored, so extra folders do no harm.
-    """
-    data_dir = Path(data_dir)
-    known = set(classes)
-    if split_file is None and (data_dir / "split.csv").is_file():
-        split_file = data_dir / "split.csv"
-    if split_file is not None:
-        with Path(split_file).open(newline="", encoding="utf-8") as fh:
-            return [
-                Sample(data_dir / row["path"], row["label"], row["split"])
-                for row in csv.DictReader(fh)
-                if row["label"] in known
-            ]
-    samples = []
-    for label in classes:
-        folder = data_dir / label
-        if folder.is_dir():
-            samples += [
-                Sample(p, label, "all")
-                for p in sorted(folder.iterdir())
-                if p.suffix.lower() in IMAGE_SUFFIXES
-            ]
-    return samples
-
-
-def select(samples: Sequence[Sample], split: str | None) -> list[Sample]:
-    """Samples of one split (all of them when ``split`` is None)."""
-    return [s for s in samples if split is None or s.split == split]
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """An image file as H x W x 3 uint8 RGB."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def load_images(samples: Sequence[Sample], size: int, centre: float = 1.0) -> np.ndarray:
-    """Decode, cut the central ``centre`` fraction and resize all samples once, into an
-    (N, size, size, 3) uint8 array in memory, exactly as the runtime adapter prepares crops."""
+def load_images(
+    samples: Sequence[Sample], size: int, centre: float = 1.0, colour: str | None = None
+) -> np.ndarray:
+    """Decode, colour-normalise, cut the central ``centre`` fraction and resize all samples
+    once, into an (N, size, size, 3) uint8 array, exactly as the runtime adapter prepares crops."""
     out = np.empty((len(samples), size, size, 3), dtype=np.uint8)
     for i, sample in enumerate(samples):
-        out[i] = resize_rgb(centre_window(load_rgb(sample.path), centre), size)
+        out[i] = classifier_input(load_rgb(sample.path), size, centre, colour)
     return out

@@ -1,0 +1,72 @@
+"""Readers for labelled image sets laid out as class folders: ``DIR/<class>/<image>``.
+
+PBC ships one sub-folder per leukocyte class; a lab that wants to measure or adapt the
+classifier lays its cells out the same way. ``split.csv`` (``path,label,split``, paths relative
+to ``DIR``) fixes a train/val/test split where there is one; without it every image in a known
+class folder belongs to one split, "all". Training, evaluation and adaptation all read through
+here, so none of them imports another.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lisplugin.core.types import LEUKOCYTE_CLASSES
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    split: str
+
+
+def read_samples(
+    data_dir: Path,
+    split_file: Path | None = None,
+    classes: Sequence[str] = LEUKOCYTE_CLASSES,
+) -> list[Sample]:
+    """Samples of the known classes; from ``split_file`` (default ``DIR/split.csv``) if present.
+
+    Folders and labels outside ``classes`` are ignored, so extra folders do no harm.
+    """
+    data_dir = Path(data_dir)
+    known = set(classes)
+    if split_file is None and (data_dir / "split.csv").is_file():
+        split_file = data_dir / "split.csv"
+    if split_file is not None:
+        with Path(split_file).open(newline="", encoding="utf-8") as fh:
+            return [
+                Sample(data_dir / row["path"], row["label"], row["split"])
+                for row in csv.DictReader(fh)
+                if row["label"] in known
+            ]
+    samples = []
+    for label in classes:
+        folder = data_dir / label
+        if folder.is_dir():
+            samples += [
+                Sample(p, label, "all")
+                for p in sorted(folder.iterdir())
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            ]
+    return samples
+
+
+def select(samples: Sequence[Sample], split: str | None) -> list[Sample]:
+    """Samples of one split (all of them when ``split`` is None)."""
+    return [s for s in samples if split is None or s.split == split]
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as H x W x 3 uint8 RGB."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))

@@ -1,0 +1,205 @@
+"""``lisplugin evaluate cells``: the whole daemon path on any lab's labelled leukocytes.
+
+The folder is laid out as for ``lisplugin adapt``: one sub-folder per class (``neutrophil,
+lymphocyte, monocyte, eosinophil, basophil, ig, erythroblast, platelet``; other folders are
+ignored), each image showing one labelled leukocyte, as a whole field or a crop at any
+magnification. Each image goes through the daemon's own path (quality control, detector, scale
+normalisation by the field's red cells, classifier); the most confident leukocyte of the image
+is the labelled one. An image where none is found (or that fails quality control) counts as
+wrong, under the column ``none`` of the confusion matrix: a lab sees that cell as missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lisplugin.config import DEFAULT_MODELS_DIR, load_settings
+from lisplugin.core.analysis import analyse_field
+from lisplugin.core.crops import resize_rgb
+from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
+from lisplugin.datasets import Sample, load_rgb, read_samples, select
+from lisplugin.inference.classifier import OnnxLeukocyteClassifier
+from lisplugin.inference.registry import load_card
+from lisplugin.service.models import load_models
+
+#: Column of the confusion matrix for images where no leukocyte was found.
+NONE = "none"
+
+
+def rescaled(image: np.ndarray, factor: float) -> np.ndarray:
+    """The image resampled by ``factor`` (x0.5, x2: another magnification of the same cells)."""
+    if factor == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size_h, size_w = max(round(h * factor), 1), max(round(w * factor), 1)
+    if size_h == size_w and h == w:
+        return resize_rgb(image, size_h)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size_w, size_h), Image.Resampling.BILINEAR))
+
+
+def cell_metrics(truth: list[str], predicted: list[str], classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 over the classes present, per-class recall/precision, confusion."""
+    t = np.asarray(truth)
+    p = np.asarray(predicted)
+    present = [c for c in classes if (t == c).any()]
+    per_class: dict[str, dict[str, float | int]] = {}
+    f1s = []
+    for c in present:
+        tp = int(((t == c) & (p == c)).sum())
+        support = int((t == c).sum())
+        called = int((p == c).sum())
+        recall = tp / support
+        precision = tp / called if called else 0.0
+        f1 = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+        f1s.append(f1)
+        per_class[c] = {
+            "recall": round(recall, 4),
+            "precision": round(precision, 4),
+            "f1": round(f1, 4),
+            "n": support,
+        }
+    columns = [*classes, UNIDENTIFIED, NONE]
+    matrix = [[int(((t == r) & (p == c)).sum()) for c in columns] for r in present]
+    return {
+        "n": len(truth),
+        "accuracy": round(float((t == p).mean()), 4) if len(truth) else None,
+        "macro_f1": round(float(np.mean(f1s)), 4) if f1s else None,
+        "per_class": per_class,
+        "confusion": {"rows": present, "columns": columns, "matrix": matrix},
+    }
+
+
+def evaluate_cells(
+    data: Path,
+    models_dir: Path | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    magnification: float = 1.0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score the most confident leukocyte of each labelled image in ``data``'s class folders."""
+    samples = select(read_samples(data, classes=LEUKOCYTE_CLASSES), split)
+    if not samples:
+        raise SystemExit(f"no images in class folders {list(LEUKOCYTE_CLASSES)} under {data}")
+    classifier_dir = None
+    if models_dir is not None and not (models_dir / f"{settings_detector()}.md").is_file():
+        # A training run's folder holds only the classifier: the shipped detector finds cells.
+        models_dir, classifier_dir = None, models_dir
+    report = evaluate_samples(samples, models_dir, classifier_dir, limit, magnification, progress)
+    report["data"] = str(data)
+    return report
+
+
+def evaluate_samples(
+    samples: list[Sample],
+    models_dir: Path | None = None,
+    classifier_dir: Path | None = None,
+    limit: int | None = None,
+    magnification: float = 1.0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score the most confident leukocyte of each labelled image, through the daemon's path.
+
+    ``classifier_dir`` takes the classifier from another folder (a freshly trained or adapted
+    one) with the detector of ``models_dir`` (default: the shipped models).
+    """
+    settings = load_settings()
+    if models_dir is not None:
+        settings.analysis.models_dir = models_dir
+    # Every leukocyte gets its top class here: the question is whether that class is right.
+    analysis = settings.analysis.model_copy(update={"min_class_probability": 0.0})
+    detector, classifier = load_models(settings)
+    if classifier_dir is not None:
+        classifier = OnnxLeukocyteClassifier(load_card(classifier_dir, analysis.classifier))
+    classes = list(LEUKOCYTE_CLASSES)
+    if limit:
+        samples = _spread(samples, limit)
+    truth, predicted = [], []
+    found = qc_failed = 0
+    for index, sample in enumerate(_progress(samples, progress)):
+        image = rescaled(load_rgb(sample.path), magnification)
+        field = Field(image, str(sample.path))
+        result = analyse_field(index, field, detector, classifier, analysis)
+        wbcs = [c for c in result.cells if c.kind == "WBC"]
+        qc_failed += not result.quality.passed
+        truth.append(sample.label)
+        if not wbcs:
+            predicted.append(NONE)
+            continue
+        found += 1
+        predicted.append(max(wbcs, key=lambda c: c.score).label)
+    report = cell_metrics(truth, predicted, classes)
+    report.update(
+        {
+            "found": found,
+            "quality_failed": qc_failed,
+            "magnification": magnification,
+            "model_versions": {"detector": detector.version, "classifier": classifier.version},
+        }
+    )
+    return report
+
+
+def settings_detector() -> str:
+    return load_settings().analysis.detector
+
+
+def _spread(samples: list[Sample], limit: int) -> list[Sample]:
+    """At most ``limit`` samples, taken evenly from every class (quick runs and tests)."""
+    labels = sorted({s.label for s in samples})
+    per_class = max(limit // len(labels), 1)
+    return [s for label in labels for s in [x for x in samples if x.label == label][:per_class]]
+
+
+def _progress(items: list[Sample], enabled: bool) -> Any:
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="cells", unit="img", disable=not sys.stderr.isatty())
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lisplugin evaluate cells",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, required=True, help="folder of class sub-folders")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        help=f"models folder (default: the models in use, {DEFAULT_MODELS_DIR} as shipped); "
+        "a folder with only a classifier is used with the shipped detector",
+    )
+    parser.add_argument("--split", help="score only this split of DIR/split.csv (e.g. test)")
+    parser.add_argument("--limit", type=int, help="at most N images, spread over the classes")
+    parser.add_argument(
+        "--magnification",
+        type=float,
+        default=1.0,
+        help="resample every image by this factor first (0.5, 2: robustness to magnification)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the whole JSON report")
+    args = parser.parse_args(argv)
+    report = evaluate_cells(
+        args.data, args.models, args.split, args.limit, args.magnification, progress=True
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"n={report['n']} accuracy={report['accuracy']} macro_f1={report['macro_f1']} "
+            f"found={report['found']}"
+        )
+    return 0
