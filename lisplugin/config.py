@@ -93,6 +93,12 @@ class AnalysisSettings(BaseModel):
     max_clipped_fraction: float = 0.2
     #: Relative disagreement between detector counts and the count regression that raises a flag.
     count_tolerance: float = 0.35
+    #: A whole slide is analysed in its monolayer, best tiles first, until this many
+    #: leukocytes are counted.
+    slide_leukocyte_target: int = 200
+    #: Each slide tile is analysed with this much of its neighbours around it (a large
+    #: leukocyte's radius), so that cells on tile borders are seen whole and counted once.
+    slide_window_margin_um: float = 10.0
 
     @field_validator("models_dir", mode="before")
     @classmethod

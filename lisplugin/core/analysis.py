@@ -34,6 +34,7 @@ from lisplugin.core.rules import (
     result_key,
     typical_rbc_count,
 )
+from lisplugin.core.slide import TiledImage, analyse_slide
 from lisplugin.core.types import (
     CELL_KINDS,
     LEUKOCYTE_CLASSES,
@@ -77,18 +78,31 @@ def median_rbc_diameter(detections: Iterable[Detection], width: int, height: int
     return float(np.median(sizes)) if len(sizes) >= MIN_RBC_FOR_SCALE else None
 
 
-def leukocyte_crops(field: Field, detections: Sequence[Detection]) -> list[np.ndarray]:
+def _centre_in(
+    box: tuple[float, float, float, float], region: tuple[float, float, float, float]
+) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return region[0] <= cx < region[2] and region[1] <= cy < region[3]
+
+
+def leukocyte_crops(
+    field: Field,
+    detections: Sequence[Detection],
+    owned: tuple[float, float, float, float] | None = None,
+) -> list[np.ndarray]:
     """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
 
     The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
     leukocyte box (``pbc_scale``); training, adaptation and the daemon all cut crops here.
+    With ``owned``, only the leukocytes whose box centre lies there are cut (the scale still
+    comes from every red cell of the field).
     """
     height, width = field.image.shape[:2]
     rbc_diameter = median_rbc_diameter(detections, width, height)
     return [
         leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
         for d in detections
-        if d.kind == "WBC"
+        if d.kind == "WBC" and (owned is None or _centre_in(d.box, owned))
     ]
 
 
@@ -133,12 +147,15 @@ def analyse_field(
     detector: CellDetector,
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
+    owned: tuple[float, float, float, float] | None = None,
 ) -> FieldResult:
     """Detect, check and classify one field; every leukocyte of the field in one batch.
 
     Detection comes first because quality control needs the field's scale: focus is measured
     at one physical pixel size, and a field without a Pixel Spacing gets its scale from its own
     red cells (as the crops do), so a lab at twice BCCD's magnification is not called blurred.
+    With ``owned`` (x0, y0, x1, y1) only the cells whose box centre lies in that part of the
+    field are kept and classified: the others belong to a neighbouring window of a whole slide.
     """
     height, width = field.image.shape[:2]
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
@@ -149,7 +166,9 @@ def analyse_field(
     quality = assess(field, settings, measured_spacing_um(field, detections))
     if not quality.passed:
         return FieldResult(index, field.source, width, height, quality, cells=())
-    crops = leukocyte_crops(field, detections)
+    crops = leukocyte_crops(field, detections, owned)
+    if owned is not None:
+        detections = tuple(d for d in detections if _centre_in(d.box, owned))
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
@@ -234,7 +253,7 @@ def aggregate(
 
 
 def analyse_fields(
-    fields: Sequence[Field],
+    fields: Sequence[Field | TiledImage],
     detector: CellDetector,
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
@@ -242,8 +261,16 @@ def analyse_fields(
     ranges: ReferenceRanges | None = None,
     patient: PatientContext | None = None,
 ) -> SpecimenResult:
-    """Analyse every field of a specimen and aggregate them."""
-    results = [analyse_field(i, f, detector, classifier, settings) for i, f in enumerate(fields)]
+    """Analyse every field of a specimen and aggregate them; a whole-slide level gives the
+    fields of its monolayer (see :mod:`lisplugin.core.slide`)."""
+    results: list[FieldResult] = []
+    for item in fields:
+        if isinstance(item, Field):
+            results.append(analyse_field(len(results), item, detector, classifier, settings))
+        else:
+            results += analyse_slide(
+                item, len(results), detector, classifier, settings, analyse_field
+            )
     versions = {"detector": detector.version, "classifier": classifier.version}
     return aggregate(results, settings, versions, rules, ranges, patient)
 

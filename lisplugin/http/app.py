@@ -17,7 +17,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, defer
 from swagger_ui_bundle import swagger_ui_path
 
 from lisplugin import __version__
@@ -29,7 +30,7 @@ from lisplugin.http.middleware import install_request_context
 from lisplugin.service import review
 from lisplugin.service.metrics import REGISTRY, StateCollector
 from lisplugin.service.runtime import Runtime
-from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
+from lisplugin.storage.orm import Case, CaseStatus, Instance, OutboxMessage, OutboxStatus
 
 DOCS_ASSETS = "/docs-assets"
 
@@ -73,7 +74,8 @@ class AnalyzeAccepted(BaseModel):
     status: CaseStatus
 
 
-def _summary(case: Case) -> dict[str, Any]:
+def _summary(case: Case, instances: int) -> dict[str, Any]:
+    """A case as lists show it; reads the summary columns, never the result's cells."""
     return {
         "id": case.id,
         "case_key": case.case_key,
@@ -81,11 +83,23 @@ def _summary(case: Case) -> dict[str, Any]:
         "study_instance_uid": case.study_instance_uid,
         "status": case.status,
         "patient_id": (case.patient or {}).get("id"),
-        "instances": len(case.instances),
-        "needs_review": None if case.result is None else bool(case.result.get("needs_review")),
+        "instances": instances,
+        "needs_review": None if case.summary is None else bool(case.summary["needs_review"]),
         "last_instance_at": case.last_instance_at,
         "analysed_at": case.analysed_at,
     }
+
+
+def instance_counts(session: Session, case_ids: list[int]) -> dict[int, int]:
+    """Stored captures per case, for a page of cases in one query."""
+    if not case_ids:
+        return {}
+    rows = session.execute(
+        select(Instance.case_id, func.count())
+        .where(Instance.case_id.in_(case_ids))
+        .group_by(Instance.case_id)
+    ).all()
+    return {case_id: int(n) for case_id, n in rows}
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -161,11 +175,21 @@ def create_app(runtime: Runtime) -> FastAPI:
         session: SessionDep,
         status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[dict[str, Any]]:
-        query = select(Case).order_by(Case.id.desc()).limit(limit)
+        """Newest first, ``limit`` cases from ``offset``."""
+        query = (
+            select(Case)
+            .options(defer(Case.result), defer(Case.order))
+            .order_by(Case.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
         if status is not None:
             query = query.where(Case.status == status)
-        return [_summary(case) for case in session.scalars(query)]
+        found = session.scalars(query).all()
+        counts = instance_counts(session, [case.id for case in found])
+        return [_summary(case, counts.get(case.id, 0)) for case in found]
 
     @cases.get("/{case_id}", response_model=CaseDetail)
     def get_case(case_id: int, session: SessionDep) -> dict[str, Any]:
@@ -174,7 +198,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             select(OutboxMessage).where(OutboxMessage.case_id == case.id).order_by(OutboxMessage.id)
         )
         return {
-            **_summary(case),
+            **_summary(case, len(case.instances)),
             "patient": case.patient or {},
             "order": case.order,
             "result": case.result,

@@ -139,21 +139,39 @@ def login_page(
     return _page(request, "login.html", {"next": _safe_next(target)})
 
 
+#: Worklist entries per page of the review station.
+WORKLIST_PAGE = 50
+
+
 @router.get("/worklist", response_model=None)
-def worklist_page(request: Request, runtime: RuntimeDep, session: SessionDep) -> Response:
+def worklist_page(
+    request: Request,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> Response:
     principal = optional_user(request, runtime)
     if principal is None:
         return _to_sign_in(request)
-    released = session.scalars(
-        select(Case)
+    released = session.execute(
+        select(Case.id, Case.accession_number, Case.patient, Case.status, Case.updated_at)
         .where(Case.status.in_([CaseStatus.VERIFIED, CaseStatus.FINAL]))
         .order_by(Case.updated_at.desc())
         .limit(15)
     ).all()
+    waiting = review.worklist(session, limit=WORKLIST_PAGE, offset=(page - 1) * WORKLIST_PAGE)
+    pages = max(1, -(-waiting.total // WORKLIST_PAGE))
     return _page(
         request,
         "worklist.html",
-        {**_chrome(principal), "entries": review.worklist(session), "released": released},
+        {
+            **_chrome(principal),
+            "entries": waiting.entries,
+            "total": waiting.total,
+            "page": page,
+            "pages": pages,
+            "released": released,
+        },
     )
 
 
@@ -212,7 +230,8 @@ def _case_data(
         "values": [value_to_json(v) for v in values],
         "result": {
             "fields": result.get("fields") or [],
-            "cells": result.get("cells") or [],
+            # outlines are fetched per field (/api/cases/{id}/fields/{index}/cells)
+            "cells": [{**c, "outline": None} for c in result.get("cells") or []],
             "counts": result.get("counts") or {},
             "class_counts": result.get("class_counts") or {},
             "excluded_counts": result.get("excluded_counts") or {},

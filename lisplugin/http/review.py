@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -28,8 +28,6 @@ from lisplugin.http.auth import (
 )
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
 from lisplugin.service import review
-from lisplugin.service.reports import write_case_reports
-from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import CaseStatus
 from lisplugin.storage.orm_review import AuditEvent, CaseComment, Role, UserSession
 
@@ -248,9 +246,18 @@ def sign_off(principal: PrincipalDep, session: SessionDep, response: Response) -
 
 
 @router.get("/worklist", response_model=list[WorklistEntry])
-def get_worklist(principal: PrincipalDep, session: SessionDep) -> Any:
-    """Cases waiting for review, STAT first, then the longest waiting."""
-    return review.worklist(session)
+def get_worklist(
+    principal: PrincipalDep,
+    session: SessionDep,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=review.WORKLIST_MAX)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Any:
+    """Cases waiting for review, STAT first, then the longest waiting; ``limit`` entries from
+    ``offset``. Header ``X-Total-Count`` says how many cases wait in all."""
+    page = review.worklist(session, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(page.total)
+    return page.entries
 
 
 @router.patch(
@@ -443,7 +450,7 @@ def sign_out(
     except review.ReviewError as exc:
         raise _errors(exc) from None
     runtime.outbox.notify()  # committed: the outbox finds the message at once
-    background.add_task(_write_reports, runtime, case_id)
+    background.add_task(runtime.reports.request, case_id)
     return SignedOut(
         id=case_id,
         status=CaseStatus.FINAL,
@@ -451,15 +458,6 @@ def sign_out(
         result_status=done.result_status,  # type: ignore[arg-type]
         control_id=done.control_id,
     )
-
-
-def _write_reports(runtime: Runtime, case_id: int) -> None:
-    try:
-        write_case_reports(runtime.db, case_id, runtime.settings)
-    except Exception:  # the ORU is queued already; reports can be made again later
-        log.exception("reports of case %s failed after sign-out", case_id)
-        return
-    runtime.outbox.notify()  # PACS copies, when the PACS is enabled
 
 
 @router.get("/cases/{case_id}/audit", response_model=list[AuditEntry])
@@ -482,6 +480,23 @@ def _image(render: Any) -> Response:
 def field_image(case_id: int, index: int, principal: PrincipalDep, session: SessionDep) -> Any:
     """A field as analysed, decoded from the stored DICOM instance."""
     return _image(lambda: review.field_png(review.get_case(session, case_id), index))
+
+
+class FieldCells(BaseModel):
+    field: int
+    cells: list[dict[str, Any]] = Field(description="the field's cells, outlines included")
+
+
+@router.get("/cases/{case_id}/fields/{index}/cells", response_model=FieldCells)
+def field_cells(case_id: int, index: int, principal: PrincipalDep, session: SessionDep) -> Any:
+    """The cells of one field with their outlines: the case page loads them field by field."""
+    try:
+        return {
+            "field": index,
+            "cells": review.field_cells(review.get_case(session, case_id), index),
+        }
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
 
 
 @router.get("/cases/{case_id}/cells/{cell_id}.png", response_class=Response, responses=PNG)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
@@ -30,7 +29,8 @@ from lisplugin.core.analysis import result_values
 from lisplugin.core.reference import parse_reference_ranges
 from lisplugin.core.revision import field_from_json
 from lisplugin.core.types import ResultValue, SpecimenResult
-from lisplugin.dicom.decode import UnusableInstance, iter_fields
+from lisplugin.dicom.decode import UnusableInstance
+from lisplugin.dicom.frames import FrameFile
 from lisplugin.reports.annotations import build_annotations
 from lisplugin.reports.coding import Producer, Verification
 from lisplugin.reports.json_report import Document, DocumentKind, case_report
@@ -252,10 +252,11 @@ def _images(paths: list[str], result: dict[str, Any]) -> dict[str, np.ndarray]:
     wanted = {str(f["source"]) for f in result.get("fields", []) if f.get("cells")}
     images: dict[str, np.ndarray] = {}
     for path in paths:
-        try:
-            for field in iter_fields(pydicom.dcmread(path)):
-                if field.source in wanted:
-                    images[field.source] = field.image
+        try:  # only the frames that are fields with cells, each decoded alone
+            frames = FrameFile(path)
+            for number in range(1, frames.frames + 1):
+                if frames.source(number) in wanted:
+                    images[frames.source(number)] = frames.field(number).image
         except (OSError, InvalidDicomError, UnusableInstance) as exc:
             log.warning("no thumbnails from %s: %s", path, exc)  # the report goes on without
     return images

@@ -26,9 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import pydicom
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -39,7 +38,8 @@ from lisplugin.core.revision import RevisionError, reclassified, reclassify, rev
 from lisplugin.core.rules import PatientContext, PreviousResult, reason_required
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import Detection, Field, Flag, ResultValue, SpecimenResult
-from lisplugin.dicom.decode import iter_fields
+from lisplugin.dicom.decode import UnusableInstance
+from lisplugin.dicom.frames import read_frame
 from lisplugin.service.cases import EXTEND_MARK, queue_oru
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline, patient_context
@@ -428,32 +428,67 @@ def captures_after_analysis(case: Case) -> int:
     return sum(1 for i in case.instances if as_utc(i.received_at) > analysed)
 
 
-def worklist(session: Session, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Cases waiting for review: STAT first, then the longest waiting."""
+#: Most worklist entries one request returns: the page and the API page through the rest.
+WORKLIST_MAX = 500
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    entries: list[dict[str, Any]]
+    total: int  # cases waiting for review, on every page
+
+
+def worklist(
+    session: Session,
+    now: datetime | None = None,
+    *,
+    limit: int = 100,
+    offset: int = 0,
+) -> WorklistPage:
+    """Cases waiting for review: STAT first, then the longest waiting, ``limit`` from
+    ``offset``. Reads the cases' summaries only, never their cells."""
     now = now or datetime.now(UTC)
+    limit = max(1, min(limit, WORKLIST_MAX))
+    waiting_since = func.coalesce(Case.analysed_at, Case.updated_at)
+    waiting = Case.status == CaseStatus.REVIEW
+    rows = session.execute(
+        select(
+            Case.id,
+            Case.accession_number,
+            Case.patient,
+            Case.stat,
+            Case.summary,
+            Case.version,
+            waiting_since.label("since"),
+        )
+        .where(waiting)
+        .order_by(Case.stat.desc(), waiting_since, Case.id)
+        .limit(limit)
+        .offset(max(offset, 0))
+    ).all()
+    total = session.scalar(select(func.count()).select_from(Case).where(waiting)) or 0
     entries = []
-    for case in session.scalars(select(Case).where(Case.status == CaseStatus.REVIEW)):
-        since = as_utc(case.analysed_at or case.updated_at)
-        flags = (case.result or {}).get("flags") or []
-        patient = case.patient or {}
+    for row in rows:
+        since = as_utc(row.since)
+        summary = row.summary or {}
+        patient = row.patient or {}
         entries.append(
             {
-                "id": case.id,
-                "accession_number": case.accession_number,
+                "id": row.id,
+                "accession_number": row.accession_number,
                 "patient_id": patient.get("id"),
                 "patient_name": ", ".join(
                     p for p in (patient.get("name_family"), patient.get("name_given")) if p
                 ),
-                "stat": (case.order or {}).get("priority") == "S",
-                "reasons": [f for f in flags if f.get("severity") != "info"],
+                "stat": bool(row.stat),
+                "reasons": summary.get("reasons") or [],
                 "waiting_seconds": max((now - since).total_seconds(), 0.0),
                 "waiting_since": since,
-                "wbc_classified": (case.result or {}).get("wbc_classified", 0),
-                "version": case.version,
+                "wbc_classified": summary.get("wbc_classified", 0),
+                "version": row.version,
             }
         )
-    entries.sort(key=lambda e: (not e["stat"], e["waiting_since"]))
-    return entries
+    return WorklistPage(entries, total)
 
 
 # --- images ----------------------------------------------------------------------------------
@@ -469,10 +504,18 @@ def _field(case: Case, index: int) -> Field:
     if instance is None:
         raise NotFound(f"field {index} of case {case.id} is not a stored DICOM instance")
     number = int(frame or 1)
-    for n, field in enumerate(iter_fields(pydicom.dcmread(instance.path)), start=1):
-        if n == number:
-            return field
-    raise NotFound(f"instance {uid} has no frame {number}")
+    try:
+        return read_frame(instance.path, number)  # that frame alone, however many there are
+    except UnusableInstance as exc:
+        raise NotFound(f"instance {uid}: {exc.reason}") from None
+
+
+def field_cells(case: Case, index: int) -> list[dict[str, Any]]:
+    """The cells of field ``index`` as the result holds them (outlines included)."""
+    result = case.result or {}
+    if not 0 <= index < len(result.get("fields") or []):
+        raise NotFound(f"case {case.id} has {len(result.get('fields') or [])} fields")
+    return [c for c in result.get("cells") or [] if c["field"] == index]
 
 
 def png(image: np.ndarray) -> bytes:

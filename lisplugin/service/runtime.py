@@ -26,7 +26,7 @@ from lisplugin.hl7.orders import Order
 from lisplugin.inference.registry import ModelCardError, load_card
 from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
-from lisplugin.service.cases import CaseScheduler
+from lisplugin.service.cases import CaseScheduler, ReportWriter
 from lisplugin.service.ingest import InstanceStore, apply_order
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
 from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
@@ -82,8 +82,9 @@ class Runtime:
         self._pipeline: Pipeline | None = None
         self._pipeline_models: Path | None = None
         self._pipeline_lock = threading.Lock()
+        self.reports = ReportWriter(self.db, settings, on_outbox=self.outbox.notify)
         self.scheduler = CaseScheduler(
-            self.db, settings, self.pipeline, on_outbox=self.outbox.notify
+            self.db, settings, self.pipeline, on_outbox=self.outbox.notify, reports=self.reports
         )
         worklist = (
             WorklistSCP(lambda: scheduled_orders(self.db)) if settings.dicom.worklist else None
@@ -126,6 +127,7 @@ class Runtime:
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
         self.store.store(ds, raw)
         INSTANCES.labels("stored").inc()
+        self.scheduler.wake()  # the case's stability clock restarted: no poll finds it late
 
     def quarantine_instance(self, raw: bytes, reason: str, sop_uid: str, calling: str) -> None:
         self.store.quarantine(raw, reason, sop_uid, calling)
@@ -195,6 +197,7 @@ class Runtime:
         self.mllp.start()
         self._spawn("scheduler", self.scheduler.run_forever)
         self._spawn("outbox", self.outbox.run_forever)
+        self._spawn("reports", self.reports.run_forever)
 
     def _spawn(self, name: str, target: Callable[[], Any]) -> None:
         thread = threading.Thread(target=target, name=f"lisplugin-{name}", daemon=True)
@@ -203,6 +206,7 @@ class Runtime:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.reports.stop()
         self.outbox.stop()
         self.mllp.stop()
         self.scp.stop()

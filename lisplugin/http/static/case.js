@@ -138,12 +138,21 @@
     $("field-tabs").replaceChildren(...tabs);
   }
 
-  function showField(index) {
+  // Outlines are loaded per field: the page carries every cell, but not every outline.
+  async function loadOutlines(index) {
+    if (!cells.some((c) => c.field === index && !c.outline)) return;
+    const answer = await api("GET", `/api/cases/${data.id}/fields/${index}/cells`);
+    for (const cell of answer.cells) cells[cell.id].outline = cell.outline;
+  }
+
+  async function showField(index) {
     const field = data.result.fields[index];
     if (!field) return;
     state.field = index;
     renderFieldTabs();
     $("field-image").src = `/api/cases/${data.id}/fields/${index}.png`;
+    await loadOutlines(index);
+    if (state.field !== index) return; // another field was chosen meanwhile
     const overlay = $("overlay");
     overlay.setAttribute("viewBox", `0 0 ${field.width} ${field.height}`);
     const here = cells.filter((c) => c.field === index);
