@@ -266,7 +266,7 @@ def case_page(case_id: int, request: Request, runtime: RuntimeDep, session: Sess
             "stat": (case.order or {}).get("priority") == "S",
             "waiting": (datetime.now(UTC) - as_utc(since)).total_seconds(),
             "comments": comments,
-            "data": _case_data(case, principal, runtime, review.worklist(session)),
+            "data": _case_data(case, principal, runtime, review.worklist(session).entries),
         },
     )
 
