@@ -22,13 +22,37 @@ DEFAULT_CONFIG_DIR = REPO_ROOT / "config"
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"
 
 
+class InstanceLimits(BaseModel):
+    """What one received instance may make us spend; over a limit it is refused, not decoded."""
+
+    #: Rows x Columns of one frame (a decoded RGB frame takes 3 bytes per pixel).
+    max_pixels_per_frame: int = 40_000_000
+    max_frames: int = 100_000
+    #: The data set as received (deflated: as inflated); larger ones are aborted while arriving.
+    max_instance_bytes: int = 512 * 1024 * 1024
+    #: Everything but Pixel Data (private tags, sequences, ICC profile).
+    max_header_bytes: int = 16 * 1024 * 1024
+    #: Inflated size / deflated size for the Deflated Explicit VR Little Endian syntax.
+    max_inflation_ratio: float = 100.0
+
+
 class DicomSettings(BaseModel):
     ae_title: str = "LISPLUGIN"
     host: str = "0.0.0.0"
     port: int = 11112
-    max_pdu: int = 0  # 0 = unlimited
+    #: Largest P-DATA PDU we accept (announced to peers; a larger PDU aborts the association).
+    max_pdu: int = 1024 * 1024
     #: Calling AE titles allowed to store; empty allows any.
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Concurrent associations (connections not yet associated count too).
+    max_associations: int = 32
+    #: Seconds to wait for an A-ASSOCIATE-RQ / A-RELEASE (an idle connection is dropped).
+    acse_timeout: float = 10.0
+    #: Seconds to wait for the next DIMSE message of an association.
+    dimse_timeout: float = 30.0
+    #: Seconds without any data on a connection before it is closed.
+    network_timeout: float = 60.0
+    limits: InstanceLimits = InstanceLimits()
 
 
 class Hl7Settings(BaseModel):

@@ -258,7 +258,7 @@ def _malformed_study_uid() -> Dataset:
 BAD_INPUTS = {
     "no-pixel-data": (_no_pixel_data, CANNOT_UNDERSTAND, "no pixel data"),
     "unsupported-photometric": (_hsv, CANNOT_UNDERSTAND, "unsupported photometric HSV"),
-    "corrupt-jpeg": (_garbage_jpeg, CANNOT_UNDERSTAND, "frame 1 undecodable:"),
+    "corrupt-jpeg": (_garbage_jpeg, CANNOT_UNDERSTAND, "JPEG frame without a readable SOF"),
     "truncated-jpeg": (_truncated_jpeg, CANNOT_UNDERSTAND, "frame 1 truncated (no end marker)"),
     "missing-study-uid": (_no_study_uid, DATASET_DOES_NOT_MATCH_SOP_CLASS, "missing Study UID"),
     "malformed-study-uid": (

@@ -17,8 +17,9 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lisplugin.config import InstanceLimits
 from lisplugin.core.revision import reclassified
-from lisplugin.dicom.decode import iter_fields, validate_identity
+from lisplugin.dicom.decode import validate_header
 from lisplugin.hl7.orders import Order
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import safe_name, write_durably
@@ -87,15 +88,19 @@ def get_or_create_case(
 class InstanceStore:
     """The SCP's storage callback: validate, keep durably, group into a case - or quarantine."""
 
-    def __init__(self, db: Database, storage_path: Path) -> None:
+    def __init__(
+        self, db: Database, storage_path: Path, limits: InstanceLimits | None = None
+    ) -> None:
         self.db = db
+        self.limits = limits or InstanceLimits()
         self.instances_dir = storage_path / "instances"
         self.quarantine_dir = storage_path / "quarantine"
 
     def store(self, ds: Dataset, raw: bytes) -> Case:
         """Keep a usable instance; ``UnusableInstance`` tells the SCP to refuse it."""
-        validate_identity(ds)
-        frames = sum(1 for _ in iter_fields(ds))  # decodes every frame, one at a time
+        # Headers only: decoding every frame here cost most of the ingest time and let a
+        # small instance that declares huge frames exhaust memory.
+        frames = validate_header(ds, self.limits)
         calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "") or None
         return self._keep(ds, raw, frames, calling)
 

@@ -57,7 +57,7 @@ class Runtime:
         settings.storage.path.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url)
         self.db.migrate()
-        self.store = InstanceStore(self.db, settings.storage.path)
+        self.store = InstanceStore(self.db, settings.storage.path, settings.dicom.limits)
         hl7 = settings.hl7
         self.outbox = OutboxWorker(
             self.db,
