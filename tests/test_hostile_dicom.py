@@ -12,6 +12,7 @@ import io
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -183,3 +184,86 @@ def test_oversized_pdu_closes_the_connection_at_once(scp: StorageSCP) -> None:
             closed = True
         assert closed
         assert time.monotonic() - started < 3
+
+
+def _deflated_part10(path: Path, inflated_pixel_bytes: int) -> Path:
+    """A Part 10 file in the deflated syntax whose Pixel Data inflates to the given size,
+    compressed as a stream so that the test itself never holds it inflated."""
+    ds = instance()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 1000, 1000, 3, 8
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 7, 0
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    ds.save_as(head, enforce_file_format=True)  # deflated by pydicom: meta, then the data set
+    (meta_length,) = struct.unpack("<I", head.getvalue()[140:144])  # (0002,0000) UL value
+    meta_end = 144 + meta_length
+    attributes = zlib.decompress(head.getvalue()[meta_end:], -zlib.MAX_WBITS)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = b"\x00" * (1 << 20)
+    with path.open("wb") as fh:
+        fh.write(head.getvalue()[:meta_end])
+        fh.write(deflater.compress(attributes))
+        fh.write(deflater.compress(b"\xe0\x7f\x10\x00OB\x00\x00"))
+        fh.write(deflater.compress(struct.pack("<I", inflated_pixel_bytes)))
+        for _ in range(inflated_pixel_bytes // len(chunk)):
+            fh.write(deflater.compress(chunk))
+        fh.write(deflater.flush())
+    return path
+
+
+def _peak_rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MiB, from /proc."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_peak_memory_under_the_hostile_corpus(tmp_path: Path) -> None:
+    """The full-size bombs of the issue against the daemon with the shipped limits: a 60000 x
+    60000 JPEG header, a deflate bomb (3 GB of zeros), a 100 MB private tag. Each is refused,
+    the daemon stays up, and its peak RSS stays within a bound (printed for the record)."""
+    from daemon import Daemon, free_port
+
+    files = {
+        "dimension-bomb": tmp_path / "bomb.dcm",
+        "deflate-bomb": _deflated_part10(tmp_path / "deflate.dcm", 3 * 1000**3),
+        "huge-private-tag": tmp_path / "private.dcm",
+    }
+    dimension_bomb(60000).save_as(files["dimension-bomb"], enforce_file_format=True)
+    huge_private_tag(100 * 1024 * 1024).save_as(files["huge-private-tag"], enforce_file_format=True)
+    daemon = Daemon(tmp_path / "var", f"sqlite:///{tmp_path / 'd.db'}", free_port()).start()
+    try:
+        assert daemon.process is not None
+        baseline, _ = _peak_rss_mib(daemon.process.pid)
+        statuses = {name: _send_file(daemon.dicom_port, path) for name, path in files.items()}
+        rss, peak = _peak_rss_mib(daemon.process.pid)
+        assert daemon.process.poll() is None
+        assert c_store(daemon.dicom_port, instance(smear())).Status == 0
+    finally:
+        daemon.stop()
+    print(f"hostile corpus: RSS {baseline:.0f} MiB before, peak {peak:.0f} MiB, now {rss:.0f} MiB")
+    assert all(status == CANNOT_UNDERSTAND for status in statuses.values()), statuses
+    # 100 MB held ~3 times (received, Part 10 copy, parsed) and 300 MB inflated at most.
+    assert peak - baseline < 700, (baseline, peak)
+
+
+def _send_file(port: int, path: Path) -> int:
+    """C-STORE a Part 10 file as it is on disk (pynetdicom's chunked send: never decoded)."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom import _config as pynetdicom_config
+
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title="HOSTILE")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AET)
+    assert assoc.is_established
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
