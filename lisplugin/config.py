@@ -65,6 +65,11 @@ class Hl7Settings(BaseModel):
     receiving_application: str = "LIS"
     receiving_facility: str = "LAB"
     ack_timeout_seconds: float = 10.0
+    #: Order listener bounds: a silent connection (or unfinished message) is closed after
+    #: read_timeout_seconds; more than max_connections are refused; larger messages get AR.
+    read_timeout_seconds: float = 60.0
+    max_connections: int = 64
+    max_message_bytes: int = 4 * 1024 * 1024
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
 

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: Largest MLLP block accepted (bytes); a larger one is answered with AR.
 MAX_BLOCK = 4 * 1024 * 1024
+#: Seconds a connection may stay silent (or hold an unfinished message) before it is closed.
+READ_TIMEOUT = 60.0
+#: Connections served at once; more are closed as soon as they are accepted.
+MAX_CONNECTIONS = 64
 
 Handler = Callable[[str], str]
 OrderCallback = Callable[[Order, str], None]
@@ -53,10 +57,23 @@ class AckResult:
 class MllpServer:
     """An MLLP server answering each received message with ``handler(message)``."""
 
-    def __init__(self, host: str, port: int, handler: Handler) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: Handler,
+        *,
+        max_message_bytes: int = MAX_BLOCK,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.host = host
         self._port = port
         self._handler = handler
+        self.max_message_bytes = max_message_bytes
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self._refusing = False  # logged once per run of refused connections, not per refusal
         self._server: asyncio.Server | None = None
         self._clients: set[HL7StreamWriter] = set()
         self._one_at_a_time = asyncio.Lock()
@@ -69,7 +86,9 @@ class MllpServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await start_hl7_server(self._serve, self.host, self._port, limit=MAX_BLOCK)
+        self._server = await start_hl7_server(
+            self._serve, self.host, self._port, limit=self.max_message_bytes
+        )
         log.info("MLLP listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -89,13 +108,34 @@ class MllpServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def answer_oversized(self) -> str:
+        """The answer to a message over ``max_message_bytes`` (its header is not kept)."""
+        return self._handler("")
+
     async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        if len(self._clients) >= self.max_connections:
+            if not self._refusing:
+                log.warning("MLLP: %d connections open, refusing more", len(self._clients))
+            self._refusing = True
+            writer.close()
+            return
+        self._refusing = False
         self._clients.add(writer)
         try:
             while True:
                 try:
-                    block = await reader.readblock()
+                    async with asyncio.timeout(self.read_timeout):
+                        block = await reader.readblock()
+                except TimeoutError:
+                    pending = len(getattr(reader, "_buffer", b""))
+                    log.warning(
+                        "MLLP %s silent for %g s, closed%s",
+                        peer,
+                        self.read_timeout,
+                        f"; unfinished message of {pending} bytes dropped" if pending else "",
+                    )
+                    return
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
                         log.warning(
@@ -104,9 +144,20 @@ class MllpServer:
                             len(exc.partial),
                         )
                     return
-                except (InvalidBlockError, ValueError) as exc:
+                except InvalidBlockError as exc:
                     log.warning("MLLP %s sent a malformed block: %s", peer, exc)
                     block = b""  # answered like any unreadable message: AR
+                except ValueError:  # over the stream limit: the rest cannot be re-synchronised
+                    log.warning(
+                        "MLLP %s sent a message over %d bytes; answered AR and closed",
+                        peer,
+                        self.max_message_bytes,
+                    )
+                    async with self._one_at_a_time:
+                        answer = await asyncio.to_thread(self.answer_oversized)
+                    writer.writeblock(answer.encode("utf-8"))
+                    await writer.drain()
+                    return
                 async with self._one_at_a_time:
                     answer = await asyncio.to_thread(self._handler, _decode(block))
                     writer.writeblock(answer.encode("utf-8"))
@@ -193,11 +244,29 @@ class MllpOrderListener(MllpServer):
         *,
         application: str = "LISPLUGIN",
         facility: str = "",
+        max_message_bytes: int = MAX_BLOCK,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
-        super().__init__(host, port, self._answer)
+        super().__init__(
+            host,
+            port,
+            self._answer,
+            max_message_bytes=max_message_bytes,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+        )
         self._on_order = on_order
         self._application = application
         self._facility = facility
+
+    def answer_oversized(self) -> str:
+        error = MessageRejected(
+            ErrorCode.APPLICATION_INTERNAL_ERROR,
+            f"message larger than {self.max_message_bytes} bytes",
+            ack_code="AR",
+        )
+        return build_ack("", error, application=self._application, facility=self._facility)
 
     def _answer(self, message: str) -> str:
         try:

@@ -81,6 +81,9 @@ class Runtime:
             self.accept_order,
             application=settings.hl7.sending_application,
             facility=settings.hl7.sending_facility,
+            max_message_bytes=settings.hl7.max_message_bytes,
+            read_timeout=settings.hl7.read_timeout_seconds,
+            max_connections=settings.hl7.max_connections,
         )
         self.mllp = BackgroundServer(listener, "lisplugin-mllp")
         self._threads: list[threading.Thread] = []
