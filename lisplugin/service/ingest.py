@@ -107,41 +107,54 @@ class InstanceStore:
     def _keep(self, ds: Dataset, raw: bytes, frames: int, calling_ae_title: str | None) -> Case:
         study_uid = str(ds.StudyInstanceUID)
         sop_uid = str(ds.SOPInstanceUID)
+        duplicate = self.db.transaction(lambda session: _case_holding(session, sop_uid))
+        if duplicate is not None:
+            # A re-sent instance (its C-STORE response was lost): acknowledged, nothing changes,
+            # so an analysed or reported case is not re-opened and no result goes out again.
+            log.info("%s already stored in case %s: acknowledged again", sop_uid, duplicate)
+            return duplicate
         path = self.instances_dir / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
         write_durably(path, raw)
-        accession = str(ds.get("AccessionNumber", "") or "") or None
-        with self.db.session() as session:
+
+        def record(session: Session) -> Case:
+            accession = str(ds.get("AccessionNumber", "") or "") or None
             case = get_or_create_case(session, accession, study_uid)
+            if _case_holding(session, sop_uid) is not None:  # the same instance, concurrently
+                return case
             if not case.patient:
                 case.patient = patient_from_dicom(ds)
             case.study_instance_uid = case.study_instance_uid or study_uid
-            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-            if existing is None:
-                session.add(
-                    Instance(
-                        case_id=case.id,
-                        sop_instance_uid=sop_uid,
-                        sop_class_uid=str(ds.SOPClassUID),
-                        series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
-                        path=str(path),
-                        frames=frames,
-                        calling_ae_title=calling_ae_title,
-                    )
+            session.add(
+                Instance(
+                    case_id=case.id,
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    series_instance_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
+                    path=str(path),
+                    frames=frames,
+                    calling_ae_title=calling_ae_title,
                 )
+            )
             if case.status in REOPENABLE and not reclassified(case.result or {}):
                 case.status = CaseStatus.RECEIVING
             elif case.status in REOPENABLE or case.status == CaseStatus.FINAL:
                 # Re-analysing would discard what a person decided; they re-analyse explicitly.
                 log.warning(
-                    "case %s is %s with reviewer decisions: %s kept, not analysed until someone "
-                    "re-analyses the case",
+                    "case %s is %s with reviewer decisions: %s kept, not analysed until "
+                    "someone re-analyses the case",
                     case.case_key,
                     case.status.value,
                     sop_uid,
                 )
             case.last_instance_at = datetime.now(UTC)
-            log.info("stored %s in case %s (%d frames)", sop_uid, case.case_key, frames)
+            session.flush()
             return case
+
+        # Concurrent first captures of one accession race to create its case: the loser's
+        # transaction runs again and finds the case the winner made.
+        case = self.db.transaction(record)
+        log.info("stored %s in case %s (%d frames)", sop_uid, case.case_key, frames)
+        return case
 
     def quarantine(self, raw: bytes, reason: str, sop_uid: str, calling_ae_title: str) -> Path:
         """Keep a refused instance and its reason; it never becomes part of a case."""
@@ -165,28 +178,41 @@ class InstanceStore:
         return path
 
 
+def _case_holding(session: Session, sop_uid: str) -> Case | None:
+    """The case an instance with this SOP Instance UID was already filed in, if any."""
+    return session.scalar(
+        select(Case)
+        .join(Instance, Instance.case_id == Case.id)
+        .where(Instance.sop_instance_uid == sop_uid)
+    )
+
+
 def apply_order(db: Database, order: Order, message: str) -> Case:
     """Create or update the case an order names; captures already received are kept."""
     # Field by field: asdict() deep-copies, which python-hl7's tzinfo objects do not support.
     order_json = {f.name: _jsonable(getattr(order, f.name)) for f in dataclasses.fields(order)}
-    with db.session() as session:
-        case = get_or_create_case(session, order.accession_number, None)
-        session.add(OrderMessage(case_id=case.id, control_id=order.control_id, message=message))
-        if order.is_cancel:
-            case.status = CaseStatus.CANCELLED
-            return case
-        if case.status == CaseStatus.CANCELLED:  # ordered again after a cancellation
-            case.status = CaseStatus.RECEIVING if case.instances else CaseStatus.AWAITING_IMAGES
-            case.last_instance_at = datetime.now(UTC)
-        case.order = order_json
-        case.patient = {
-            "id": order.patient_id,
-            "id_authority": order.patient_id_authority,
-            "name_family": order.patient_family_name,
-            "name_given": order.patient_given_name,
-            "birth_date": order.patient_birth_date.strftime("%Y%m%d")
-            if order.patient_birth_date
-            else "",
-            "sex": order.patient_sex,
-        }
+    return db.transaction(lambda session: _apply_order(session, order, order_json, message))
+
+
+def _apply_order(session: Session, order: Order, order_json: dict[str, Any], message: str) -> Case:
+    """One order applied in one transaction (run again if a capture created the case first)."""
+    case = get_or_create_case(session, order.accession_number, None)
+    session.add(OrderMessage(case_id=case.id, control_id=order.control_id, message=message))
+    if order.is_cancel:
+        case.status = CaseStatus.CANCELLED
         return case
+    if case.status == CaseStatus.CANCELLED:  # ordered again after a cancellation
+        case.status = CaseStatus.RECEIVING if case.instances else CaseStatus.AWAITING_IMAGES
+        case.last_instance_at = datetime.now(UTC)
+    case.order = order_json
+    case.patient = {
+        "id": order.patient_id,
+        "id_authority": order.patient_id_authority,
+        "name_family": order.patient_family_name,
+        "name_given": order.patient_given_name,
+        "birth_date": order.patient_birth_date.strftime("%Y%m%d")
+        if order.patient_birth_date
+        else "",
+        "sex": order.patient_sex,
+    }
+    return case
