@@ -72,6 +72,10 @@ class Hl7Settings(BaseModel):
     max_message_bytes: int = 4 * 1024 * 1024
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
+    #: A result the LIS answers AR (refused for now) is parked after this many attempts.
+    max_attempts_refused: int = 5
+    #: /readyz reports "degraded" while a result has waited longer than this for its ACK.
+    overdue_seconds: float = 600.0
 
 
 class HttpSettings(BaseModel):

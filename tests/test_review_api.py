@@ -569,3 +569,25 @@ def test_user_cli_adds_lists_and_disables(
     with station.runtime.db.session() as session:
         case = session.get(Case, station.case_id)
         assert case is not None and case.status == CaseStatus.REVIEW
+
+
+@sqlite_only
+def test_readyz_is_degraded_while_a_result_is_parked(station: Station) -> None:
+    """Issue 10 finding 7: a result the LIS answered AE is not silent: /readyz says so."""
+    from lisplugin.storage.orm import OutboxMessage, OutboxStatus
+
+    anonymous = station.client()
+    assert anonymous.get("/readyz").json()["degraded"] == {}
+    with station.runtime.db.session() as session:
+        session.add(
+            OutboxMessage(
+                case_id=station.case_id,
+                channel="hl7",
+                control_id="LP-PARKED",
+                result_status="F",
+                payload="MSH|...",
+                status=OutboxStatus.REJECTED,
+                ack_code="AE",
+            )
+        )
+    assert anonymous.get("/readyz").json()["degraded"] == {"outbox_parked": 1}

@@ -123,7 +123,13 @@ def create_app(runtime: Runtime) -> FastAPI:
             checks["database"] = False
         ready = all(checks.values())
         response.status_code = 200 if ready else 503
-        return {"ready": ready, "checks": checks}
+        # Results parked (AE, repeated AR) or long without ACK: still ready to take work, but
+        # "degraded" so that monitoring calls someone.
+        degraded = (
+            {k: v for k, v in runtime.degradations().items() if v} if checks["database"] else {}
+        )
+        status = ("degraded" if degraded else "ok") if ready else "not ready"
+        return {"ready": ready, "status": status, "checks": checks, "degraded": degraded}
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     def metrics(session: SessionDep) -> Response:

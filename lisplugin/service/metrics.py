@@ -34,3 +34,10 @@ OUTBOX_PENDING = Gauge(
     ["channel"],
     registry=REGISTRY,
 )
+OUTBOX_FAILURES = Counter(
+    "lisplugin_outbox_failures_total",
+    "Outgoing messages not accepted, by channel and outcome: error (AE/CE), refused (AR/CR), "
+    "no_answer (refused connection, timeout, lost), parked (given up: needs attention)",
+    ["channel", "outcome"],
+    registry=REGISTRY,
+)

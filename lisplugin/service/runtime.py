@@ -23,7 +23,13 @@ from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler
 from lisplugin.service.ingest import InstanceStore, apply_order
 from lisplugin.service.metrics import INSTANCES, ORDERS
-from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
+from lisplugin.service.outbox import (
+    Delivery,
+    OutboxWorker,
+    ReceiverUnavailable,
+    Sender,
+    needing_attention,
+)
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage
@@ -42,9 +48,12 @@ def hl7_sender(settings: Settings) -> Sender:
             )
         except LisUnreachable as exc:
             raise ReceiverUnavailable(str(exc)) from exc
-        if ack.code in ("AR", "CR"):  # rejected for reasons other than content: try again later
-            raise ReceiverUnavailable(f"{ack.code}: {ack.text}")
-        return Delivery(accepted=ack.code in ("AA", "CA"), code=ack.code, text=ack.text or "")
+        return Delivery(
+            accepted=ack.code in ("AA", "CA"),
+            code=ack.code,
+            text=ack.text or "",
+            retry=ack.code in ("AR", "CR"),  # refused for reasons other than content
+        )
 
     return send
 
@@ -68,6 +77,7 @@ class Runtime:
             backoff=lambda attempt: next_retry_delay(
                 attempt, hl7.retry_initial_seconds, hl7.retry_max_seconds
             ),
+            max_attempts_refused=hl7.max_attempts_refused,
         )
         self._pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
@@ -117,6 +127,10 @@ class Runtime:
             "dicom": self.scp_running,
             "hl7": self.mllp.running,
         }
+
+    def degradations(self) -> dict[str, int]:
+        """Non-zero counts need a person (results parked or overdue) but do not stop work."""
+        return needing_attention(self.db, self.settings.hl7.overdue_seconds)
 
     @property
     def scp_running(self) -> bool:
