@@ -83,6 +83,11 @@ class HttpSettings(BaseModel):
     port: int = 8080
     #: A review-station session ends after this many minutes without a request.
     session_idle_minutes: float = 480.0
+    #: Failed sign-ins allowed per user name, and per client address, within the lockout
+    #: window; past either the name (or address) is locked until the window has moved on.
+    sign_in_failures_per_user: int = 5
+    sign_in_failures_per_address: int = 20
+    sign_in_lockout_minutes: float = 15.0
 
 
 class DatabaseSettings(BaseModel):
