@@ -274,11 +274,15 @@ class MllpOrderListener(MllpServer):
             self._on_order(order, message)
         except MessageRejected as exc:
             error = exc
-        except Exception:
-            log.exception(
-                "order %s could not be processed",
+        except Exception as exc:
+            # The exception's text may quote the message (names, birth dates): the kind only,
+            # the traceback at DEBUG level.
+            log.error(
+                "order %s could not be processed: %s",
                 ReceivedHeader(message).control_id or "(no control id)",
+                type(exc).__name__,
             )
+            log.debug("traceback", exc_info=True)
             error = MessageRejected(
                 ErrorCode.APPLICATION_INTERNAL_ERROR,
                 "the order could not be stored; send it again later",
