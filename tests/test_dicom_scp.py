@@ -398,6 +398,18 @@ def test_calling_ae_allow_list() -> None:
     assert len(recorder.stored) == 1
 
 
+def test_called_ae_title_is_checked() -> None:
+    """Issue 10 finding 5: an association addressed to another AE title is rejected."""
+    with running_scp(Recorder()) as scp:
+        ae = AE(ae_title="MICROSCOPE1")
+        ae.add_requested_context(Verification)
+        misdirected = ae.associate("127.0.0.1", scp.port, ae_title="PACS")
+        assert misdirected.is_rejected
+        addressed = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
+        assert addressed.is_established
+        addressed.release()
+
+
 def test_error_comment_is_a_valid_lo() -> None:
     comment = error_comment("frame 1 undecodable:\n  libjpeg \\ error " + "x" * 100)
     assert comment.startswith("frame 1 undecodable: libjpeg error x")

@@ -86,6 +86,8 @@ class StorageSCP:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES[:2]))
         ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        # An association addressed to another AE title was meant for another node.
+        ae.require_called_aet = True
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
         self._server = ae.start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
