@@ -38,6 +38,17 @@ REOPENABLE = {
 }
 
 
+#: A result of the case has gone to the LIS: its identity is no longer the order's to change.
+RELEASED = {CaseStatus.REVIEW, CaseStatus.VERIFIED, CaseStatus.FINAL}
+#: Patient fields compared when an order arrives for a released case.
+IDENTITY_FIELDS = ("id", "name_family", "name_given", "birth_date")
+
+
+class OrderConflict(Exception):
+    """An order that would change or withdraw a case whose result was released: refused, never
+    applied silently (the LIS would otherwise get the next result under another patient)."""
+
+
 def case_key(accession_number: str | None, study_instance_uid: str | None) -> str:
     if accession_number:
         return f"acc:{accession_number}"
@@ -197,6 +208,8 @@ def apply_order(db: Database, order: Order, message: str) -> Case:
 def _apply_order(session: Session, order: Order, order_json: dict[str, Any], message: str) -> Case:
     """One order applied in one transaction (run again if a capture created the case first)."""
     case = get_or_create_case(session, order.accession_number, None)
+    if case.status in RELEASED or case.final_sent:
+        _check_released(case, order, order_json)
     session.add(OrderMessage(case_id=case.id, control_id=order.control_id, message=message))
     if order.is_cancel:
         case.status = CaseStatus.CANCELLED
@@ -205,7 +218,12 @@ def _apply_order(session: Session, order: Order, order_json: dict[str, Any], mes
         case.status = CaseStatus.RECEIVING if case.instances else CaseStatus.AWAITING_IMAGES
         case.last_instance_at = datetime.now(UTC)
     case.order = order_json
-    case.patient = {
+    case.patient = _patient_of(order)
+    return case
+
+
+def _patient_of(order: Order) -> dict[str, str]:
+    return {
         "id": order.patient_id,
         "id_authority": order.patient_id_authority,
         "name_family": order.patient_family_name,
@@ -215,4 +233,26 @@ def _apply_order(session: Session, order: Order, order_json: dict[str, Any], mes
         else "",
         "sex": order.patient_sex,
     }
-    return case
+
+
+def _check_released(case: Case, order: Order, order_json: dict[str, Any]) -> None:
+    """Refuse a cancellation, or a patient identity other than the one already reported."""
+    if order.is_cancel:
+        log.warning("case %s: cancellation refused, a result was released", case.case_key)
+        raise OrderConflict(
+            "a result of this case was already released; it cannot be cancelled by order: "
+            "ask the laboratory to correct or withdraw it"
+        )
+    new = _patient_of(order)
+    known = case.patient or {}
+    changed = [
+        key
+        for key in IDENTITY_FIELDS
+        if known.get(key) and new.get(key) and known[key].casefold() != new[key].casefold()
+    ]
+    if changed:  # field names only: the values are PHI
+        log.warning("case %s: order changing %s refused", case.case_key, ", ".join(changed))
+        raise OrderConflict(
+            "a result of this case was already released under another patient identity "
+            f"({', '.join(changed)} differ): correct the case in the review station"
+        )

@@ -11,6 +11,7 @@ from pydicom import Dataset
 
 from lisplugin.config import Settings
 from lisplugin.dicom.scp import StorageSCP
+from lisplugin.hl7.ack import ErrorCode
 from lisplugin.hl7.mllp import (
     BackgroundServer,
     LisUnreachable,
@@ -18,10 +19,10 @@ from lisplugin.hl7.mllp import (
     next_retry_delay,
     send_message,
 )
-from lisplugin.hl7.orders import Order
+from lisplugin.hl7.orders import Order, OrderRejected
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler
-from lisplugin.service.ingest import InstanceStore, apply_order
+from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
 from lisplugin.service.metrics import INSTANCES, ORDERS
 from lisplugin.service.outbox import (
     Delivery,
@@ -114,7 +115,12 @@ class Runtime:
         INSTANCES.labels("quarantined").inc()
 
     def accept_order(self, order: Order, message: str) -> None:
-        apply_order(self.db, order, message)
+        try:
+            apply_order(self.db, order, message)
+        except OrderConflict as exc:  # AE: resending the same order would not help
+            raise OrderRejected(
+                ErrorCode.APPLICATION_INTERNAL_ERROR, str(exc), "PID^1", ack_code="AE"
+            ) from exc
         ORDERS.labels("AA").inc()
         self.scheduler.wake()
 
