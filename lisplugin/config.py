@@ -70,6 +70,10 @@ class Hl7Settings(BaseModel):
     read_timeout_seconds: float = 60.0
     max_connections: int = 64
     max_message_bytes: int = 4 * 1024 * 1024
+    #: Order listener allow-lists, enforced when set: peer addresses or networks, and sending
+    #: applications (``APP`` or ``APP^FACILITY``, MSH-3/MSH-4).
+    allowed_peers: list[str] = Field(default_factory=list)
+    allowed_senders: list[str] = Field(default_factory=list)
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     #: A result the LIS answers AR (refused for now) is parked after this many attempts.

@@ -60,3 +60,52 @@ def test_no_patient_data_in_the_log(listener, caplog, message: str) -> None:  # 
     assert caplog.records  # something was logged ...
     logged = caplog.text
     assert SURNAME[3:] not in logged and "19640899" not in logged  # ... but not who
+
+
+def _listener(**allow: list[str]):  # type: ignore[no-untyped-def]
+    from test_hl7_mllp import Application, BackgroundLoop
+
+    from lisplugin.hl7.mllp import MllpOrderListener
+
+    application = Application()
+    server = MllpOrderListener("127.0.0.1", 0, application.on_order, **allow)  # type: ignore[arg-type]
+    background = BackgroundLoop()
+    background.run(server.start())
+    return server, application, background
+
+
+def _stop(server, background) -> None:  # type: ignore[no-untyped-def]
+    background.run(server.stop())
+    background.close()
+
+
+@pytest.mark.parametrize(("networks", "served"), [(["10.0.0.0/8"], False), (["127.0.0.0/8"], True)])
+def test_peer_allow_list(networks: list[str], served: bool) -> None:
+    import socket
+
+    server, application, background = _listener(allowed_peers=networks)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            try:
+                conn.sendall(b"\x0b" + ORDER.encode() + b"\x1c\r")
+                answer = conn.recv(65536)
+            except ConnectionResetError:  # closed before our message arrived
+                answer = b""
+        assert bool(answer) == served
+        assert len(application.orders) == int(served)
+    finally:
+        _stop(server, background)
+
+
+def test_sending_application_allow_list() -> None:
+    server, application, background = _listener(allowed_senders=["LIS^CENTRAL LAB"])
+    try:
+        with MLLPClient("127.0.0.1", server.port) as client:
+            good = parse_ack(unframe(client.send_message(ORDER)))
+            other = ORDER.replace("|LIS|CENTRAL LAB|", "|EVIL|CENTRAL LAB|", 1)
+            evil = parse_ack(unframe(client.send_message(other)))
+        assert good[0] == "AA"
+        assert evil[0] == "AR" and "not allowed" in evil[2]
+        assert len(application.orders) == 1
+    finally:
+        _stop(server, background)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hl7.mllp import InvalidBlockError, open_hl7_connection, start_hl7_server
@@ -66,10 +67,13 @@ class MllpServer:
         max_message_bytes: int = MAX_BLOCK,
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        allowed_peers: Sequence[str] = (),
     ) -> None:
         self.host = host
         self._port = port
         self._handler = handler
+        #: Addresses or networks (``10.1.2.0/24``) that may connect; empty allows any.
+        self.allowed_peers = [ipaddress.ip_network(p, strict=False) for p in allowed_peers]
         self.max_message_bytes = max_message_bytes
         self.read_timeout = read_timeout
         self.max_connections = max_connections
@@ -112,8 +116,21 @@ class MllpServer:
         """The answer to a message over ``max_message_bytes`` (its header is not kept)."""
         return self._handler("")
 
+    def _allowed(self, peer: object) -> bool:
+        if not self.allowed_peers:
+            return True
+        try:
+            address = ipaddress.ip_address(peer[0])  # type: ignore[index]
+        except (TypeError, IndexError, ValueError):
+            return False
+        return any(address in network for network in self.allowed_peers)
+
     async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        if not self._allowed(peer):
+            log.warning("MLLP connection from %s refused: not in hl7.allowed_peers", peer)
+            writer.close()
+            return
         if len(self._clients) >= self.max_connections:
             if not self._refusing:
                 log.warning("MLLP: %d connections open, refusing more", len(self._clients))
@@ -247,6 +264,8 @@ class MllpOrderListener(MllpServer):
         max_message_bytes: int = MAX_BLOCK,
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        allowed_peers: Sequence[str] = (),
+        allowed_senders: Sequence[str] = (),
     ) -> None:
         super().__init__(
             host,
@@ -255,7 +274,10 @@ class MllpOrderListener(MllpServer):
             max_message_bytes=max_message_bytes,
             read_timeout=read_timeout,
             max_connections=max_connections,
+            allowed_peers=allowed_peers,
         )
+        #: ``APP`` or ``APP^FACILITY`` (MSH-3, MSH-4) that may send orders; empty allows any.
+        self.allowed_senders = {s.upper() for s in allowed_senders}
         self._on_order = on_order
         self._application = application
         self._facility = facility
@@ -268,7 +290,29 @@ class MllpOrderListener(MllpServer):
         )
         return build_ack("", error, application=self._application, facility=self._facility)
 
+    def _sender_refused(self, message: str) -> MessageRejected | None:
+        if not self.allowed_senders:
+            return None
+        header = ReceivedHeader(message)
+        application, facility = header.application.upper(), header.facility.upper()
+        if (
+            application in self.allowed_senders
+            or f"{application}^{facility}" in self.allowed_senders
+        ):
+            return None
+        log.warning("order from %s^%s refused: not in hl7.allowed_senders", application, facility)
+        return MessageRejected(
+            ErrorCode.TABLE_VALUE_NOT_FOUND,
+            "sending application/facility not allowed to send orders",
+            "MSH^1^3",
+            ack_code="AR",
+        )
+
     def _answer(self, message: str) -> str:
+        if refused := self._sender_refused(message):
+            return build_ack(
+                message, refused, application=self._application, facility=self._facility
+            )
         try:
             order = parse_order(message)
             self._on_order(order, message)

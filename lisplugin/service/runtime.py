@@ -95,6 +95,8 @@ class Runtime:
             max_message_bytes=settings.hl7.max_message_bytes,
             read_timeout=settings.hl7.read_timeout_seconds,
             max_connections=settings.hl7.max_connections,
+            allowed_peers=settings.hl7.allowed_peers,
+            allowed_senders=settings.hl7.allowed_senders,
         )
         self.mllp = BackgroundServer(listener, "lisplugin-mllp")
         self._threads: list[threading.Thread] = []
