@@ -52,11 +52,22 @@ def _serve(args: argparse.Namespace) -> int:
     runtime = Runtime(settings)
     runtime.start()
     try:
+        tls = settings.http.tls
         uvicorn.run(
             create_app(runtime),
             host=settings.http.host,
             port=settings.http.port,
             log_level="info",
+            **(
+                {
+                    "ssl_certfile": str(tls.cert_file),
+                    "ssl_keyfile": str(tls.key_file),
+                    "ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
+                    "ssl_cert_reqs": 2 if tls.ca_file else 0,  # ssl.CERT_REQUIRED / CERT_NONE
+                }
+                if tls.enabled
+                else {}
+            ),
         )
     finally:
         runtime.stop()

@@ -22,6 +22,17 @@ DEFAULT_CONFIG_DIR = REPO_ROOT / "config"
 DEFAULT_MODELS_DIR = REPO_ROOT / "models"
 
 
+class TlsSettings(BaseModel):
+    """TLS for one listener or connection, off unless ``enabled``. A listener needs
+    ``cert_file`` and ``key_file``; with ``ca_file`` it requires client certificates signed by
+    that CA (mutual TLS). A client verifies the server against ``ca_file``."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+
 class InstanceLimits(BaseModel):
     """What one received instance may make us spend; over a limit it is refused, not decoded."""
 
@@ -53,6 +64,8 @@ class DicomSettings(BaseModel):
     #: Seconds without any data on a connection before it is closed.
     network_timeout: float = 60.0
     limits: InstanceLimits = InstanceLimits()
+    #: DICOM TLS (PS3.15 Annex B secure transport; usually port 2762).
+    tls: TlsSettings = TlsSettings()
 
 
 class Hl7Settings(BaseModel):
@@ -74,6 +87,9 @@ class Hl7Settings(BaseModel):
     #: applications (``APP`` or ``APP^FACILITY``, MSH-3/MSH-4).
     allowed_peers: list[str] = Field(default_factory=list)
     allowed_senders: list[str] = Field(default_factory=list)
+    #: MLLP over TLS for the order listener, and for the connection to the LIS.
+    listen_tls: TlsSettings = TlsSettings()
+    lis_tls: TlsSettings = TlsSettings()
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     #: A result the LIS answers AR (refused for now) is parked after this many attempts.
@@ -92,6 +108,8 @@ class HttpSettings(BaseModel):
     sign_in_failures_per_user: int = 5
     sign_in_failures_per_address: int = 20
     sign_in_lockout_minutes: float = 15.0
+    #: HTTPS served by uvicorn (cert_file, key_file); or terminate TLS at a reverse proxy.
+    tls: TlsSettings = TlsSettings()
 
 
 class DatabaseSettings(BaseModel):

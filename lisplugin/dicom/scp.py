@@ -23,6 +23,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from lisplugin.config import DicomSettings, InstanceLimits
 from lisplugin.dicom.decode import UnusableInstance, validate_header
 from lisplugin.dicom.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from lisplugin.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,10 @@ class StorageSCP:
         ae.require_called_aet = True
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
         self._server = ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=server_context(settings.tls),
         )
         self._server.RequestHandlerClass = _BoundedRequestHandler
         self._server.read_limits = (  # type: ignore[attr-defined]

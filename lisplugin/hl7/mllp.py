@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,10 +69,12 @@ class MllpServer:
         read_timeout: float = READ_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         allowed_peers: Sequence[str] = (),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self._port = port
         self._handler = handler
+        self.ssl_context = ssl_context  # MLLP over TLS when set
         #: Addresses or networks (``10.1.2.0/24``) that may connect; empty allows any.
         self.allowed_peers = [ipaddress.ip_network(p, strict=False) for p in allowed_peers]
         self.max_message_bytes = max_message_bytes
@@ -91,7 +94,12 @@ class MllpServer:
 
     async def start(self) -> None:
         self._server = await start_hl7_server(
-            self._serve, self.host, self._port, limit=self.max_message_bytes
+            self._serve,
+            self.host,
+            self._port,
+            limit=self.max_message_bytes,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=self.read_timeout if self.ssl_context else None,
         )
         log.info("MLLP listening on %s:%d", self.host, self.port)
 
@@ -266,6 +274,7 @@ class MllpOrderListener(MllpServer):
         max_connections: int = MAX_CONNECTIONS,
         allowed_peers: Sequence[str] = (),
         allowed_senders: Sequence[str] = (),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(
             host,
@@ -275,6 +284,7 @@ class MllpOrderListener(MllpServer):
             read_timeout=read_timeout,
             max_connections=max_connections,
             allowed_peers=allowed_peers,
+            ssl_context=ssl_context,
         )
         #: ``APP`` or ``APP^FACILITY`` (MSH-3, MSH-4) that may send orders; empty allows any.
         self.allowed_senders = {s.upper() for s in allowed_senders}
@@ -343,7 +353,9 @@ class MllpOrderListener(MllpServer):
         return build_ack(message, error, application=self._application, facility=self._facility)
 
 
-async def send_message_async(host: str, port: int, message: str, timeout: float) -> AckResult:
+async def send_message_async(
+    host: str, port: int, message: str, timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> AckResult:
     """Send one message over MLLP and return its ACK; ``LisUnreachable`` without one.
 
     ``timeout`` bounds the whole exchange (connect, send, ACK). The ACK must acknowledge this
@@ -353,7 +365,7 @@ async def send_message_async(host: str, port: int, message: str, timeout: float)
     writer: HL7StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await open_hl7_connection(host, port, limit=MAX_BLOCK)
+            reader, writer = await open_hl7_connection(host, port, limit=MAX_BLOCK, ssl=ssl_context)
             writer.writeblock(message.encode("utf-8"))
             await writer.drain()
             block = await reader.readblock()
@@ -377,9 +389,11 @@ async def send_message_async(host: str, port: int, message: str, timeout: float)
     return AckResult(code=code, control_id=acknowledged, text=text)
 
 
-def send_message(host: str, port: int, message: str, timeout: float) -> AckResult:
+def send_message(
+    host: str, port: int, message: str, timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> AckResult:
     """``send_message_async`` for threads without an event loop (the outbox worker)."""
-    return asyncio.run(send_message_async(host, port, message, timeout))
+    return asyncio.run(send_message_async(host, port, message, timeout, ssl_context))
 
 
 def next_retry_delay(attempt: int, initial: float, maximum: float) -> float:

@@ -34,11 +34,14 @@ from lisplugin.service.outbox import (
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage
+from lisplugin.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
 
 def hl7_sender(settings: Settings) -> Sender:
+    tls = client_context(settings.hl7.lis_tls)
+
     def send(message: OutboxMessage) -> Delivery:
         try:
             ack = send_message(
@@ -46,6 +49,7 @@ def hl7_sender(settings: Settings) -> Sender:
                 settings.hl7.lis_port,
                 message.payload,
                 timeout=settings.hl7.ack_timeout_seconds,
+                ssl_context=tls,
             )
         except LisUnreachable as exc:
             raise ReceiverUnavailable(str(exc)) from exc
@@ -97,6 +101,7 @@ class Runtime:
             max_connections=settings.hl7.max_connections,
             allowed_peers=settings.hl7.allowed_peers,
             allowed_senders=settings.hl7.allowed_senders,
+            ssl_context=server_context(settings.hl7.listen_tls),
         )
         self.mllp = BackgroundServer(listener, "lisplugin-mllp")
         self._threads: list[threading.Thread] = []
