@@ -57,6 +57,8 @@ class DicomSettings(BaseModel):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     #: Concurrent associations (connections not yet associated count too).
     max_associations: int = 32
+    #: Concurrent connections from one address (a modality, or an idle or hostile host).
+    max_associations_per_peer: int = 8
     #: Seconds to wait for an A-ASSOCIATE-RQ / A-RELEASE (an idle connection is dropped).
     acse_timeout: float = 10.0
     #: Seconds to wait for the next DIMSE message of an association.

@@ -157,3 +157,31 @@ def _try_store(port: int) -> int | None:
         return int(assoc.send_c_store(ds).Status)
     finally:
         assoc.release()
+
+
+def test_one_host_cannot_take_every_association_slot() -> None:
+    """Idle connections from one address (127.0.0.2) are capped per peer: a modality on
+    another address is served meanwhile, and an extra connection from 127.0.0.2 is closed."""
+    settings = DicomSettings(
+        ae_title=SCP_AET,
+        host="127.0.0.1",
+        port=0,
+        max_associations=4,
+        max_associations_per_peer=3,
+        acse_timeout=5,
+    )
+    scp = StorageSCP(settings, Recorder())
+    scp.start()
+    hostile = ("127.0.0.2", 0)
+    try:
+        with ExitStack() as stack:
+            for _ in range(3):
+                stack.enter_context(
+                    socket.create_connection(("127.0.0.1", scp.port), source_address=hostile)
+                )
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", scp.port), source_address=hostile) as extra:
+                assert closed_within(extra, 2)
+            assert _try_store(scp.port) == 0  # 127.0.0.1 while 127.0.0.2 idles
+    finally:
+        scp.stop()

@@ -630,3 +630,14 @@ def test_login_next_never_leaves_the_site(station: Station, target: str) -> None
     answer = browser.get(f"/login?next={target}", follow_redirects=False)
     assert answer.status_code == 303
     assert answer.headers["location"] == "/worklist"
+
+
+@sqlite_only
+def test_api_answers_are_not_cached_sniffed_or_framed(station: Station) -> None:
+    """Issue 10: security headers on PHI, not only on the pages."""
+    admin = station.client("admin")
+    for path in ("/api/cases", f"/api/cases/{station.case_id}", "/healthz"):
+        headers = admin.get(path).headers
+        assert headers["Cache-Control"] == "no-store", path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path

@@ -6,6 +6,7 @@ Certificates come from a throw-away CA (tests/tls_factory.py, openssl).
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,7 +170,8 @@ def test_daemon_serves_https(pki: Pki, tmp_path: Path) -> None:
             assert process.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
             try:
                 status = httpx.get(
-                    f"https://127.0.0.1:{daemon.http_port}/healthz", verify=str(pki.ca)
+                    f"https://127.0.0.1:{daemon.http_port}/healthz",
+                    verify=ssl.create_default_context(cafile=str(pki.ca)),
                 ).status_code
             except httpx.HTTPError:
                 time.sleep(0.5)

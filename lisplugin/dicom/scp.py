@@ -8,6 +8,7 @@ Error Comments are documented in interfaces/dicom-conformance.md (a test keeps t
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections.abc import Callable
 from io import BytesIO
@@ -97,6 +98,7 @@ class StorageSCP:
             ssl_context=server_context(settings.tls),
         )
         self._server.RequestHandlerClass = _BoundedRequestHandler
+        self._server.peers = _PeerCounter(settings.max_associations_per_peer)  # type: ignore[attr-defined]
         self._server.read_limits = (  # type: ignore[attr-defined]
             _pdu_read_limit(settings.max_pdu),
             settings.limits.max_instance_bytes + _PDU_SLACK,
@@ -234,11 +236,57 @@ class _BoundedSocket(AssociationSocket):
         return data
 
 
+class _PeerCounter:
+    """Connections per peer address, so that one host cannot take every association slot."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._refusing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def enter(self, peer: str) -> bool:
+        with self._lock:
+            if self._open.get(peer, 0) >= self.limit:
+                if peer not in self._refusing:  # logged once per run of refusals
+                    log.warning(
+                        "DICOM: %s has %d connections open, refusing more", peer, self.limit
+                    )
+                self._refusing.add(peer)
+                return False
+            self._refusing.discard(peer)
+            self._open[peer] = self._open.get(peer, 0) + 1
+            return True
+
+    def leave(self, peer: str) -> None:
+        with self._lock:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]
+
+
 class _BoundedRequestHandler(RequestHandler):
-    """pynetdicom's handler with its association socket bounded by the server's limits."""
+    """pynetdicom's handler with its association socket bounded by the server's limits, and
+    at most ``max_associations_per_peer`` connections from one address."""
+
+    _assoc: Association | None = None
+
+    def handle(self) -> None:
+        peers: _PeerCounter = self.server.peers  # type: ignore[attr-defined]
+        peer = str(self.client_address[0])
+        if not peers.enter(peer):
+            self.request.close()
+            return
+        try:
+            super().handle()  # starts the association's own thread
+            if self._assoc is not None:
+                self._assoc.join()  # the peer's slot is held while the association lives
+        finally:
+            peers.leave(peer)
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        self._assoc = assoc
         sock = assoc.dul.socket
         # Same object, narrower class: re-creating the socket would signal the
         # connection to the state machine twice.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -97,6 +97,15 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     signed_in = [Depends(signed_in_user)]
+
+    @app.middleware("http")
+    async def no_caching_or_framing(request: Request, call_next: Any) -> Any:
+        """Every answer may carry PHI (cases, images, reports): never cached, sniffed or framed."""
+        response = await call_next(request)
+        for name in ("Cache-Control", "X-Content-Type-Options", "Referrer-Policy"):
+            response.headers.setdefault(name, pages.SECURITY_HEADERS[name])
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        return response
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=signed_in)
     def openapi() -> dict[str, Any]:

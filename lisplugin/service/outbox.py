@@ -22,8 +22,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import aliased
 
 from lisplugin.service.metrics import OUTBOX_FAILURES
@@ -105,22 +106,30 @@ class OutboxWorker:
         the first not yet due, oldest queue first. Unsent preliminaries followed by a final or
         corrected result are marked superseded on the way."""
         with self.db.session() as session:
-            pending = session.scalars(
-                select(OutboxMessage)
+            pending = session.execute(  # no payloads: a long outage leaves many rows
+                select(
+                    OutboxMessage.id,
+                    OutboxMessage.case_id,
+                    OutboxMessage.channel,
+                    OutboxMessage.control_id,
+                    OutboxMessage.result_status,
+                    OutboxMessage.next_attempt_at,
+                )
                 .where(OutboxMessage.status == OutboxStatus.PENDING)
                 .order_by(OutboxMessage.id)
             ).all()
-            queues: dict[tuple[int, str], list[OutboxMessage]] = {}
+            queues: dict[tuple[int, str], list[Any]] = {}
             for row in pending:
                 queues.setdefault((row.case_id, row.channel), []).append(row)
             due: list[list[tuple[int, str]]] = []
+            superseded: list[int] = []
             for queue in queues.values():
                 ready: list[tuple[int, str]] = []
                 for n, row in enumerate(queue):
                     if row.result_status == "P" and any(
                         later.result_status in SUPERSEDING for later in queue[n + 1 :]
                     ):
-                        row.status = OutboxStatus.SUPERSEDED
+                        superseded.append(row.id)
                         log.info("%s %s superseded, not sent", row.channel, row.control_id)
                         continue
                     if as_utc(row.next_attempt_at) > now:
@@ -128,6 +137,15 @@ class OutboxWorker:
                     ready.append((row.id, row.channel))
                 if ready:
                     due.append(ready)
+            if superseded:
+                session.execute(
+                    update(OutboxMessage)
+                    .where(
+                        OutboxMessage.id.in_(superseded),
+                        OutboxMessage.status == OutboxStatus.PENDING,
+                    )
+                    .values(status=OutboxStatus.SUPERSEDED)
+                )
         return sorted(due)
 
     def _attempt(self, message_id: int) -> str:
