@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 #: Sub-commands whose argument parsing lives in the module that implements them.
@@ -101,6 +102,18 @@ def _configure_logging(config: Path | None, verbose: bool = False) -> None:
     configure_logging(settings.format, "DEBUG" if verbose else settings.level)
 
 
+def _uvicorn_tls(tls: Any) -> dict[str, Any]:
+    """uvicorn's certificate arguments for ``http.tls`` (mutual TLS when a CA is given)."""
+    if not tls.enabled:
+        return {}
+    return {
+        "ssl_certfile": str(tls.cert_file),
+        "ssl_keyfile": str(tls.key_file),
+        "ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
+        "ssl_cert_reqs": 2 if tls.ca_file else 0,  # ssl.CERT_REQUIRED / CERT_NONE
+    }
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -135,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=settings.http.port,
             log_config=None,  # uvicorn's loggers go through lisplugin's logging set-up
             access_log=False,  # the app logs each request itself, with its request id
+            **_uvicorn_tls(settings.http.tls),
         )
     )
     watchdog = Watchdog(runtime.alive)

@@ -613,3 +613,75 @@ def test_signed_out_cells_are_the_sites_training_set(station: Station) -> None:
     assert sorted(labels) == sorted(c["class"] for c in released)
     assert new_class in labels
     assert all(c.shape == (160, 160, 3) for c in crops)
+
+
+@sqlite_only
+def test_readyz_is_degraded_while_a_result_is_parked(station: Station) -> None:
+    """Issue 10 finding 7: a result the LIS answered AE is not silent: /readyz says so."""
+    from lisplugin.storage.orm import OutboxMessage, OutboxStatus
+
+    anonymous = station.client()
+    assert anonymous.get("/readyz").json()["degraded"] == {}
+    with station.runtime.db.session() as session:
+        session.add(
+            OutboxMessage(
+                case_id=station.case_id,
+                channel="hl7",
+                control_id="LP-PARKED",
+                result_status="F",
+                payload="MSH|...",
+                status=OutboxStatus.REJECTED,
+                ack_code="AE",
+            )
+        )
+    assert anonymous.get("/readyz").json()["degraded"] == {"outbox_parked": 1}
+
+
+@sqlite_only
+def test_sign_in_is_locked_per_user_and_per_address(station: Station) -> None:
+    """Issue 10 finding 9: 40 wrong passwords in 6 s went through. Now 5 failures lock the
+    name (even the right password is refused, 429 with Retry-After), other names are served,
+    and 20 failures from one address lock the address."""
+    anonymous = station.client()
+
+    def attempt(name: str, password: str) -> httpx.Response:
+        return anonymous.post("/api/session", json={"username": name, "password": password})
+
+    assert [attempt("tech", "wrong").status_code for _ in range(5)] == [401] * 5
+    locked = attempt("tech", PASSWORD)
+    assert locked.status_code == 429
+    assert 0 < int(locked.headers["Retry-After"]) <= 15 * 60
+    assert attempt("path", PASSWORD).status_code == 200  # another name: not locked
+    for n in range(14):  # 5 + 14 + 1 = 20 failures from this address
+        assert attempt(f"nobody{n}", "wrong").status_code == 401
+    assert attempt("admin", "wrong").status_code == 401
+    assert attempt("admin", PASSWORD).status_code == 429  # the address is locked now
+    with station.runtime.db.session() as session:
+        reasons = [
+            e.after["reason"]
+            for e in session.scalars(select(AuditEvent).where(AuditEvent.username == "tech"))
+            if e.action == "session.refused"
+        ]
+    assert reasons[-1] == "locked"
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    "target", ["/%09/evil.example", "/%0a/evil.example", "//evil.example", "/%5cevil.example"]
+)
+def test_login_next_never_leaves_the_site(station: Station, target: str) -> None:
+    browser, _ = station.browser("tech")
+    answer = browser.get(f"/login?next={target}", follow_redirects=False)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/worklist"
+
+
+@sqlite_only
+def test_api_answers_are_not_cached_sniffed_or_framed(station: Station) -> None:
+    """Issue 10: security headers on PHI, not only on the pages."""
+    admin = station.client("admin")
+    for path in ("/api/cases", f"/api/cases/{station.case_id}", "/healthz"):
+        headers = admin.get(path).headers
+        assert headers["Cache-Control"] == "no-store", path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path

@@ -15,6 +15,7 @@ order with its accession number). ``Order.accession_source`` says which field it
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from datetime import date, datetime
 from typing import Any
 
 import hl7
+import hl7.util
 from hl7apy import load_reference
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import ChildNotFound
@@ -68,6 +70,22 @@ MAX_COUNTS = {"wbc": 1000.0, "platelet": 5000.0}
 VOID_OBSERVATION_STATUSES = ("D", "W", "X", "N")
 #: HL7 DTM, YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]; python-hl7 alone accepts more.
 _DTM = re.compile(r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,4})?(?:[+-]\d{4})?")
+#: Segments about the patient: their values are never repeated in an error text or a log.
+PATIENT_SEGMENTS = frozenset({"PID", "PD1", "NK1"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _WithholdValues(logging.Filter):
+    """python-hl7 logs undecodable escape sequences with the whole field, e.g. a surname."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = "python-hl7 found a malformed value (withheld: it may identify a patient)"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger(hl7.util.__file__).addFilter(_WithholdValues())
 
 
 class OrderRejected(MessageRejected):
@@ -240,12 +258,19 @@ class _Reader:
         try:
             self.message = hl7.parse(text)
         except Exception as exc:  # python-hl7 raises several kinds on garbage
-            raise OrderRejected(
+            raise OrderRejected(  # its text may quote the message: only the kind is told
                 ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                f"unparseable message: {exc}",
+                f"unparseable message ({type(exc).__name__})",
                 "MSH^1",
                 ack_code="AR",
             ) from exc
+
+    def raw(self, ref: _Ref, field: int) -> str:
+        """The whole field as received (all components, not stripped)."""
+        try:
+            return str(self.message.segments(ref.name)[ref.sequence - 1][field])
+        except (IndexError, KeyError):
+            return ""
 
     def value(self, ref: _Ref | None, field: int, component: int = 1, sub: int = 1) -> str:
         if ref is None:
@@ -259,6 +284,12 @@ class _Reader:
 
 def _check_header(reader: _Reader, msh: _Ref) -> tuple[str, str]:
     """MSH-9, -10, -11 and -12 acceptable, else AR; returns message type and version."""
+    if _CONTROL.search(reader.raw(msh, 9)):  # hl7apy would fail on it later, as a TypeError
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+            "MSH-9 message type contains control characters: send ORM^O01 or OML^O21",
+            msh.at(9),
+        )
     message_type = reader.value(msh, 9).upper()
     trigger = reader.value(msh, 9, 2).upper()
     if message_type not in SUPPORTED_MESSAGES:
@@ -354,7 +385,7 @@ def _groups(
     except Exception as exc:  # hl7apy raises many kinds on malformed input
         raise OrderRejected(
             ErrorCode.SEGMENT_SEQUENCE_ERROR,
-            f"message structure could not be read: {exc}",
+            f"message structure could not be read ({type(exc).__name__})",
             "MSH^1",
             ack_code="AR",
         ) from exc
@@ -456,9 +487,10 @@ def _timestamp(reader: _Reader, ref: _Ref | None, field: int) -> datetime | None
             raise ValueError("expected YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]")
         return hl7.parse_datetime(value)
     except ValueError as exc:
+        shown = "" if ref.name in PATIENT_SEGMENTS else f" {value!r}"  # a birth date is PHI
         raise OrderRejected(
             ErrorCode.DATA_TYPE_ERROR,
-            f"{ref.name}-{field} {value!r} is not an HL7 date/time: {exc}",
+            f"{ref.name}-{field}{shown} is not an HL7 date/time: {exc}",
             ref.at(field),
         ) from exc
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -118,6 +118,15 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_request_context(app)
     signed_in = [Depends(signed_in_user)]
 
+    @app.middleware("http")
+    async def no_caching_or_framing(request: Request, call_next: Any) -> Any:
+        """Every answer may carry PHI (cases, images, reports): never cached, sniffed or framed."""
+        response = await call_next(request)
+        for name in ("Cache-Control", "X-Content-Type-Options", "Referrer-Policy"):
+            response.headers.setdefault(name, pages.SECURITY_HEADERS[name])
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        return response
+
     @app.get("/openapi.json", include_in_schema=False, dependencies=signed_in)
     def openapi() -> dict[str, Any]:
         return app.openapi()
@@ -151,9 +160,17 @@ def create_app(runtime: Runtime) -> FastAPI:
         checks = runtime.readiness()
         ready = all(checks.values())
         response.status_code = 200 if ready else 503
+        # Results parked (AE, repeated AR) or long without ACK: still ready to take work, but
+        # "degraded" so that monitoring calls someone.
+        degraded = (
+            {k: v for k, v in runtime.degradations().items() if v} if checks["database"] else {}
+        )
+        status = ("degraded" if degraded else "ok") if ready else "not ready"
         return {
             "ready": ready,
+            "status": status,
             "checks": checks,
+            "degraded": degraded,
             "lis": runtime.lis_link(),
             "free_mb": round(runtime.disk_free_mb()),
         }

@@ -94,8 +94,15 @@ def _to_sign_in(request: Request) -> RedirectResponse:
 
 
 def _safe_next(target: str | None) -> str:
-    """Only a path on this site: an open redirect would help phishing."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    """Only a path on this site: an open redirect would help phishing. Browsers drop tabs and
+    line breaks from URLs (``/<TAB>/evil.example`` becomes ``//evil.example``), so any
+    control character, space or backslash refuses the target."""
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and all("!" <= c <= "~" and c != "\\" for c in target)
+    ):
         return target
     return "/worklist"
 

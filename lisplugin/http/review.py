@@ -23,8 +23,10 @@ from lisplugin.http.auth import (
     Pathologist,
     PrincipalDep,
     Reviewer,
+    ThrottleDep,
     authenticate,
     open_session,
+    refuse_locked,
 )
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
 from lisplugin.service import review
@@ -194,15 +196,32 @@ def _errors(exc: review.ReviewError) -> HTTPException:
     "/session",
     response_model=SessionInfo,
     tags=["session"],
-    responses={401: {"description": "wrong username or password, or account disabled"}},
+    responses={
+        401: {"description": "wrong username or password, or account disabled"},
+        429: {"description": "too many failed sign-ins for this name or address: locked"},
+    },
 )
-def sign_in(body: SignIn, request: Request, response: Response, runtime: RuntimeDep) -> Any:
+def sign_in(
+    body: SignIn, request: Request, response: Response, runtime: RuntimeDep, throttle: ThrottleDep
+) -> Any:
     """Sign in: sets the session cookie and returns the bearer token and the CSRF token."""
     idle = timedelta(minutes=runtime.settings.http.session_idle_minutes)
+    address = request.client.host if request.client else ""
     info: SessionInfo | None = None
+    if wait := throttle.locked_for(body.username, address):
+        with runtime.db.session() as session:
+            refuse_locked(session, body.username)
+        raise HTTPException(
+            429,
+            detail="too many failed sign-ins; try again later",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     with runtime.db.session() as session:
         user = authenticate(session, body.username, body.password)
-        if user is not None:
+        if user is None:
+            throttle.failed(body.username, address)
+        else:
+            throttle.succeeded(body.username)
             token, row = open_session(session, user, idle)
             info = SessionInfo(
                 token=token,

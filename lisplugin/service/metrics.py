@@ -82,6 +82,15 @@ HTTP_SECONDS = Histogram(
     registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+OUTBOX_FAILURES = Counter(
+    "lisplugin_outbox_failures_total",
+    "Outgoing messages not accepted, by channel and outcome: error (AE/CE), refused (AR/CR), "
+    "no_answer (refused connection, timeout, lost), parked (given up: needs attention)",
+    ["channel", "outcome"],
+    registry=REGISTRY,
+)
+
+
 for _outcome in ("stored", "quarantined"):
     INSTANCES.labels(_outcome)
 for _outcome in ("verified", "review", "failed"):

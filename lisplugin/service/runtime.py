@@ -15,6 +15,7 @@ from sqlalchemy import func, select, text
 from lisplugin.config import Settings
 from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.scp import StorageSCP
+from lisplugin.hl7.ack import ErrorCode
 from lisplugin.hl7.mllp import (
     BackgroundServer,
     LisUnreachable,
@@ -22,23 +23,32 @@ from lisplugin.hl7.mllp import (
     next_retry_delay,
     send_message,
 )
-from lisplugin.hl7.orders import Order
+from lisplugin.hl7.orders import Order, OrderRejected
 from lisplugin.inference.registry import ModelCardError, load_card
 from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.cases import CaseScheduler, ReportWriter
-from lisplugin.service.ingest import InstanceStore, apply_order
+from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
-from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
+from lisplugin.service.outbox import (
+    Delivery,
+    OutboxWorker,
+    ReceiverUnavailable,
+    Sender,
+    needing_attention,
+)
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.service.worklist import scheduled_orders
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage, OutboxStatus
+from lisplugin.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
 
 def hl7_sender(settings: Settings) -> Sender:
+    tls = client_context(settings.hl7.lis_tls)
+
     def send(message: OutboxMessage) -> Delivery:
         try:
             ack = send_message(
@@ -46,12 +56,16 @@ def hl7_sender(settings: Settings) -> Sender:
                 settings.hl7.lis_port,
                 message.payload,
                 timeout=settings.hl7.ack_timeout_seconds,
+                ssl_context=tls,
             )
         except LisUnreachable as exc:
             raise ReceiverUnavailable(str(exc)) from exc
-        if ack.code in ("AR", "CR"):  # rejected for reasons other than content: try again later
-            raise ReceiverUnavailable(f"{ack.code}: {ack.text}")
-        return Delivery(accepted=ack.code in ("AA", "CA"), code=ack.code, text=ack.text or "")
+        return Delivery(
+            accepted=ack.code in ("AA", "CA"),
+            code=ack.code,
+            text=ack.text or "",
+            retry=ack.code in ("AR", "CR"),  # refused for reasons other than content
+        )
 
     return send
 
@@ -67,7 +81,7 @@ class Runtime:
             self.db.migrate()
         else:
             self.db.check_schema()
-        self.store = InstanceStore(self.db, settings.storage.path)
+        self.store = InstanceStore(self.db, settings.storage.path, settings.dicom.limits)
         hl7 = settings.hl7
         self.outbox = OutboxWorker(
             self.db,
@@ -78,6 +92,7 @@ class Runtime:
             backoff=lambda attempt: next_retry_delay(
                 attempt, hl7.retry_initial_seconds, hl7.retry_max_seconds
             ),
+            max_attempts_refused=hl7.max_attempts_refused,
         )
         self._pipeline: Pipeline | None = None
         self._pipeline_models: Path | None = None
@@ -98,6 +113,12 @@ class Runtime:
             self.accept_order,
             application=settings.hl7.sending_application,
             facility=settings.hl7.sending_facility,
+            max_message_bytes=settings.hl7.max_message_bytes,
+            read_timeout=settings.hl7.read_timeout_seconds,
+            max_connections=settings.hl7.max_connections,
+            allowed_peers=settings.hl7.allowed_peers,
+            allowed_senders=settings.hl7.allowed_senders,
+            ssl_context=server_context(settings.hl7.listen_tls),
         )
         self.mllp = BackgroundServer(listener, "lisplugin-mllp")
         self._threads: list[threading.Thread] = []
@@ -134,7 +155,12 @@ class Runtime:
         INSTANCES.labels("quarantined").inc()
 
     def accept_order(self, order: Order, message: str) -> None:
-        apply_order(self.db, order, message)
+        try:
+            apply_order(self.db, order, message)
+        except OrderConflict as exc:  # AE: resending the same order would not help
+            raise OrderRejected(
+                ErrorCode.APPLICATION_INTERNAL_ERROR, str(exc), "PID^1", ack_code="AE"
+            ) from exc
         ORDERS.labels("AA").inc()
         self.scheduler.wake()
 
@@ -182,6 +208,10 @@ class Runtime:
         """Every listener and worker thread is running (what systemd's watchdog is told)."""
         threads = all(thread.is_alive() for thread in self._threads)
         return threads and self.scp_running and self.mllp.running
+
+    def degradations(self) -> dict[str, int]:
+        """Non-zero counts need a person (results parked or overdue) but do not stop work."""
+        return needing_attention(self.db, self.settings.hl7.overdue_seconds)
 
     @property
     def scp_running(self) -> bool:

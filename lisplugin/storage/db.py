@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: What a concurrent writer makes a transaction fail with: a unique key taken in between, an
+#: optimistic-lock version moved on, SQLite busy. Running the transaction again resolves it.
+CONFLICTS = (IntegrityError, StaleDataError, OperationalError)
 
 
 def make_engine(url: str) -> Engine:
@@ -87,6 +99,20 @@ class Database:
         """A session whose work is committed on success and rolled back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def transaction(self, work: Callable[[Session], T], attempts: int = 8) -> T:
+        """``work`` in a transaction of its own, run again from the start (after a short random
+        pause) when a concurrent writer conflicted; the last conflict is raised."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.session() as session:
+                    return work(session)
+            except CONFLICTS as exc:
+                if attempt == attempts:
+                    raise
+                log.info("transaction conflict (%s), attempt %d", type(exc).__name__, attempt)
+                time.sleep(random.uniform(0.0, 0.02 * attempt))
+        raise AssertionError("unreachable")
 
     def dispose(self) -> None:
         self.engine.dispose()

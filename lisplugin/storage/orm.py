@@ -45,7 +45,8 @@ class CaseStatus(enum.StrEnum):
 class OutboxStatus(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"  # AA
-    REJECTED = "rejected"  # AE/AR from the receiver: not retried, needs attention
+    REJECTED = "rejected"  # parked: AE, or AR past the retry bound; needs attention
+    SUPERSEDED = "superseded"  # an unsent P replaced by a later F/C of its case: never sent
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:
