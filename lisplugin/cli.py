@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 #: Sub-commands whose argument parsing lives in the module that implements them.
 DELEGATED: dict[tuple[str, ...], str] = {
