@@ -60,6 +60,33 @@ MEANINGS: dict[str, str] = {
     "ones.",
 }
 
+MEANINGS.update(
+    {
+        "dicom.limits.max_frames": "Most frames one instance may declare (more: refused).",
+        "hl7.max_connections": "Most MLLP connections at once; more are closed at once.",
+        "hl7.max_message_bytes": "Largest MLLP message; a larger one gets one AR, then close.",
+        "hl7.allowed_senders": "MSH-3 (or MSH-3^MSH-4) values allowed to send; empty: any.",
+        "http.sign_in_failures_per_address": "Failed sign-ins from one address before it is "
+        "locked (429) for the lockout window.",
+        "http.sign_in_lockout_minutes": "Sign-in lockout window, per user name and address.",
+    }
+)
+#: Every TLS block has the same four keys (``config.TlsSettings``).
+_TLS_EDGES = {
+    "dicom.tls": "the DICOM SCP (PS3.15 Annex B)",
+    "hl7.listen_tls": "the MLLP order listener",
+    "hl7.lis_tls": "the connection to the LIS's MLLP receiver",
+    "http.tls": "the HTTP server (or use a TLS reverse proxy)",
+}
+for _edge, _what in _TLS_EDGES.items():
+    MEANINGS[f"{_edge}.enabled"] = f"TLS on {_what}."
+    MEANINGS[f"{_edge}.cert_file"] = "PEM certificate it presents (a listener needs one)."
+    MEANINGS[f"{_edge}.key_file"] = "PEM private key of cert_file."
+    MEANINGS[f"{_edge}.ca_file"] = (
+        "PEM CA: a listener requires client certificates it signed (mutual TLS); "
+        "a client verifies the server with it."
+    )
+
 
 @dataclass(frozen=True)
 class SettingDoc:

@@ -102,7 +102,7 @@ class FrameFile:
         one = Dataset()
         one.file_meta = FileMetaDataset()
         one.file_meta.TransferSyntaxUID = self._transfer_syntax
-        for keyword in _PIXEL_KEYWORDS:
+        for keyword in (*_PIXEL_KEYWORDS, *_IDENTITY_KEYWORDS):
             if keyword in self.header:
                 one[keyword] = self.header[keyword]
         if self._transfer_syntax.is_encapsulated:
@@ -118,6 +118,10 @@ class FrameFile:
         if number <= len(per_frame):
             spacing = _spacing_from_groups(per_frame[number - 1]) or spacing
         return Field(field.image, self.source(number), spacing)
+
+
+#: The instance's identity travels with each frame: the decoder checks it like any instance's.
+_IDENTITY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def _native_frame_size(ds: Dataset) -> int:

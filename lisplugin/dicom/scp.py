@@ -148,6 +148,8 @@ class StorageSCP:
         try:
             ds = _decode_bounded(event, received, self.settings.limits)
             ds.file_meta = file_meta
+        except UnusableInstance as exc:  # over a limit: refused with that reason
+            return self._refuse(exc, raw, calling, sop_uid)
         except Exception as exc:  # a data set pydicom cannot parse
             return self._refuse(
                 UnusableInstance(f"undecodable data set: {exc}"), raw, calling, sop_uid
