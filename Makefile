@@ -5,7 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SYSTEM_TOOLS := storescu dciodvfy Orthanc chromium chromedriver pdftoppm
-APT_PACKAGES := dcmtk dicom3tools orthanc chromium chromium-driver poppler-utils
+APT_PACKAGES := dcmtk dicom3tools orthanc chromium chromium-driver poppler-utils \
+	fonts-dejavu-core fonts-droid-fallback fonts-nanum
+# Fonts the PDF embeds (lisplugin/reports/fonts.py): every script of a patient's name prints.
+FONT_FILES := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
+	/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf \
+	/usr/share/fonts/truetype/nanum/NanumGothic.ttf
 
 .PHONY: demo test setup system-deps lint
 
@@ -17,9 +22,10 @@ $(BIN)/lisplugin: pyproject.toml
 
 setup: $(BIN)/lisplugin
 
-# Real peers for the tests: DCMTK, dicom3tools, Orthanc, Chromium, poppler (Debian packages).
+# Real peers for the tests: DCMTK, dicom3tools, Orthanc, Chromium, poppler, fonts (Debian packages).
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	for f in $(FONT_FILES); do [ -f $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -7,10 +7,10 @@ simulator on loopback, the models shipped in ``models/``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,17 +18,61 @@ from pydantic_settings import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_DIR = REPO_ROOT / "config"
-DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+#: Where an installed wheel carries ``models/`` and ``config/`` (copied in by setup.py).
+SHIPPED_DIR = Path(__file__).resolve().parent / "_shipped"
+_DATA_ROOT = SHIPPED_DIR if (SHIPPED_DIR / "config").is_dir() else REPO_ROOT
+DEFAULT_CONFIG_DIR = _DATA_ROOT / "config"
+DEFAULT_MODELS_DIR = _DATA_ROOT / "models"
+
+
+class TlsSettings(BaseModel):
+    """TLS for one listener or connection, off unless ``enabled``. A listener needs
+    ``cert_file`` and ``key_file``; with ``ca_file`` it requires client certificates signed by
+    that CA (mutual TLS). A client verifies the server against ``ca_file``."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+
+class InstanceLimits(BaseModel):
+    """What one received instance may make us spend; over a limit it is refused, not decoded."""
+
+    #: Rows x Columns of one frame (a decoded RGB frame takes 3 bytes per pixel).
+    max_pixels_per_frame: int = 40_000_000
+    max_frames: int = 100_000
+    #: The data set as received (deflated: as inflated); larger ones are aborted while arriving.
+    max_instance_bytes: int = 512 * 1024 * 1024
+    #: Everything but Pixel Data (private tags, sequences, ICC profile).
+    max_header_bytes: int = 16 * 1024 * 1024
+    #: Inflated size / deflated size for the Deflated Explicit VR Little Endian syntax.
+    max_inflation_ratio: float = 100.0
 
 
 class DicomSettings(BaseModel):
     ae_title: str = "LISPLUGIN"
     host: str = "0.0.0.0"
     port: int = 11112
-    max_pdu: int = 0  # 0 = unlimited
+    #: Largest P-DATA PDU we accept (announced to peers; a larger PDU aborts the association).
+    max_pdu: int = 1024 * 1024
     #: Calling AE titles allowed to store; empty allows any.
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    #: Answer Modality Worklist C-FIND queries with the scheduled orders (same AE and port).
+    worklist: bool = True
+    #: Concurrent associations (connections not yet associated count too).
+    max_associations: int = 32
+    #: Concurrent connections from one address (a modality, or an idle or hostile host).
+    max_associations_per_peer: int = 8
+    #: Seconds to wait for an A-ASSOCIATE-RQ / A-RELEASE (an idle connection is dropped).
+    acse_timeout: float = 10.0
+    #: Seconds to wait for the next DIMSE message of an association.
+    dimse_timeout: float = 30.0
+    #: Seconds without any data on a connection before it is closed.
+    network_timeout: float = 60.0
+    limits: InstanceLimits = InstanceLimits()
+    #: DICOM TLS (PS3.15 Annex B secure transport; usually port 2762).
+    tls: TlsSettings = TlsSettings()
 
 
 class Hl7Settings(BaseModel):
@@ -41,8 +85,24 @@ class Hl7Settings(BaseModel):
     receiving_application: str = "LIS"
     receiving_facility: str = "LAB"
     ack_timeout_seconds: float = 10.0
+    #: Order listener bounds: a silent connection (or unfinished message) is closed after
+    #: read_timeout_seconds; more than max_connections are refused; larger messages get AR.
+    read_timeout_seconds: float = 60.0
+    max_connections: int = 64
+    max_message_bytes: int = 4 * 1024 * 1024
+    #: Order listener allow-lists, enforced when set: peer addresses or networks, and sending
+    #: applications (``APP`` or ``APP^FACILITY``, MSH-3/MSH-4).
+    allowed_peers: list[str] = Field(default_factory=list)
+    allowed_senders: list[str] = Field(default_factory=list)
+    #: MLLP over TLS for the order listener, and for the connection to the LIS.
+    listen_tls: TlsSettings = TlsSettings()
+    lis_tls: TlsSettings = TlsSettings()
     retry_initial_seconds: float = 2.0
     retry_max_seconds: float = 300.0
+    #: A result the LIS answers AR (refused for now) is parked after this many attempts.
+    max_attempts_refused: int = 5
+    #: /readyz reports "degraded" while a result has waited longer than this for its ACK.
+    overdue_seconds: float = 600.0
 
 
 class HttpSettings(BaseModel):
@@ -50,15 +110,29 @@ class HttpSettings(BaseModel):
     port: int = 8080
     #: A review-station session ends after this many minutes without a request.
     session_idle_minutes: float = 480.0
+    #: Largest STOW-RS request body (all instances of one POST /dicomweb/studies), in MB.
+    max_stow_mb: int = 512
+    #: Failed sign-ins allowed per user name, and per client address, within the lockout
+    #: window; past either the name (or address) is locked until the window has moved on.
+    sign_in_failures_per_user: int = 5
+    sign_in_failures_per_address: int = 20
+    sign_in_lockout_minutes: float = 15.0
+    #: HTTPS served by uvicorn (cert_file, key_file); or terminate TLS at a reverse proxy.
+    tls: TlsSettings = TlsSettings()
 
 
 class DatabaseSettings(BaseModel):
     #: Any SQLAlchemy URL; empty means SQLite at ``<storage.path>/lisplugin.db``.
     url: str = ""
+    #: Upgrade the schema when the daemon starts; false: ``lisplugin db upgrade`` does it, and
+    #: the daemon refuses to start on an older schema (production: see deploy/README.md).
+    migrate_on_start: bool = True
 
 
 class StorageSettings(BaseModel):
     path: Path = Path("var")
+    #: /readyz fails (and captures should go elsewhere) when less space than this is free.
+    min_free_mb: int = 500
 
 
 class CaseSettings(BaseModel):
@@ -81,6 +155,22 @@ class AnalysisSettings(BaseModel):
     max_clipped_fraction: float = 0.2
     #: Relative disagreement between detector counts and the count regression that raises a flag.
     count_tolerance: float = 0.35
+    #: A whole slide is analysed in its monolayer, best tiles first, until this many
+    #: leukocytes are counted.
+    slide_leukocyte_target: int = 200
+    #: Each slide tile is analysed with this much of its neighbours around it (a large
+    #: leukocyte's radius), so that cells on tile borders are seen whole and counted once.
+    slide_window_margin_um: float = 10.0
+
+    @field_validator("models_dir", mode="before")
+    @classmethod
+    def _shipped_models(cls, value: Any) -> Any:
+        return value or DEFAULT_MODELS_DIR
+
+
+class ReviewSettings(BaseModel):
+    #: A technologist completes the technical review before a pathologist may sign out.
+    two_stage: bool = False
 
 
 class PacsSettings(BaseModel):
@@ -88,6 +178,31 @@ class PacsSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 4242
     ae_title: str = "ORTHANC"
+
+
+class RetentionSettings(BaseModel):
+    """How long ``lisplugin purge`` keeps things; 0 keeps them for ever.
+
+    Only closed cases (final, verified, cancelled) lose captures and reports; case rows, results
+    and the audit trail stay in the database as the laboratory's record.
+    """
+
+    #: Days after a closed case last changed that its received captures are kept.
+    images_days: int = 0
+    #: Days after a closed case last changed that its report folder is kept.
+    reports_days: int = 0
+    #: Days a replaced DICOM report object (SR, annotations, PDF) is kept after it was written.
+    superseded_reports_days: int = 30
+    #: Days a refused (quarantined) instance and its reason are kept.
+    quarantine_days: int = 90
+    #: Days the database keeps a delivered outgoing message (HL7 ORU, DICOM object).
+    outbox_days: int = 90
+
+
+class LoggingSettings(BaseModel):
+    #: "text" for people reading a terminal or journal, "json" for a log collector.
+    format: Literal["text", "json"] = "text"
+    level: str = "INFO"
 
 
 class Settings(BaseSettings):
@@ -103,6 +218,9 @@ class Settings(BaseSettings):
     cases: CaseSettings = CaseSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     pacs: PacsSettings = PacsSettings()
+    review: ReviewSettings = ReviewSettings()
+    logging: LoggingSettings = LoggingSettings()
+    retention: RetentionSettings = RetentionSettings()
     config_dir: Path = DEFAULT_CONFIG_DIR
 
     @classmethod
@@ -116,6 +234,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment wins over the YAML file, which is passed as init values.
         return env_settings, init_settings
+
+    @field_validator("config_dir", mode="before")
+    @classmethod
+    def _shipped_config(cls, value: Any) -> Any:
+        return value or DEFAULT_CONFIG_DIR
 
     @property
     def database_url(self) -> str:

@@ -41,6 +41,9 @@ class Daemon:
     username: str = "e2e"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     token: str | None = None
+    #: The interpreter that runs ``lisplugin`` and its working directory (an installed copy).
+    python: str = sys.executable
+    cwd: Path | None = None
 
     @property
     def api(self) -> str:
@@ -75,9 +78,10 @@ class Daemon:
     def add_user(self, name: str, role: str, password: str) -> None:
         """``lisplugin user add`` against the daemon's database (password on stdin)."""
         subprocess.run(
-            [sys.executable, "-m", "lisplugin", "user", "add", name, "--role", role],
+            [self.python, "-m", "lisplugin", "user", "add", name, "--role", role],
             input=password + "\n",
             env=self.env(),
+            cwd=self.cwd,
             check=True,
             capture_output=True,
             text=True,
@@ -99,8 +103,9 @@ class Daemon:
         self.starts += 1
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lisplugin", "serve"],
+            [self.python, "-m", "lisplugin", "serve"],
             env=self.env(),
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
         )

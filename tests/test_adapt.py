@@ -193,6 +193,7 @@ def test_promote_gate_refuses_worse_and_the_daemon_uses_the_promoted_model(
             """``lisplugin models COMMAND`` as the daemon's admin (password on stdin)."""
             return lisplugin("models", command, *args, "--user", daemon.username, env=env,
                              stdin=daemon.password + "\n")  # fmt: skip
+
         # A worse candidate: a classifier trained for one epoch on 16 images.
         worse = tmp_path / "worse"
         trained = lisplugin(

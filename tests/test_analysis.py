@@ -133,14 +133,20 @@ def test_no_leukocytes_gives_empty_differential() -> None:
     assert specimen.wbc_classified == 0
     assert specimen.differential == {}
     values = {v.key: v.value for v in result_values(specimen)}
-    assert values == {"wbc_classified": 0, "rbc_counted": 1, "wbc_counted": 0, "plt_counted": 0}
+    assert values == {
+        "wbc_classified": 0,
+        "rbc_counted": 1,
+        "wbc_counted": 0,
+        "plt_counted": 0,
+        "plt_per_field": 0,
+    }
 
 
 def test_result_values_match_the_loinc_map() -> None:
     loinc = yaml.safe_load((DEFAULT_CONFIG_DIR / "loinc.yaml").read_text(encoding="utf-8"))
-    cells = [wbc(0, c) for c in (*CLASSES, UNIDENTIFIED)]
+    cells = [wbc(0, c) for c in (*CLASSES, UNIDENTIFIED)] + [other(0, "RBC")] * 500
     specimen = aggregate([field_result(0, cells)], SETTINGS, {}, rules=[])
-    values = result_values(specimen)
+    values = result_values(specimen, patient=PatientContext(wbc_count=8.0))
     assert [v.key for v in values] == list(loinc["results"])
     for value in values:
         assert value.units == loinc["results"][value.key]["units"], value.key

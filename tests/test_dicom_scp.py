@@ -258,7 +258,7 @@ def _malformed_study_uid() -> Dataset:
 BAD_INPUTS = {
     "no-pixel-data": (_no_pixel_data, CANNOT_UNDERSTAND, "no pixel data"),
     "unsupported-photometric": (_hsv, CANNOT_UNDERSTAND, "unsupported photometric HSV"),
-    "corrupt-jpeg": (_garbage_jpeg, CANNOT_UNDERSTAND, "frame 1 undecodable:"),
+    "corrupt-jpeg": (_garbage_jpeg, CANNOT_UNDERSTAND, "JPEG frame without a readable SOF"),
     "truncated-jpeg": (_truncated_jpeg, CANNOT_UNDERSTAND, "frame 1 truncated (no end marker)"),
     "missing-study-uid": (_no_study_uid, DATASET_DOES_NOT_MATCH_SOP_CLASS, "missing Study UID"),
     "malformed-study-uid": (
@@ -396,6 +396,18 @@ def test_calling_ae_allow_list() -> None:
 
         assert c_store(scp.port, instance(PIXELS), calling_aet="MICROSCOPE1").Status == SUCCESS
     assert len(recorder.stored) == 1
+
+
+def test_called_ae_title_is_checked() -> None:
+    """Issue 10 finding 5: an association addressed to another AE title is rejected."""
+    with running_scp(Recorder()) as scp:
+        ae = AE(ae_title="MICROSCOPE1")
+        ae.add_requested_context(Verification)
+        misdirected = ae.associate("127.0.0.1", scp.port, ae_title="PACS")
+        assert misdirected.is_rejected
+        addressed = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AET)
+        assert addressed.is_established
+        addressed.release()
 
 
 def test_error_comment_is_a_valid_lo() -> None:

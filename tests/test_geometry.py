@@ -1,6 +1,6 @@
 import numpy as np
 
-from lisplugin.core.geometry import ellipse_outline, mask_outline
+from lisplugin.core.geometry import ellipse_outline, mask_outline, polygon_area
 
 
 def test_outline_of_a_disc_follows_its_edge() -> None:
@@ -14,3 +14,15 @@ def test_outline_of_a_disc_follows_its_edge() -> None:
 def test_empty_mask_falls_back_to_the_inscribed_ellipse() -> None:
     box = (0.0, 0.0, 20.0, 10.0)
     assert mask_outline(np.zeros((10, 20), bool), box, 8) == ellipse_outline(box, 8)
+
+
+def test_outline_keeps_to_the_cell_not_to_a_neighbours_fragment() -> None:
+    """A mask with a few pixels of the neighbouring cell in the box corner: the outline traces
+    the cell, without the star point a ray to the fragment would make."""
+    yy, xx = np.mgrid[0:40, 0:40]
+    mask = (yy - 19.5) ** 2 + (xx - 19.5) ** 2 <= 14**2
+    mask[0:3, 36:40] = True  # a neighbour's edge inside the box
+    outline = np.array(mask_outline(mask, (100, 200, 140, 240)))
+    radii = np.hypot(outline[:, 0] - 120, outline[:, 1] - 220)
+    assert radii.max() < 15.5, radii.max()
+    assert abs(polygon_area(outline[:, 0], outline[:, 1]) - np.pi * 14**2) < 0.05 * np.pi * 14**2

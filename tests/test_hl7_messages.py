@@ -110,6 +110,40 @@ def test_example_oml_o21_falls_back_to_filler_number_and_specimen_time() -> None
     assert order.patient_family_name == "MÜLLER"
     assert order.collected_at == datetime(2024, 3, 15, 9, 5, tzinfo=timezone(timedelta(hours=1)))
     assert order.ordering_provider_id == "D5678"  # OBR-16
+    assert (order.wbc_count, order.platelet_count) == (7.9, 245.0)  # OBX 6690-2, 777-3
+
+
+def _with_obx(*obx: str) -> str:
+    return "\r".join([order_message(), *obx])
+
+
+@pytest.mark.parametrize(
+    ("obx", "wbc"),
+    [
+        ("OBX|1|NM|6690-2^WBC^LN||0.9|10*9/L|||||F", 0.9),
+        ("OBX|1|NM|26464-8^WBC^LN||12.5|K/uL|||||F", 12.5),
+        ("OBX|1|NM|6690-2^WBC^LN||7400|/uL|||||F", 7.4),
+        ("OBX|1|NM|6690-2^WBC^LN||3.1||||||F", 3.1),  # no units: x10^9/L
+        ("OBX|1|NM|6690-2^WBC^LN||3.1|10*9/L|||||X", None),  # no result
+        ("OBX|1|NM|718-7^Haemoglobin^LN||13.5|g/dL|||||F", None),  # not a count we use
+    ],
+)
+def test_order_obx_carries_the_wbc_count(obx: str, wbc: float | None) -> None:
+    assert parse_order(_with_obx(obx)).wbc_count == wbc
+
+
+@pytest.mark.parametrize(
+    ("obx", "location", "text"),
+    [
+        ("OBX|1|NM|6690-2^WBC^LN||high|10*9/L|||||F", "OBX^1^5", "not a number"),
+        ("OBX|1|NM|6690-2^WBC^LN||7.9|mmol/L|||||F", "OBX^1^6", "not a count per volume"),
+        ("OBX|1|NM|777-3^PLT^LN||250000|10*9/L|||||F", "OBX^1^5", "not a plausible count"),
+    ],
+)
+def test_order_obx_with_an_unusable_count_is_refused(obx: str, location: str, text: str) -> None:
+    with pytest.raises(OrderRejected, match=text) as caught:
+        parse_order(_with_obx(obx))
+    assert (caught.value.ack_code, caught.value.location) == ("AE", location)
 
 
 @pytest.mark.parametrize(

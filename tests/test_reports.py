@@ -61,6 +61,7 @@ from lisplugin.dicom.decode import fields_from_dataset
 from lisplugin.http.reports import router
 from lisplugin.reports.annotations import build_annotations, cell_polygon, polygon_area
 from lisplugin.reports.coding import CELL_TYPES, Producer, Verification
+from lisplugin.reports.fonts import FontMissing, fonts
 from lisplugin.reports.json_report import case_report
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.reports.pdf import build_encapsulated_pdf, build_pdf
@@ -167,13 +168,16 @@ def test_sr_is_valid_and_reads_back(captures: list[Path], tmp_path: Path) -> Non
 
 def test_signed_out_sr_names_its_verifying_observer(captures: list[Path], tmp_path: Path) -> None:
     signed = Verification("jdoe", "HAEM LAB", datetime(2026, 11, 21, 14, 5, 9, tzinfo=UTC))
+    result = result_for(captures)
+    result["review"] = {"acknowledged": {"min_wbc": {"username": "jdoe", "reason": "2 films"}}}
     sr = build_sr(
-        result_for(captures),
+        result,
         read_headers(captures),
         loinc_map=LOINC,
         producer=PRODUCER,
         preliminary=False,
         verification=signed,
+        comments=["jdoe: Toxic granulation."],
     )
     path = tmp_path / "signed.dcm"
     sr.save_as(path)
@@ -186,6 +190,10 @@ def test_signed_out_sr_names_its_verifying_observer(captures: list[Path], tmp_pa
         "HAEM LAB",
     )
     assert observer.VerificationDateTime.startswith("20261121140509")
+    texts = [str(e.value) for e in back.iterall() if e.keyword == "TextValue"]
+    assert "Comment jdoe: Toxic granulation." in texts
+    assert any(t.startswith("min_wbc") and "acknowledged by jdoe: 2 films" in t for t in texts)
+    assert back.SoftwareVersions[1:] == [f"{n} {v}" for n, v in MODELS.items()]  # both models
 
 
 def test_annotations_are_valid_and_read_back(captures: list[Path], tmp_path: Path) -> None:
@@ -386,6 +394,84 @@ def test_pdf_renders_with_table_and_gallery(captures: list[Path], tmp_path: Path
     assert ink.mean() > 0.03  # text, tables and thumbnails, not a blank page
     colourful = (page.max(axis=2).astype(int) - page.min(axis=2)) > 60
     assert colourful.sum() > 2000  # the status banner and the cell thumbnails
+
+
+def _pdf_text(pdf: bytes, tmp_path: Path) -> str:
+    """The text of a PDF as poppler extracts it (what a reader copies or searches)."""
+    pdftotext = shutil.which("pdftotext")
+    if pdftotext is None:
+        pytest.skip("pdftotext not installed (apt-get install poppler-utils)")
+    path = tmp_path / "text.pdf"
+    path.write_bytes(pdf)
+    run = subprocess.run(
+        [pdftotext, "-enc", "UTF-8", str(path), "-"], capture_output=True, timeout=60, check=True
+    )
+    return " ".join(run.stdout.decode().split())
+
+
+#: Names in the scripts a laboratory meets: Latin with diacritics, Vietnamese, Greek,
+#: Cyrillic, Japanese, Chinese and Korean.
+NAMES = [
+    ("Łukasiewicz", "Żaneta"),
+    ("Nguyễn", "Thị Ánh"),
+    ("Παπαδόπουλος", "Ελένη"),
+    ("Иванова", "Мария"),
+    ("山田", "太郎"),
+    ("王", "秀英"),
+    ("김", "민준"),
+]
+
+
+@pytest.mark.parametrize(("family", "given"), NAMES)
+def test_pdf_prints_names_in_every_script(
+    family: str, given: str, captures: list[Path], tmp_path: Path
+) -> None:
+    report = _report(result_for(captures))
+    report["patient"] = {**report["patient"], "name_family": family, "name_given": given}
+    text = _pdf_text(build_pdf(report, {}), tmp_path)
+    assert f"{family}, {given}" in text
+    assert "■" not in text and "cannot" not in text
+
+
+def test_pdf_names_reviewers_dispositions_comments_and_models(
+    captures: list[Path], tmp_path: Path
+) -> None:
+    result = result_for(captures)
+    result["review"] = {
+        "acknowledged": {
+            "min_wbc": {
+                "username": "Ōtani",
+                "at": "2026-11-21T09:00:00+00:00",
+                "reason": "smear thin, second slide ordered",
+                "text": result["flags"][0]["text"],
+            }
+        },
+        "technical_review": {"username": "bob", "at": "2026-11-21T08:50:00+00:00"},
+    }
+    report = _report(result)
+    report["comments"] = [
+        {"username": "alice", "at": "2026-11-21T09:01:00+00:00", "text": "Toxic granulation."}
+    ]
+    jsonschema.Draft202012Validator(SCHEMA).validate(json.loads(json.dumps(report)))
+    text = _pdf_text(build_pdf(report, {}), tmp_path)
+    assert "technical review by bob" in text and "awaiting sign-out by a pathologist" in text
+    assert "technologist review required" not in text
+    assert "acknowledged by Ōtani" in text and "smear thin, second slide ordered" in text
+    assert "unidentified (review): 2 leukocytes unidentified - open" in text
+    assert "alice" in text and "Toxic granulation." in text
+    for name, version in MODELS.items():  # the analysis's detector and classifier versions
+        assert f"{name} {version}" in text
+    assert "UTC" in text  # times say their zone
+
+    report["verified_by"] = {"username": "alice", "organization": "LAB", "at": "2026-11-21T09:02"}
+    report["report_status"] = "final"
+    text = _pdf_text(build_pdf(report, {}), tmp_path)
+    assert "FINAL - signed out by alice (LAB)" in text and "technical review by bob" in text
+
+
+def test_pdf_without_the_fonts_says_which_package(tmp_path: Path) -> None:
+    with pytest.raises(FontMissing, match="fonts-dejavu-core"):
+        fonts((tmp_path,))
 
 
 def test_encapsulated_pdf_is_valid_and_in_the_study(captures: list[Path], tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from review_support import (
     GroundTruthDetector,
     ReviewRuntime,
     ServerThread,
+    acknowledge_all,
     free_port,
     ingest,
     obx_values,
@@ -141,6 +142,15 @@ def signed_report(client: httpx.Client, case_id: int) -> dict[str, Any]:
     raise AssertionError(f"no signed report for case {case_id} within 30 s")
 
 
+def release(client: httpx.Client, url: str, version: int) -> httpx.Response:
+    """Sign out as a pathologist does: every open flag acknowledged (with a reason), and an
+    override comment, since one synthetic field has fewer leukocytes than the minimum."""
+    version = acknowledge_all(client, url, version)
+    return client.post(
+        f"{url}/signout", json={"version": version, "override": "one field: research sample"}
+    )
+
+
 def leukocytes(case: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in case["result"]["cells"] if c["kind"] == "WBC"]
 
@@ -183,7 +193,14 @@ def test_every_route_needs_sign_in_except_health_and_sign_in(station: Station) -
         ("POST", "/api/session"),
     }
     assert open_routes < routes
-    values = {"case_id": station.case_id, "cell_id": 0, "index": 0, "number": 1}
+    values = {
+        "case_id": station.case_id,
+        "cell_id": 0,
+        "index": 0,
+        "number": 1,
+        "code": "WBC_FEW",
+        "study": "1.2",
+    }
     for method, path in sorted(routes | pages):
         answer = anonymous.request(method, path.format(**values), follow_redirects=False)
         if (method, path) in open_routes:
@@ -418,7 +435,7 @@ def test_sign_out_sends_final_and_a_correction_sends_corrected(station: Station)
         f"{url}/cells/{cell['id']}", json={"class": other_class(cell), "version": case["version"]}
     ).json()
 
-    done = path.post(f"{url}/signout", json={"version": changed["version"]})
+    done = release(path, url, changed["version"])
     assert done.status_code == 200, done.text
     assert done.json()["result_status"] == "F"
     station.deliver()
@@ -433,6 +450,7 @@ def test_sign_out_sends_final_and_a_correction_sends_corrected(station: Station)
         key: float(value) for key, (value, _) in values.items()
     }
     assert "verified by path" in final
+    assert "override by path: released with" in final  # the override comment as NTE
     signed = station.case(path)
     assert signed["status"] == "final"
     # The reports made at sign-out name the signer: SR Verifying Observer, JSON and PDF.
@@ -456,7 +474,7 @@ def test_sign_out_sends_final_and_a_correction_sends_corrected(station: Station)
     ).json()
     assert corrected["status"] == "review"
     assert [e["id"] for e in path.get("/api/worklist").json()] == [station.case_id]
-    done = path.post(f"{url}/signout", json={"version": corrected["version"]})
+    done = release(path, url, corrected["version"])
     assert done.json()["result_status"] == "C"
     station.deliver()
     correction = [m for m in station.lis.received if "ACC9001" in m][-1]
@@ -480,9 +498,9 @@ def test_audit_trail_shows_every_change_and_cannot_be_rewritten(station: Station
         f"{url}/cells/{cell['id']}", json={"class": target, "version": case["version"]}
     ).json()
     assert tech.post(f"{url}/comments", json={"text": "left shift?"}).status_code == 201
-    signed = path.post(f"{url}/signout", json={"version": changed["version"]}).json()
+    signed = release(path, url, changed["version"]).json()
 
-    trail = tech.get(f"{url}/audit").json()
+    trail = [e for e in tech.get(f"{url}/audit").json() if e["action"] != "flag.acknowledge"]
     assert [(e["action"], e["username"]) for e in trail] == [
         ("cell.reclassify", "tech"),
         ("comment.add", "tech"),
@@ -501,7 +519,9 @@ def test_audit_trail_shows_every_change_and_cannot_be_rewritten(station: Station
             with pytest.raises(DBAPIError, match="append-only"):
                 connection.execute(text(statement))
             connection.rollback()
-    assert len(tech.get(f"{url}/audit").json()) == 3
+    assert len(tech.get(f"{url}/audit").json()) == 3 + len(changed["flags"]) - sum(
+        f["severity"] == "info" for f in changed["flags"]
+    )
 
 
 # --- worklist and images -------------------------------------------------------------------
@@ -586,10 +606,82 @@ def test_signed_out_cells_are_the_sites_training_set(station: Station) -> None:
     changed = tech.patch(
         f"{url}/cells/{cell['id']}", json={"class": new_class, "version": case["version"]}
     ).json()
-    assert path.post(f"{url}/signout", json={"version": changed["version"]}).status_code == 200
+    assert release(path, url, changed["version"]).status_code == 200
     crops, labels, skipped = collect_reviews(station.runtime.settings, print)
     released = [c for c in leukocytes(station.case(path)) if c["class"] in LEUKOCYTE_CLASSES]
     assert skipped == 0 and len(crops) == len(labels) == len(released)
     assert sorted(labels) == sorted(c["class"] for c in released)
     assert new_class in labels
     assert all(c.shape == (160, 160, 3) for c in crops)
+
+
+@sqlite_only
+def test_readyz_is_degraded_while_a_result_is_parked(station: Station) -> None:
+    """Issue 10 finding 7: a result the LIS answered AE is not silent: /readyz says so."""
+    from lisplugin.storage.orm import OutboxMessage, OutboxStatus
+
+    anonymous = station.client()
+    assert anonymous.get("/readyz").json()["degraded"] == {}
+    with station.runtime.db.session() as session:
+        session.add(
+            OutboxMessage(
+                case_id=station.case_id,
+                channel="hl7",
+                control_id="LP-PARKED",
+                result_status="F",
+                payload="MSH|...",
+                status=OutboxStatus.REJECTED,
+                ack_code="AE",
+            )
+        )
+    assert anonymous.get("/readyz").json()["degraded"] == {"outbox_parked": 1}
+
+
+@sqlite_only
+def test_sign_in_is_locked_per_user_and_per_address(station: Station) -> None:
+    """Issue 10 finding 9: 40 wrong passwords in 6 s went through. Now 5 failures lock the
+    name (even the right password is refused, 429 with Retry-After), other names are served,
+    and 20 failures from one address lock the address."""
+    anonymous = station.client()
+
+    def attempt(name: str, password: str) -> httpx.Response:
+        return anonymous.post("/api/session", json={"username": name, "password": password})
+
+    assert [attempt("tech", "wrong").status_code for _ in range(5)] == [401] * 5
+    locked = attempt("tech", PASSWORD)
+    assert locked.status_code == 429
+    assert 0 < int(locked.headers["Retry-After"]) <= 15 * 60
+    assert attempt("path", PASSWORD).status_code == 200  # another name: not locked
+    for n in range(14):  # 5 + 14 + 1 = 20 failures from this address
+        assert attempt(f"nobody{n}", "wrong").status_code == 401
+    assert attempt("admin", "wrong").status_code == 401
+    assert attempt("admin", PASSWORD).status_code == 429  # the address is locked now
+    with station.runtime.db.session() as session:
+        reasons = [
+            e.after["reason"]
+            for e in session.scalars(select(AuditEvent).where(AuditEvent.username == "tech"))
+            if e.action == "session.refused"
+        ]
+    assert reasons[-1] == "locked"
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    "target", ["/%09/evil.example", "/%0a/evil.example", "//evil.example", "/%5cevil.example"]
+)
+def test_login_next_never_leaves_the_site(station: Station, target: str) -> None:
+    browser, _ = station.browser("tech")
+    answer = browser.get(f"/login?next={target}", follow_redirects=False)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/worklist"
+
+
+@sqlite_only
+def test_api_answers_are_not_cached_sniffed_or_framed(station: Station) -> None:
+    """Issue 10: security headers on PHI, not only on the pages."""
+    admin = station.client("admin")
+    for path in ("/api/cases", f"/api/cases/{station.case_id}", "/healthz"):
+        headers = admin.get(path).headers
+        assert headers["Cache-Control"] == "no-store", path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path

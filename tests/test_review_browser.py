@@ -80,6 +80,16 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 @pytest.fixture
 def station(tmp_path: Path) -> Iterator[tuple[LisSimulator, str]]:
     """The whole daemon on free loopback ports, with two cases waiting for review."""
+    yield from run_station(tmp_path)
+
+
+@pytest.fixture
+def two_stage_station(tmp_path: Path) -> Iterator[tuple[LisSimulator, str]]:
+    """The same, with the two-stage review (technologist, then pathologist)."""
+    yield from run_station(tmp_path, review={"two_stage": True})
+
+
+def run_station(tmp_path: Path, **extra: object) -> Iterator[tuple[LisSimulator, str]]:
     lis = LisSimulator(port=free_port()).start()
     settings = Settings(
         storage={"path": tmp_path / "var"},
@@ -94,6 +104,7 @@ def station(tmp_path: Path) -> Iterator[tuple[LisSimulator, str]]:
             "retry_initial_seconds": 0.5,
         },
         cases={"stable_seconds": 0.5},
+        **extra,
     )
     detector = GroundTruthDetector()
     runtime = ReviewRuntime(settings, Pipeline.from_settings(settings), detector)
@@ -202,6 +213,7 @@ def test_review_station_from_sign_in_to_the_final_result(
         )
     )
     second_id = selected.get_attribute("data-id")
+    second_class = selected.get_attribute("data-class")
     if selected.get_attribute("data-class") not in ("erythroblast", "platelet"):
         total -= 1  # it was one of the leukocytes counted
     before = version()
@@ -218,10 +230,24 @@ def test_review_station_from_sign_in_to_the_final_result(
         )
     )
     third_id = third.get_attribute("data-id")
+    last_id, last_key, last_class = second_id, "a", second_class
     if third.get_attribute("data-class") != "lymphocyte":
+        last_id, last_key, last_class = third_id, "2", third.get_attribute("data-class")
         before = version()
         body.send_keys("2")
         wait.until(lambda d: version() > before)
+
+    # U undoes the last change (the cell is selected again), its key redoes it.
+    before = version()
+    body.send_keys("u")
+    wait.until(lambda d: version() > before)
+    assert api_case(url, "tina", case_id)["result"]["cells"][int(last_id)]["class"] == last_class
+    assert (
+        browser.find_element(By.CSS_SELECTOR, ".tile.selected").get_attribute("data-id") == last_id
+    )
+    before = version()
+    body.send_keys(last_key)
+    wait.until(lambda d: version() > before)
 
     case = api_case(url, "tina", case_id)
     cells = {str(c["id"]): c for c in case["result"]["cells"]}
@@ -247,11 +273,47 @@ def test_review_station_from_sign_in_to_the_final_result(
     browser.save_screenshot(str(ARTIFACTS / "review-case.png"))
     browser.set_window_size(1440, 1000)
 
-    # The pathologist signs the case out; the LIS receives the final, changed result.
+    # The pathologist signs the case out: not before every flag is acknowledged, and with an
+    # override comment, since one field has far fewer than 100 leukocytes.
     browser.find_element(By.ID, "log-out").click()
     wait.until(ec.url_contains("/login"))
     sign_in(browser, url, "paul", f"/cases/{case_id}")
+    for size in ((1366, 768), (1920, 1080)):  # the screens a laboratory has
+        browser.set_window_size(*size)
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(ARTIFACTS / f"review-case-{size[0]}x{size[1]}.png"))
+        inner = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+        for element in ("sign-out", "count-progress", "flags"):
+            box = browser.execute_script(
+                f"return document.getElementById('{element}').getBoundingClientRect().toJSON()"
+            )
+            assert box["right"] <= inner[0] and box["top"] < inner[1], (size, element, box)
+        scroll = browser.execute_script("return document.documentElement.scrollWidth")
+        assert scroll <= inner[0], (size, "no horizontal scrolling")
+    browser.set_window_size(1440, 1000)
+    progress = browser.find_element(By.ID, "progress-text").text
+    assert f"{total} leukocytes classified" in progress and "more to 100" in progress
     browser.find_element(By.ID, "sign-out").click()
+    refused = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.error")))
+    assert "Acknowledge every review flag" in refused.text and "WBC_FEW" in refused.text
+    while buttons := browser.find_elements(By.CSS_SELECTOR, "#flags button.ack"):
+        code = buttons[0].get_attribute("data-ack")
+        reason = browser.find_element(By.CSS_SELECTOR, f'.flag[data-code="{code}"] .ack-reason')
+        reason.send_keys("checked on the smear")
+        seen = version()
+        buttons[0].click()
+        wait.until(lambda d, seen=seen: version() > seen)
+    acknowledged = browser.find_elements(By.CSS_SELECTOR, "#flags .ack-done")
+    assert acknowledged and all("paul" in a.text for a in acknowledged)
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("f")  # F opens the sign-out, with the override asked for
+    override = wait.until(ec.visibility_of_element_located((By.ID, "override-text")))
+    browser.find_element(By.ID, "sign-out-yes").click()
+    refused = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.error")))
+    assert "override" in refused.text
+    browser.find_element(By.ID, "sign-out").click()
+    override = wait.until(ec.visibility_of_element_located((By.ID, "override-text")))
+    override.send_keys("Leukopenia: one field only, film reviewed by microscopy")
     browser.find_element(By.ID, "sign-out-yes").click()
     banner = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.ok")))
     assert "(F)" in banner.text
@@ -266,5 +328,58 @@ def test_review_station_from_sign_in_to_the_final_result(
     for cls, share in signed["result"]["differential"].items():
         key = "erythroblast_per_100wbc" if cls == "erythroblast" else f"{cls}_pct"
         assert float(values[key][0]) == pytest.approx(round(share, 1)), key
+    notes = [line for line in final.replace("\n", "\r").split("\r") if line.startswith("NTE")]
+    assert any("two cells corrected; please sign out" in n for n in notes)
+    assert any("override by paul" in n and "Leukopenia" in n for n in notes)
     assert (ARTIFACTS / "review-worklist.png").stat().st_size
     assert (ARTIFACTS / "review-case.png").stat().st_size
+
+    # N opens the next case on the worklist.
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("n")
+    wait.until(lambda d: d_path(d) != f"/cases/{case_id}")
+    assert d_path(browser).startswith("/cases/")
+
+
+def test_two_stage_review_in_the_browser(
+    browser: webdriver.Chrome, two_stage_station: tuple[LisSimulator, str]
+) -> None:
+    """The technologist acknowledges the flags and completes the technical review; only then
+    does the pathologist's sign-out go through."""
+    lis, url = two_stage_station
+    wait = WebDriverWait(browser, 60)
+    sign_in(browser, url, "tina", "/worklist")
+    browser.find_elements(By.CSS_SELECTOR, "#worklist tbody tr a")[0].click()
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".tile")))
+    case_id = int(browser.current_url.rstrip("/").rsplit("/", 1)[1])
+
+    def version() -> int:
+        return int(browser.find_element(By.ID, "case-version").text)
+
+    technical = browser.find_element(By.ID, "technical-review")
+    technical.click()  # flags still open: refused, and said so
+    refused = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.error")))
+    assert "acknowledge every review flag" in refused.text
+    while buttons := browser.find_elements(By.CSS_SELECTOR, "#flags button.ack"):
+        code = buttons[0].get_attribute("data-ack")
+        browser.find_element(By.CSS_SELECTOR, f'.flag[data-code="{code}"] .ack-reason').send_keys(
+            "seen"
+        )
+        seen = version()
+        buttons[0].click()
+        wait.until(lambda d, seen=seen: version() > seen)
+    technical.click()
+    wait.until(lambda d: "done" in d.find_element(By.ID, "technical-review").text)
+    assert "technical review by tina" in browser.find_element(By.ID, "review-stage").text
+
+    browser.find_element(By.ID, "log-out").click()
+    wait.until(ec.url_contains("/login"))
+    sign_in(browser, url, "paul", f"/cases/{case_id}")
+    browser.find_element(By.TAG_NAME, "body").send_keys("f")
+    wait.until(ec.visibility_of_element_located((By.ID, "override-text"))).send_keys(
+        "one field, film checked"
+    )
+    browser.find_element(By.ID, "sign-out-yes").click()
+    banner = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#banner.ok")))
+    assert "(F)" in banner.text
+    assert lis.wait_for(3, timeout=60)

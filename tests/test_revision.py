@@ -5,6 +5,8 @@ and occlusion saliency.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from lisplugin.core.analysis import aggregate
 from lisplugin.core.reference import parse_reference_ranges
 from lisplugin.core.report import specimen_to_json
 from lisplugin.core.revision import DERIVED_KEYS, RevisionError, reclassify, revise
-from lisplugin.core.rules import PatientContext, parse_rules
+from lisplugin.core.rules import PatientContext, PreviousResult, parse_rules
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import LEUKOCYTE_CLASSES, Cell, FieldQuality, FieldResult
 
@@ -114,13 +116,23 @@ def test_rules_judge_the_reviewed_result() -> None:
     assert "IG_PRESENT" in {f["code"] for f in revised["flags"]}
 
 
-def test_delta_check_flags_are_kept_as_the_analysis_raised_them() -> None:
-    result = specimen_json(LABELS)
-    delta = {"code": "DELTA_DIFF", "text": "neutrophil 20.0 -> 50.0", "severity": "review"}
-    result["flags"].append(delta)
-    _, revised = revise(reclassify(result, 0, "monocyte"), RULES, RANGES, ADULT)
-    assert delta in revised["flags"]
-    assert revised["needs_review"]
+def test_delta_check_text_follows_the_current_values() -> None:
+    """LABELS: 5 of 10 neutrophils (50 %); the verified result a day before had 10 %."""
+    now = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+    previous = PreviousResult(now - timedelta(hours=24), {"neutrophil": 10.0}, 41, "ACC41")
+    context = replace(ADULT, analysed_at=now, previous=previous)
+
+    def delta(result: dict) -> str:
+        return next(f["text"] for f in result["flags"] if f["code"] == "DELTA_DIFF")
+
+    _, analysed_json = revise(specimen_json(LABELS), RULES, RANGES, context)
+    assert "(case ACC41)" in delta(analysed_json)
+    assert "neutrophil 10.0 -> 50.0 (+40.0, limit 20)" in delta(analysed_json)
+    _, revised = revise(reclassify(analysed_json, 0, "monocyte"), RULES, RANGES, context)
+    assert "neutrophil 10.0 -> 40.0 (+30.0, limit 20)" in delta(revised)
+    _, revised = revise(reclassify(revised, 1, "monocyte"), RULES, RANGES, context)
+    _, revised = revise(reclassify(revised, 2, "monocyte"), RULES, RANGES, context)
+    assert "DELTA_DIFF" not in {f["code"] for f in revised["flags"]}  # 20 %: within 20 points
 
 
 @pytest.mark.parametrize(

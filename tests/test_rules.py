@@ -245,6 +245,15 @@ def test_platelet_estimate() -> None:
     assert flags(rule, specimen(NORMAL, rbc=400, plt=1)) == []  # too few red cells to judge
 
 
+def test_platelet_estimate_is_cross_checked_with_the_analyser_count() -> None:
+    rule = {"kind": "platelet_estimate", "below": 100, "above": 1000}
+    spec = specimen(NORMAL, rbc=1000, plt=50)  # 233 x10^9/L, within the limits
+    assert flags(rule, spec, PatientContext(age_years=40, platelet_count=250.0)) == []
+    (flag,) = flags(rule, spec, PatientContext(age_years=40, platelet_count=90.0))
+    assert flag.code == "R_XCHECK"
+    assert flag.text.startswith("platelet estimate 233 x10^9/L vs analyser 90 x10^9/L (159% apart")
+
+
 def test_delta_check_within_and_outside_72_hours() -> None:
     rule = {"kind": "delta_check", "max_change": {"neutrophil": 20, "lymphocyte": 20}}
     spec = specimen(NORMAL)  # 60 % neutrophils, 30 % lymphocytes
@@ -254,7 +263,7 @@ def test_delta_check_within_and_outside_72_hours() -> None:
     )
     (flag,) = flags(rule, spec, recent)
     assert flag.text == (
-        "changed since the result 24 h ago: neutrophil 35.0 -> 60.0 (+25.0, limit 20); "
+        "changed since the verified result 24 h ago: neutrophil 35.0 -> 60.0 (+25.0, limit 20); "
         "lymphocyte 55.0 -> 30.0 (-25.0, limit 20)"
     )
     old = PatientContext(

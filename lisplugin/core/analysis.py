@@ -29,9 +29,12 @@ from lisplugin.core.rules import (
     PatientContext,
     Rule,
     evaluate_rules,
+    platelet_estimate,
     report_value,
     result_key,
+    typical_rbc_count,
 )
+from lisplugin.core.slide import TiledImage, analyse_slide
 from lisplugin.core.types import (
     CELL_KINDS,
     LEUKOCYTE_CLASSES,
@@ -75,18 +78,31 @@ def median_rbc_diameter(detections: Iterable[Detection], width: int, height: int
     return float(np.median(sizes)) if len(sizes) >= MIN_RBC_FOR_SCALE else None
 
 
-def leukocyte_crops(field: Field, detections: Sequence[Detection]) -> list[np.ndarray]:
+def _centre_in(
+    box: tuple[float, float, float, float], region: tuple[float, float, float, float]
+) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return region[0] <= cx < region[2] and region[1] <= cy < region[3]
+
+
+def leukocyte_crops(
+    field: Field,
+    detections: Sequence[Detection],
+    owned: tuple[float, float, float, float] | None = None,
+) -> list[np.ndarray]:
     """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
 
     The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
     leukocyte box (``pbc_scale``); training, adaptation and the daemon all cut crops here.
+    With ``owned``, only the leukocytes whose box centre lies there are cut (the scale still
+    comes from every red cell of the field).
     """
     height, width = field.image.shape[:2]
     rbc_diameter = median_rbc_diameter(detections, width, height)
     return [
         leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
         for d in detections
-        if d.kind == "WBC"
+        if d.kind == "WBC" and (owned is None or _centre_in(d.box, owned))
     ]
 
 
@@ -131,12 +147,15 @@ def analyse_field(
     detector: CellDetector,
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
+    owned: tuple[float, float, float, float] | None = None,
 ) -> FieldResult:
     """Detect, check and classify one field; every leukocyte of the field in one batch.
 
     Detection comes first because quality control needs the field's scale: focus is measured
     at one physical pixel size, and a field without a Pixel Spacing gets its scale from its own
     red cells (as the crops do), so a lab at twice BCCD's magnification is not called blurred.
+    With ``owned`` (x0, y0, x1, y1) only the cells whose box centre lies in that part of the
+    field are kept and classified: the others belong to a neighbouring window of a whole slide.
     """
     height, width = field.image.shape[:2]
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
@@ -147,7 +166,9 @@ def analyse_field(
     quality = assess(field, settings, measured_spacing_um(field, detections))
     if not quality.passed:
         return FieldResult(index, field.source, width, height, quality, cells=())
-    crops = leukocyte_crops(field, detections)
+    crops = leukocyte_crops(field, detections, owned)
+    if owned is not None:
+        detections = tuple(d for d in detections if _centre_in(d.box, owned))
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
@@ -232,7 +253,7 @@ def aggregate(
 
 
 def analyse_fields(
-    fields: Sequence[Field],
+    fields: Sequence[Field | TiledImage],
     detector: CellDetector,
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
@@ -240,14 +261,34 @@ def analyse_fields(
     ranges: ReferenceRanges | None = None,
     patient: PatientContext | None = None,
 ) -> SpecimenResult:
-    """Analyse every field of a specimen and aggregate them."""
-    results = [analyse_field(i, f, detector, classifier, settings) for i, f in enumerate(fields)]
+    """Analyse every field of a specimen and aggregate them; a whole-slide level gives the
+    fields of its monolayer (see :mod:`lisplugin.core.slide`)."""
+    results: list[FieldResult] = []
+    for item in fields:
+        if isinstance(item, Field):
+            results.append(analyse_field(len(results), item, detector, classifier, settings))
+        else:
+            results += analyse_slide(
+                item, len(results), detector, classifier, settings, analyse_field
+            )
     versions = {"detector": detector.version, "classifier": classifier.version}
     return aggregate(results, settings, versions, rules, ranges, patient)
 
 
 #: Units of each result key, as config/loinc.yaml expects them.
 UNITS = {"erythroblast_per_100wbc": "/100{WBCs}"}
+#: Classes reported as absolute counts when the order carries the WBC count.
+ABSOLUTE_CLASSES: tuple[str, ...] = (*(c for c in LEUKOCYTE_CLASSES if c != "platelet"),)
+ABSOLUTE_UNITS = "10*9/L"
+#: Result keys that come from the detector alone (the classifier has no part in them).
+DETECTOR_KEYS = frozenset(
+    {"rbc_counted", "wbc_counted", "plt_counted", "plt_per_field", "plt_estimate"}
+)
+
+
+def absolute_key(cls: str) -> str:
+    """Result key (config/loinc.yaml) of a class's absolute count."""
+    return f"{cls}_abs"
 
 
 def result_values(
@@ -257,27 +298,45 @@ def result_values(
 ) -> list[ResultValue]:
     """The reportable quantities, shares rounded to one decimal as reported.
 
-    Shares are left out when no leukocyte was classified; the counts are always there.
+    Shares are left out when no leukocyte was classified; the counts are always there. With
+    the analyser's WBC count (``patient.wbc_count``) each class also has its absolute count
+    (share x WBC, x10^9/L); platelets per analysed field and the smear platelet estimate are
+    there when enough cells were seen for them.
     """
     patient = patient or PatientContext()
-    values = []
-    for cls in (*LEUKOCYTE_CLASSES, UNIDENTIFIED):
-        if cls not in specimen.differential:
-            continue
-        key = result_key(cls)
+
+    def ranged(key: str, value: float, units: str) -> ResultValue:
+        """A value with the patient's reference interval for ``key``, if there is one."""
         interval = ranges.lookup(key, patient.age_years, patient.sex) if ranges else None
-        values.append(
-            ResultValue(
-                key=key,
-                value=report_value(specimen.differential[cls]),
-                units=UNITS.get(key, "%"),
-                reference_low=interval.low if interval else None,
-                reference_high=interval.high if interval else None,
-            )
+        return ResultValue(
+            key=key,
+            value=value,
+            units=units,
+            reference_low=interval.low if interval else None,
+            reference_high=interval.high if interval else None,
         )
+
+    values = [
+        ranged(result_key(cls), report_value(share), UNITS.get(result_key(cls), "%"))
+        for cls in (*LEUKOCYTE_CLASSES, UNIDENTIFIED)
+        if (share := specimen.differential.get(cls)) is not None
+    ]
     values.append(ResultValue("wbc_classified", float(specimen.wbc_classified), "{cells}"))
     for kind in CELL_KINDS:
         values.append(
             ResultValue(f"{kind.lower()}_counted", float(specimen.counts.get(kind, 0)), "{cells}")
         )
+    if patient.wbc_count is not None:
+        values += [
+            ranged(absolute_key(cls), round(share / 100.0 * patient.wbc_count, 2), ABSOLUTE_UNITS)
+            for cls in ABSOLUTE_CLASSES
+            if (share := specimen.differential.get(cls)) is not None
+        ]
+    analysed = sum(1 for f in specimen.fields if f.quality.passed)
+    if analysed:
+        per_field = round(specimen.counts.get("PLT", 0) / analysed, 1)
+        values.append(ResultValue("plt_per_field", per_field, "{cells}"))
+    estimate = platelet_estimate(specimen.counts, typical_rbc_count(ranges, patient))
+    if estimate is not None:
+        values.append(ranged("plt_estimate", estimate, ABSOLUTE_UNITS))
     return values

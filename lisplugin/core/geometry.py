@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from skimage import measure
+
+#: Largest distance (mask pixels) between the traced boundary and its simplified polygon.
+OUTLINE_TOLERANCE = 0.6
 
 
 def mask_outline(
@@ -10,32 +14,32 @@ def mask_outline(
 ) -> list[tuple[float, float]]:
     """Polygon around a cell mask, in field pixel coordinates.
 
-    Blood cells are star-shaped around their centroid, so the outline is sampled along ``points``
-    rays from the centroid: each vertex is the farthest mask pixel on its ray. An empty mask
-    falls back to the ellipse inscribed in the box.
+    The boundary is traced on the mask (scikit-image ``find_contours``, marching squares at the
+    half level: between the cell's edge pixels and the background), the largest piece kept, and
+    simplified within ``OUTLINE_TOLERANCE``: it follows dents and flat sides that rays from the
+    centroid would turn into star points. An empty mask falls back to the ellipse inscribed in
+    the box with ``points`` vertices.
     """
     x0, y0, x1, y1 = box
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    if not mask.any():
         return ellipse_outline(box, points)
-    cy, cx = ys.mean(), xs.mean()
-    angles = np.arctan2(ys - cy, xs - cx)
-    radii = np.hypot(ys - cy, xs - cx)
-    bins = ((angles + np.pi) / (2 * np.pi) * points).astype(int) % points
-    outline = []
+    padded = np.pad(mask.astype(np.float32), 1)  # a cell touching the box edge still closes
+    contours = measure.find_contours(padded, 0.5)
+    contour = max(contours, key=lambda c: polygon_area(c[:, 1], c[:, 0]))
+    # a closed contour repeats its first point at the end
+    simplified = measure.approximate_polygon(contour, OUTLINE_TOLERANCE)[:-1]
     scale_x = (x1 - x0) / mask.shape[1]
     scale_y = (y1 - y0) / mask.shape[0]
-    for b in range(points):
-        theta = -np.pi + (b + 0.5) * 2 * np.pi / points
-        in_bin = radii[bins == b]
-        r = float(in_bin.max()) + 0.5 if len(in_bin) else 0.5
-        outline.append(
-            (
-                round(x0 + (cx + 0.5 + r * np.cos(theta)) * scale_x, 1),
-                round(y0 + (cy + 0.5 + r * np.sin(theta)) * scale_y, 1),
-            )
-        )
-    return outline
+    # contour coordinates are pixel indices of the padded mask; pixel i spans [i, i + 1)
+    return [
+        (round(x0 + (col - 0.5) * scale_x, 1), round(y0 + (row - 0.5) * scale_y, 1))
+        for row, col in simplified
+    ]
+
+
+def polygon_area(xs: np.ndarray, ys: np.ndarray) -> float:
+    """Area of a polygon by the shoelace formula (absolute value)."""
+    return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2.0)
 
 
 def ellipse_outline(

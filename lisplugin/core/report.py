@@ -79,3 +79,18 @@ def value_to_json(value: ResultValue) -> dict[str, Any]:
         "reference_high": value.reference_high,
         "abnormal_flag": value.abnormal_flag,
     }
+
+
+def result_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What lists show of a result, kept apart from its cells so that a list of a thousand
+    cases reads a few hundred bytes each instead of every cell outline."""
+    if result is None:
+        return None
+    return {
+        "needs_review": bool(result.get("needs_review")),
+        "wbc_classified": int(result.get("wbc_classified", 0)),
+        "counts": dict(result.get("counts") or {}),
+        "differential": dict(result.get("differential") or {}),
+        "reasons": [f for f in result.get("flags") or [] if f.get("severity") != "info"],
+        "fields": len(result.get("fields") or []),
+    }

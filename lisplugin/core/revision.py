@@ -13,8 +13,8 @@ counts at analysis time, so a reviewed differential has exactly the analysis's s
 
 The rules are evaluated again on the revised result, counting a class a person gave as
 certain (probability 1), so ``LOW_CONF`` only counts the cells still nobody has looked at.
-``delta_check`` is not: it compared the analysis with the patient's previous result, which
-the review does not have at hand, so its flags are kept as the analysis raised them.
+``delta_check`` too: the previous result it compares with is kept in the result JSON
+(``previous``), so its text follows the current values.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from lisplugin.core.types import (
     Cell,
     FieldQuality,
     FieldResult,
-    Flag,
     SpecimenResult,
 )
 
@@ -41,8 +40,6 @@ from lisplugin.core.types import (
 REVIEW_ONLY_CLASSES: tuple[str, ...] = ("artefact", "smudge")
 #: Every class a reviewer may give a leukocyte detection.
 REVIEW_CLASSES: tuple[str, ...] = (*LEUKOCYTE_CLASSES, *REVIEW_ONLY_CLASSES)
-#: Rule kinds judged once, at analysis time (see the module docstring).
-ANALYSIS_ONLY_KINDS = frozenset({"delta_check"})
 #: Top-level keys of the result JSON that follow from the cells' classes.
 DERIVED_KEYS = ("counts", "differential", "class_counts", "wbc_classified", "needs_review", "flags")
 
@@ -81,6 +78,34 @@ def reclassified(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     ]
 
 
+def carry_decisions(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """``after`` (a new analysis of the same captures and more) with the reviewer's work on
+    ``before``: the classes people gave, matched by capture and box (the models are
+    deterministic, so a field analysed again gives the same cells), and the acknowledged flags.
+    The technical review is not carried: it approved a smaller result.
+    """
+
+    def sources(result: Mapping[str, Any]) -> dict[int, str]:
+        return {int(f["index"]): str(f["source"]) for f in result.get("fields") or []}
+
+    old_sources, new_sources = sources(before), sources(after)
+    decided = {
+        (old_sources[int(c["field"])], tuple(c["box"])): c
+        for c in before.get("cells") or []
+        if "original_class" in c
+    }
+    carried = copy.deepcopy(dict(after))
+    for cell in carried.get("cells") or []:
+        old = decided.get((new_sources[int(cell["field"])], tuple(cell["box"])))
+        if old is not None and cell["kind"] == "WBC":
+            cell["original_class"] = cell["class"]
+            cell["class"] = old["class"]
+    review = {k: v for k, v in (before.get("review") or {}).items() if k != "technical_review"}
+    if review:
+        carried["review"] = review
+    return carried
+
+
 def _cell(data: Mapping[str, Any]) -> Cell:
     """A stored cell as the rules see it: a class a person gave is certain."""
     probabilities = data.get("probabilities")
@@ -96,7 +121,8 @@ def _cell(data: Mapping[str, Any]) -> Cell:
     )
 
 
-def _field(data: Mapping[str, Any], cells: Sequence[Cell]) -> FieldResult:
+def field_from_json(data: Mapping[str, Any], cells: Sequence[Cell] = ()) -> FieldResult:
+    """A stored field (with those of ``cells`` that lie in it) as the core's type."""
     quality = data["quality"]
     return FieldResult(
         index=int(data["index"]),
@@ -128,15 +154,9 @@ def revise(
     """
     stored = result.get("cells") or []
     counted = [_cell(c) for c in stored if c["class"] not in REVIEW_ONLY_CLASSES]
-    fields = tuple(_field(f, counted) for f in result.get("fields") or [])
+    fields = tuple(field_from_json(f, counted) for f in result.get("fields") or [])
     specimen = tally(counted).specimen(fields, result.get("model_versions") or {})
-    kept_codes = {r.code for r in rules if r.kind in ANALYSIS_ONLY_KINDS}
-    flags = [
-        *evaluate_rules(
-            specimen, [r for r in rules if r.kind not in ANALYSIS_ONLY_KINDS], patient, ranges
-        ),
-        *(Flag(**f) for f in result.get("flags") or [] if f["code"] in kept_codes),
-    ]
+    flags = evaluate_rules(specimen, rules, patient, ranges)
     specimen = replace(specimen, flags=tuple(flags))
     summary = specimen_to_json(replace(specimen, fields=()))
     revised = {**copy.deepcopy(dict(result)), **{k: summary[k] for k in DERIVED_KEYS}}

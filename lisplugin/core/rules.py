@@ -4,7 +4,9 @@ Rules live in the site's ``rules.yaml`` so a laboratory can tune them without co
 ``code`` (sent with the flag), a ``description``, a ``severity`` (``info`` is only reported;
 ``review`` and ``critical`` hold the result for review) and a ``kind`` with its parameters.
 Any rule may also carry ``age_years: [from, to)`` and ``sex: F|M`` to apply to some patients
-only (an unknown age counts as adult, see :mod:`lisplugin.core.reference`).
+only (an unknown age counts as adult, see :mod:`lisplugin.core.reference`), and
+``ack_reason: true``: a reviewer who acknowledges its flag must say why (always so for
+``critical`` rules).
 
 Kinds and their parameters (``*`` = required):
 
@@ -24,7 +26,9 @@ Kinds and their parameters (``*`` = required):
 * ``absolute_limit``: ``class``\\*, ``below`` / ``above`` (x10^9/L; needs the WBC count of the
   order, else the rule is silent).
 * ``platelet_estimate``: ``below`` / ``above`` (x10^9/L), ``min_rbc_counted`` (default 500),
-  ``rbc_count`` (x10^12/L when the reference ranges have no ``rbc_count``, default 4.8).
+  ``rbc_count`` (x10^12/L when the reference ranges have no ``rbc_count``, default 4.8),
+  ``analyser_tolerance`` (relative, default 0.5): when the order carries the analyser's
+  platelet count, a flag ``<code>_XCHECK`` says the estimate is further from it than this.
 * ``delta_check``: ``max_change``\\* (class -> percentage points), ``window_hours`` (default 72);
   needs the previous result and both times, else it is silent.
 """
@@ -64,10 +68,31 @@ def report_value(percent: float) -> float:
 
 @dataclass(frozen=True)
 class PreviousResult:
-    """The same patient's earlier result, for the delta check."""
+    """The same patient's earlier verified (F/C) result, for the delta check."""
 
     analysed_at: datetime
     differential: Mapping[str, float]  # class -> per 100 leukocytes
+    case_id: int | None = None  # where people find it
+    accession_number: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "accession_number": self.accession_number,
+            "analysed_at": self.analysed_at.isoformat(),
+            "differential": dict(self.differential),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> PreviousResult | None:
+        if not data:
+            return None
+        return cls(
+            analysed_at=datetime.fromisoformat(str(data["analysed_at"])),
+            differential=dict(data["differential"]),
+            case_id=data.get("case_id"),
+            accession_number=data.get("accession_number"),
+        )
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,7 @@ class PatientContext:
     age_years: float | None = None
     sex: str | None = None  # HL7 administrative sex; only F and M select sex-specific limits
     wbc_count: float | None = None  # x10^9/L, the analyser's count sent with the order
+    platelet_count: float | None = None  # x10^9/L, likewise
     analysed_at: datetime | None = None  # this result's time, for the delta check
     previous: PreviousResult | None = None
 
@@ -269,27 +295,60 @@ def _absolute_limit(rule: Rule, s: SpecimenLike, p: PatientContext, r: Any) -> l
     return [rule.flag(f"{cls} {text} ({value:.1f} % of WBC {p.wbc_count:g} x10^9/L)")]
 
 
+#: Fewer red cells counted than this give no platelet estimate (about 25 platelets: +/-20 %).
+MIN_RBC_FOR_PLATELET_ESTIMATE = 500
+#: Red cell count (x10^12/L) assumed when the reference ranges have none for the patient.
+TYPICAL_RBC_COUNT = 4.8
+
+
+def typical_rbc_count(
+    ranges: ReferenceRanges | None, patient: PatientContext, default: float = TYPICAL_RBC_COUNT
+) -> float:
+    """The middle of the patient's red cell interval (x10^12/L), else ``default``."""
+    interval = ranges.lookup("rbc_count", patient.age_years, patient.sex) if ranges else None
+    if interval is not None and interval.low is not None and interval.high is not None:
+        return (interval.low + interval.high) / 2.0
+    return default
+
+
+def platelet_estimate(
+    counts: Mapping[str, int],
+    rbc_count: float,
+    min_rbc_counted: int = MIN_RBC_FOR_PLATELET_ESTIMATE,
+) -> float | None:
+    """Platelets per red cell x a red cell count (x10^12/L), in x10^9/L; None when too few
+    red cells were counted for the ratio to mean anything."""
+    rbc, plt = counts.get("RBC", 0), counts.get("PLT", 0)
+    if rbc < min_rbc_counted:
+        return None
+    return float(round(plt / rbc * rbc_count * 1000.0))  # x10^12/L -> x10^9/L
+
+
 def _platelet_estimate(
     rule: Rule, s: SpecimenLike, p: PatientContext, ranges: ReferenceRanges | None
 ) -> list[Flag]:
     rbc, plt = s.counts.get("RBC", 0), s.counts.get("PLT", 0)
-    if rbc < int(rule.params["min_rbc_counted"]):
+    rbc_count = typical_rbc_count(ranges, p, float(rule.params["rbc_count"]))
+    estimate = platelet_estimate(s.counts, rbc_count, int(rule.params["min_rbc_counted"]))
+    if estimate is None:
         return []
-    interval = ranges.lookup("rbc_count", p.age_years, p.sex) if ranges else None
-    if interval is not None and interval.low is not None and interval.high is not None:
-        rbc_count = (interval.low + interval.high) / 2.0
-    else:
-        rbc_count = float(rule.params["rbc_count"])
-    estimate = round(plt / rbc * rbc_count * 1000.0)  # x10^12/L -> x10^9/L
+    how = f"{plt} platelets per {rbc} red cells at a typical {rbc_count:g} x10^12/L"
+    flags = []
     text = _limit_text(estimate, rule, "x10^9/L")
-    if not text:
-        return []
-    return [
-        rule.flag(
-            f"platelet estimate {text} ({plt} platelets per {rbc} red cells at a typical "
-            f"{rbc_count:g} x10^12/L)"
-        )
-    ]
+    if text:
+        flags.append(rule.flag(f"platelet estimate {text} ({how})"))
+    tolerance = float(rule.params["analyser_tolerance"])
+    if p.platelet_count is not None:
+        apart = count_disagreement(estimate, p.platelet_count, 10.0)
+        if apart > tolerance:
+            flags.append(
+                rule.flag(
+                    f"platelet estimate {estimate:g} x10^9/L vs analyser {p.platelet_count:g} "
+                    f"x10^9/L ({apart:.0%} apart, limit {tolerance:.0%}; {how})",
+                    suffix="_XCHECK",
+                )
+            )
+    return flags
 
 
 def _delta_check(rule: Rule, s: SpecimenLike, p: PatientContext, r: Any) -> list[Flag]:
@@ -308,12 +367,18 @@ def _delta_check(rule: Rule, s: SpecimenLike, p: PatientContext, r: Any) -> list
         change = report_value(now) - report_value(float(before))
         if abs(change) > limit:
             changes.append(
-                f"{cls} {float(before):.1f} -> {now:.1f} ({change:+.1f}, limit {limit:g})"
+                f"{cls} {report_value(float(before)):.1f} -> {report_value(now):.1f} "
+                f"({change:+.1f}, limit {limit:g})"
             )
     if not changes:
         return []
     elapsed_h = elapsed.total_seconds() / 3600.0
-    return [rule.flag(f"changed since the result {elapsed_h:.0f} h ago: " + "; ".join(changes))]
+    where = f" (case {previous.accession_number or previous.case_id})" if previous.case_id else ""
+    return [
+        rule.flag(
+            f"changed since the verified result {elapsed_h:.0f} h ago{where}: " + "; ".join(changes)
+        )
+    ]
 
 
 EVALUATORS: dict[str, Evaluator] = {
@@ -342,12 +407,13 @@ _PARAMS: dict[str, dict[str, Any]] = {
     "platelet_estimate": {
         "below": None,
         "above": None,
-        "min_rbc_counted": 500,
-        "rbc_count": 4.8,
+        "min_rbc_counted": MIN_RBC_FOR_PLATELET_ESTIMATE,
+        "rbc_count": TYPICAL_RBC_COUNT,
+        "analyser_tolerance": 0.5,
     },
     "delta_check": {"max_change": None, "window_hours": 72},
 }
-_COMMON = {"age_years", "sex"}
+_COMMON = {"age_years", "sex", "ack_reason"}
 _ENTRY = {"code", "description", "severity", "kind"}
 
 
@@ -420,6 +486,16 @@ def parse_rules(data: Any, settings: AnalysisSettings | None = None) -> list[Rul
     if len(set(codes)) != len(codes):
         raise ValueError("rules: codes must be unique")
     return rules
+
+
+def reason_required(rules: Sequence[Rule], flag: Flag) -> bool:
+    """Whether acknowledging ``flag`` needs a reason: critical, or its rule asks for one."""
+    if flag.severity == "critical":
+        return True
+    rule = next(
+        (r for r in rules if flag.code == r.code or flag.code.startswith(f"{r.code}_")), None
+    )
+    return bool(rule and rule.params.get("ack_reason"))
 
 
 def evaluate_rules(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from pydicom import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, iter_pixels
+from pydicom.pixels.utils import _get_jpg_parameters, get_expected_length
 from pydicom.uid import (
     JPEG2000TransferSyntaxes,
     JPEGLSTransferSyntaxes,
@@ -24,6 +26,7 @@ from pydicom.uid import (
     VLWholeSlideMicroscopyImageStorage,
 )
 
+from lisplugin.config import InstanceLimits
 from lisplugin.core.types import Field
 
 #: Photometric interpretations turned into RGB; the others (CMYK, ARGB, HSV, YBR_PARTIAL_*)
@@ -65,8 +68,13 @@ class UnusableInstance(Exception):
 
 
 def validate_identity(ds: Dataset) -> None:
-    """Refuse an instance that cannot be filed: no usable Study or SOP Instance UID."""
-    for keyword, label in (("StudyInstanceUID", "Study"), ("SOPInstanceUID", "SOP Instance")):
+    """Refuse an instance that cannot be filed: no usable Study, Series or SOP Instance UID
+    (reports to PACS reference the series; without one they would fail again and again)."""
+    for keyword, label in (
+        ("StudyInstanceUID", "Study"),
+        ("SeriesInstanceUID", "Series"),
+        ("SOPInstanceUID", "SOP Instance"),
+    ):
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
             raise UnusableInstance(f"missing {label} UID", identity=True)
@@ -74,31 +82,22 @@ def validate_identity(ds: Dataset) -> None:
             raise UnusableInstance(f"malformed {label} UID", identity=True)
 
 
-def fields_from_dataset(ds: Dataset) -> list[Field]:
+def fields_from_dataset(ds: Dataset, limits: InstanceLimits | None = None) -> list[Field]:
     """All fields of an instance: one per frame, decoded and converted to RGB uint8."""
-    return list(iter_fields(ds))
+    return list(iter_fields(ds, limits))
 
 
-def iter_fields(ds: Dataset) -> Iterator[Field]:
+def iter_fields(ds: Dataset, limits: InstanceLimits | None = None) -> Iterator[Field]:
     """Like ``fields_from_dataset`` one frame at a time, for large multi-frame (WSI) instances.
 
     Single-frame IODs get the SOP Instance UID as source; instances with Number of Frames get
-    ``"<SOPInstanceUID>#frame=<n>"`` with n counted from 1 as DICOM frame numbers are.
+    ``"<SOPInstanceUID>#frame=<n>"`` with n counted from 1 as DICOM frame numbers are. The
+    header is checked against ``limits`` first, so no decoder is handed a dimension bomb.
     """
-    validate_identity(ds)
-    if "PixelData" not in ds:
-        raise UnusableInstance("no pixel data")
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if photometric not in SUPPORTED_PHOTOMETRIC:
-        raise UnusableInstance(f"unsupported photometric {photometric or '(none)'}")
-    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if photometric in _J2K_ONLY_PHOTOMETRIC and transfer_syntax not in JPEG2000TransferSyntaxes:
-        raise UnusableInstance(f"{photometric} outside a JPEG 2000 syntax")
-
+    validate_header(ds, limits or InstanceLimits())
+    photometric = _photometric(ds)
     uid = str(ds.SOPInstanceUID).strip()
     multi_frame = "NumberOfFrames" in ds
-    if transfer_syntax in _MARKER_TERMINATED:
-        _check_frames_complete(ds)
     shared_spacing = _spacing_um(ds)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     frames = iter_pixels(ds)
@@ -120,14 +119,89 @@ def iter_fields(ds: Dataset) -> Iterator[Field]:
         )
 
 
-def _check_frames_complete(ds: Dataset) -> None:
-    frames = int(ds.get("NumberOfFrames") or 1)
+def validate_header(ds: Dataset, limits: InstanceLimits) -> int:
+    """Check what an instance declares against ``limits`` without decoding it; the frame count.
+
+    Identity, pixel description, dimensions, frame count, the native Pixel Data length and, for
+    encapsulated data, each frame's codestream header (its size must be the declared one, and
+    marker-terminated codestreams must be complete) are checked. Entropy-coded data is not
+    looked at: a corrupt scan is only found when the frame is decoded for analysis.
+    """
+    validate_identity(ds)
+    if "PixelData" not in ds:
+        raise UnusableInstance("no pixel data")
+    photometric = _photometric(ds)
+    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if photometric in _J2K_ONLY_PHOTOMETRIC and transfer_syntax not in JPEG2000TransferSyntaxes:
+        raise UnusableInstance(f"{photometric} outside a JPEG 2000 syntax")
     try:
-        for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
-            if frame.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-                raise UnusableInstance(f"frame {number} truncated (no end marker)")
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UnusableInstance(f"pixel description incomplete: {exc}") from exc
+    if rows < 1 or columns < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32):
+        raise UnusableInstance(f"unsupported pixel description {rows}x{columns}x{samples} {bits}b")
+    if rows * columns > limits.max_pixels_per_frame:
+        raise UnusableInstance(
+            f"frame {columns}x{rows} exceeds {limits.max_pixels_per_frame} pixels"
+        )
+    if not 1 <= frames <= limits.max_frames:
+        raise UnusableInstance(f"{frames} frames, limit {limits.max_frames}")
+    if ds["PixelData"].is_undefined_length:
+        _check_codestreams(ds, transfer_syntax, frames, rows, columns)
+    else:
+        expected = get_expected_length(ds)
+        actual = len(ds.PixelData)
+        if not expected <= actual <= expected + 1:  # one byte of padding to an even length
+            raise UnusableInstance(f"pixel data {actual} bytes, header declares {expected}")
+    return frames
+
+
+def _photometric(ds: Dataset) -> str:
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise UnusableInstance(f"unsupported photometric {photometric or '(none)'}")
+    return photometric
+
+
+def _check_codestreams(
+    ds: Dataset, transfer_syntax: object, frames: int, rows: int, columns: int
+) -> None:
+    """Each encapsulated frame present and complete, its codestream declaring our size."""
+    count = 0
+    try:
+        for count, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
+            if count > frames:
+                break
+            if transfer_syntax in _MARKER_TERMINATED and frame.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+                raise UnusableInstance(f"frame {count} truncated (no end marker)")
+            size = _codestream_size(frame, transfer_syntax)
+            if size is not None and size != (columns, rows):
+                raise UnusableInstance(
+                    f"frame {count} is {size[0]}x{size[1]}, header says {columns}x{rows}"
+                )
     except ValueError as exc:  # broken item tags or offset table
         raise UnusableInstance(f"encapsulated pixel data unreadable: {exc}") from exc
+    if count != frames:
+        raise UnusableInstance(f"{count} encapsulated frames, header declares {frames}")
+
+
+def _codestream_size(frame: bytes, transfer_syntax: object) -> tuple[int, int] | None:
+    """(width, height) from a JPEG SOF or JPEG 2000 SIZ marker; None for other syntaxes."""
+    if transfer_syntax in JPEGTransferSyntaxes:
+        info = _get_jpg_parameters(frame)
+        if "width" not in info:
+            raise UnusableInstance("JPEG frame without a readable SOF header")
+        return int(info["width"]), int(info["height"])
+    if transfer_syntax in JPEG2000TransferSyntaxes:
+        start = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (after a JP2 header if any)
+        if start < 0 or len(frame) < start + 24:
+            raise UnusableInstance("JPEG 2000 frame without a SIZ header")
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", frame[start + 8 : start + 24])
+        return xsiz - xosiz, ysiz - yosiz
+    return None
 
 
 def field_from_image_file(path: Path | str) -> Field:

@@ -8,18 +8,24 @@ Error Comments are documented in interfaces/dicom-conformance.md (a test keeps t
 from __future__ import annotations
 
 import logging
+import threading
+import zlib
 from collections.abc import Callable
+from io import BytesIO
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.association import Association
+from pynetdicom.dsutils import decode, encode_file_meta
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from lisplugin.config import DicomSettings
-from lisplugin.dicom.decode import UnusableInstance, validate_identity
+from lisplugin.config import DicomSettings, InstanceLimits
+from lisplugin.dicom.decode import UnusableInstance, validate_header
+from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from lisplugin.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +66,48 @@ class StorageSCP:
         settings: DicomSettings,
         store: StoreCallback,
         refused: RefusedCallback | None = None,
+        worklist: WorklistSCP | None = None,
     ) -> None:
         self.settings = settings
         self._store = store
         self._refused = refused
+        self._worklist = worklist
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> ThreadedAssociationServer:
         """Listen in background threads; with port 0 the OS picks one (see ``port``)."""
         if self._server is not None:
             raise RuntimeError("StorageSCP already started")
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_pdu_size = self.settings.max_pdu
+        settings = self.settings
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_pdu_size = settings.max_pdu
+        ae.maximum_associations = settings.max_associations
+        ae.acse_timeout = settings.acse_timeout
+        ae.dimse_timeout = settings.dimse_timeout
+        ae.network_timeout = settings.network_timeout
         # Only the supported contexts exist, so other SOP classes and syntaxes are rejected
         # during association negotiation instead of failing one C-STORE at a time.
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification, list(TRANSFER_SYNTAXES[:2]))
         ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        # An association addressed to another AE title was meant for another node.
+        ae.require_called_aet = True
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        if self._worklist is not None:  # Modality Worklist C-FIND on the same AE (dicom/mwl.py)
+            ae.add_supported_context(ModalityWorklistInformationFind, list(TRANSFER_SYNTAXES[:2]))
+            handlers.append((evt.EVT_C_FIND, self._worklist.handle))
         self._server = ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=server_context(settings.tls),
+        )
+        self._server.RequestHandlerClass = _BoundedRequestHandler
+        self._server.peers = _PeerCounter(settings.max_associations_per_peer)  # type: ignore[attr-defined]
+        self._server.read_limits = (  # type: ignore[attr-defined]
+            _pdu_read_limit(settings.max_pdu),
+            settings.limits.max_instance_bytes + _PDU_SLACK,
         )
         log.info(
             "DICOM SCP %s listening on %s:%d",
@@ -112,34 +139,60 @@ class StorageSCP:
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         file_meta = event.file_meta
         file_meta.SourceApplicationEntityTitle = calling
+        received = request.DataSet.getvalue()
+        sock = event.assoc.dul.socket
+        if isinstance(sock, _BoundedSocket):
+            sock.received = 0  # the next instance gets the whole budget again
         # The instance as received, with a Part 10 header in front: never re-encoded.
-        raw = PREAMBLE + encode_file_meta(file_meta) + request.DataSet.getvalue()
+        raw = PREAMBLE + encode_file_meta(file_meta) + received
         try:
-            ds = event.dataset
+            ds = _decode_bounded(event, received, self.settings.limits)
             ds.file_meta = file_meta
-            sop_class = str(ds.get("SOPClassUID", "") or "")
-            if sop_class != str(request.AffectedSOPClassUID):
-                raise UnusableInstance("SOP Class UID differs from request", identity=True)
-            validate_identity(ds)
-            if str(ds.SOPInstanceUID).strip() != sop_uid:
-                raise UnusableInstance("SOP Instance UID differs from request", identity=True)
-        except UnusableInstance as exc:
+        except UnusableInstance as exc:  # over a limit: refused with that reason
             return self._refuse(exc, raw, calling, sop_uid)
         except Exception as exc:  # a data set pydicom cannot parse
             return self._refuse(
                 UnusableInstance(f"undecodable data set: {exc}"), raw, calling, sop_uid
             )
+        return _status(*self.receive(ds, raw, calling, str(request.AffectedSOPClassUID), sop_uid))
+
+    def receive(
+        self, ds: Dataset, raw: bytes, calling: str, sop_class_uid: str, sop_uid: str
+    ) -> tuple[int, str]:
+        """Check, store (or quarantine) one instance: (status, Error Comment).
+
+        The one ingest path of C-STORE and of STOW-RS (``lisplugin.http.dicomweb``), which
+        passes the instance's own class and UID as the "request" values.
+        """
+        try:
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+            if sop_class != sop_class_uid:
+                raise UnusableInstance("SOP Class UID differs from request", identity=True)
+            validate_header(ds, self.settings.limits)
+            if str(ds.SOPInstanceUID).strip() != sop_uid:
+                raise UnusableInstance("SOP Instance UID differs from request", identity=True)
+        except UnusableInstance as exc:
+            return self._refused_status(exc, raw, calling, sop_uid)
+        except Exception as exc:  # a data set pydicom cannot parse
+            return self._refused_status(
+                UnusableInstance(f"undecodable data set: {exc}"), raw, calling, sop_uid
+            )
         try:
             self._store(ds, raw)
         except UnusableInstance as exc:
-            return self._refuse(exc, raw, calling, sop_uid)
+            return self._refused_status(exc, raw, calling, sop_uid)
         except Exception as exc:
             log.exception("C-STORE %s from %s: storing failed", sop_uid, calling)
-            return _status(OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}")
+            return OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}"
         log.info("C-STORE %s from %s stored", sop_uid, calling)
-        return _status(SUCCESS)
+        return SUCCESS, ""
 
     def _refuse(self, exc: UnusableInstance, raw: bytes, calling: str, sop_uid: str) -> Dataset:
+        return _status(*self._refused_status(exc, raw, calling, sop_uid))
+
+    def _refused_status(
+        self, exc: UnusableInstance, raw: bytes, calling: str, sop_uid: str
+    ) -> tuple[int, str]:
         """A failure status with the reason; the instance itself is kept in quarantine."""
         code = DATASET_DOES_NOT_MATCH_SOP_CLASS if exc.identity else CANNOT_UNDERSTAND
         log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, calling, code, exc.reason)
@@ -148,8 +201,127 @@ class StorageSCP:
                 self._refused(raw, exc.reason, sop_uid, calling)
             except Exception:
                 log.exception("could not quarantine %s", sop_uid)
-                return _status(OUT_OF_RESOURCES, "quarantine failed")
-        return _status(code, exc.reason)
+                return OUT_OF_RESOURCES, "quarantine failed"
+        return code, exc.reason
+
+
+def _decode_bounded(event: Event, received: bytes, limits: InstanceLimits) -> Dataset:
+    """The received data set parsed, inflating a deflated one only up to the limits.
+
+    pynetdicom's ``event.dataset`` inflates without a bound (a few MB can become GBs).
+    """
+    syntax = event.context.transfer_syntax
+    if len(received) > limits.max_instance_bytes:
+        raise UnusableInstance(f"instance exceeds {limits.max_instance_bytes} bytes")
+    if syntax.is_deflated:
+        received = _inflate(received, limits)
+    ds = decode(BytesIO(received), syntax.is_implicit_VR, syntax.is_little_endian)
+    pixel_bytes = len(ds["PixelData"].value or b"") if "PixelData" in ds else 0
+    if len(received) - pixel_bytes > limits.max_header_bytes:
+        raise UnusableInstance(f"attributes besides pixel data exceed {limits.max_header_bytes}B")
+    return ds
+
+
+def _inflate(deflated: bytes, limits: InstanceLimits) -> bytes:
+    """Raw-deflate data inflated, refused once past the inflation ratio or the size limit."""
+    bound = min(limits.max_instance_bytes, int(len(deflated) * limits.max_inflation_ratio))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(deflated, bound + 1)
+    except zlib.error as exc:
+        raise UnusableInstance(f"deflated data set corrupt: {exc}") from exc
+    if len(inflated) > bound:
+        raise UnusableInstance(f"deflated data set inflates beyond {bound} bytes")
+    return inflated
+
+
+#: Room for PDU and PDV headers and the command set above the data set budget.
+_PDU_SLACK = 64 * 1024
+
+
+def _pdu_read_limit(max_pdu: int) -> int:
+    """The largest PDU body read from a peer; an association request fits in 64 KiB."""
+    return max(max_pdu, 0) + _PDU_SLACK if max_pdu else 2**32
+
+
+class _BoundedSocket(AssociationSocket):
+    """Refuses a PDU over the limit, and a data set that grows past its budget, while they
+    arrive: the OSError makes pynetdicom treat the connection as closed and abort it."""
+
+    max_read: int
+    budget: int
+    received: int
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.max_read:
+            log.warning("association aborted: PDU of %d bytes over %d", nr_bytes, self.max_read)
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds {self.max_read}")
+        data = super().recv(nr_bytes)
+        self.received += len(data)
+        if self.received > self.budget:
+            log.warning("association aborted: data set over %d bytes", self.budget)
+            raise OSError(f"data set exceeds {self.budget} bytes")
+        return data
+
+
+class _PeerCounter:
+    """Connections per peer address, so that one host cannot take every association slot."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self._refusing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def enter(self, peer: str) -> bool:
+        with self._lock:
+            if self._open.get(peer, 0) >= self.limit:
+                if peer not in self._refusing:  # logged once per run of refusals
+                    log.warning(
+                        "DICOM: %s has %d connections open, refusing more", peer, self.limit
+                    )
+                self._refusing.add(peer)
+                return False
+            self._refusing.discard(peer)
+            self._open[peer] = self._open.get(peer, 0) + 1
+            return True
+
+    def leave(self, peer: str) -> None:
+        with self._lock:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]
+
+
+class _BoundedRequestHandler(RequestHandler):
+    """pynetdicom's handler with its association socket bounded by the server's limits, and
+    at most ``max_associations_per_peer`` connections from one address."""
+
+    _assoc: Association | None = None
+
+    def handle(self) -> None:
+        peers: _PeerCounter = self.server.peers  # type: ignore[attr-defined]
+        peer = str(self.client_address[0])
+        if not peers.enter(peer):
+            self.request.close()
+            return
+        try:
+            super().handle()  # starts the association's own thread
+            if self._assoc is not None:
+                self._assoc.join()  # the peer's slot is held while the association lives
+        finally:
+            peers.leave(peer)
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        self._assoc = assoc
+        sock = assoc.dul.socket
+        # Same object, narrower class: re-creating the socket would signal the
+        # connection to the state machine twice.
+        sock.__class__ = _BoundedSocket
+        sock.max_read, sock.budget = self.server.read_limits  # type: ignore[attr-defined]
+        sock.received = 0
+        return assoc
 
 
 def _status(code: int, comment: str = "") -> Dataset:

@@ -10,6 +10,7 @@ the ONNX sessions up.
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import resource
@@ -118,8 +119,22 @@ def run_bench(
     }
 
 
+#: ``lisplugin bench MODE``: modes with their own module and arguments.
+MODES = {
+    "worklist": "lisplugin.evaluation.bench_worklist",
+    "ingest": "lisplugin.evaluation.bench_ingest",
+    "slide": "lisplugin.evaluation.bench_slide",
+}
+
+
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lisplugin bench", description=__doc__)
+    if argv and argv[0] in MODES:
+        return int(importlib.import_module(MODES[argv[0]]).cli(argv[1:]) or 0)
+    parser = argparse.ArgumentParser(
+        prog="lisplugin bench",
+        description=__doc__,
+        epilog="other modes: lisplugin bench ingest | slide | worklist --help",
+    )
     parser.add_argument("--fields", type=int, default=30, help="timed fields (default 30)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--models", type=Path, help="models folder (default: settings)")

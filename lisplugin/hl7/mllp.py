@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hl7.mllp import InvalidBlockError, open_hl7_connection, start_hl7_server
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 #: Largest MLLP block accepted (bytes); a larger one is answered with AR.
 MAX_BLOCK = 4 * 1024 * 1024
+#: Seconds a connection may stay silent (or hold an unfinished message) before it is closed.
+READ_TIMEOUT = 60.0
+#: Connections served at once; more are closed as soon as they are accepted.
+MAX_CONNECTIONS = 64
 
 Handler = Callable[[str], str]
 OrderCallback = Callable[[Order, str], None]
@@ -53,10 +59,28 @@ class AckResult:
 class MllpServer:
     """An MLLP server answering each received message with ``handler(message)``."""
 
-    def __init__(self, host: str, port: int, handler: Handler) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: Handler,
+        *,
+        max_message_bytes: int = MAX_BLOCK,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        allowed_peers: Sequence[str] = (),
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self._port = port
         self._handler = handler
+        self.ssl_context = ssl_context  # MLLP over TLS when set
+        #: Addresses or networks (``10.1.2.0/24``) that may connect; empty allows any.
+        self.allowed_peers = [ipaddress.ip_network(p, strict=False) for p in allowed_peers]
+        self.max_message_bytes = max_message_bytes
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self._refusing = False  # logged once per run of refused connections, not per refusal
         self._server: asyncio.Server | None = None
         self._clients: set[HL7StreamWriter] = set()
         self._one_at_a_time = asyncio.Lock()
@@ -69,7 +93,14 @@ class MllpServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await start_hl7_server(self._serve, self.host, self._port, limit=MAX_BLOCK)
+        self._server = await start_hl7_server(
+            self._serve,
+            self.host,
+            self._port,
+            limit=self.max_message_bytes,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=self.read_timeout if self.ssl_context else None,
+        )
         log.info("MLLP listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -89,13 +120,47 @@ class MllpServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    def answer_oversized(self) -> str:
+        """The answer to a message over ``max_message_bytes`` (its header is not kept)."""
+        return self._handler("")
+
+    def _allowed(self, peer: object) -> bool:
+        if not self.allowed_peers:
+            return True
+        try:
+            address = ipaddress.ip_address(peer[0])  # type: ignore[index]
+        except (TypeError, IndexError, ValueError):
+            return False
+        return any(address in network for network in self.allowed_peers)
+
     async def _serve(self, reader: HL7StreamReader, writer: HL7StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        if not self._allowed(peer):
+            log.warning("MLLP connection from %s refused: not in hl7.allowed_peers", peer)
+            writer.close()
+            return
+        if len(self._clients) >= self.max_connections:
+            if not self._refusing:
+                log.warning("MLLP: %d connections open, refusing more", len(self._clients))
+            self._refusing = True
+            writer.close()
+            return
+        self._refusing = False
         self._clients.add(writer)
         try:
             while True:
                 try:
-                    block = await reader.readblock()
+                    async with asyncio.timeout(self.read_timeout):
+                        block = await reader.readblock()
+                except TimeoutError:
+                    pending = len(getattr(reader, "_buffer", b""))
+                    log.warning(
+                        "MLLP %s silent for %g s, closed%s",
+                        peer,
+                        self.read_timeout,
+                        f"; unfinished message of {pending} bytes dropped" if pending else "",
+                    )
+                    return
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
                         log.warning(
@@ -104,9 +169,20 @@ class MllpServer:
                             len(exc.partial),
                         )
                     return
-                except (InvalidBlockError, ValueError) as exc:
+                except InvalidBlockError as exc:
                     log.warning("MLLP %s sent a malformed block: %s", peer, exc)
                     block = b""  # answered like any unreadable message: AR
+                except ValueError:  # over the stream limit: the rest cannot be re-synchronised
+                    log.warning(
+                        "MLLP %s sent a message over %d bytes; answered AR and closed",
+                        peer,
+                        self.max_message_bytes,
+                    )
+                    async with self._one_at_a_time:
+                        answer = await asyncio.to_thread(self.answer_oversized)
+                    writer.writeblock(answer.encode("utf-8"))
+                    await writer.drain()
+                    return
                 async with self._one_at_a_time:
                     answer = await asyncio.to_thread(self._handler, _decode(block))
                     writer.writeblock(answer.encode("utf-8"))
@@ -193,23 +269,74 @@ class MllpOrderListener(MllpServer):
         *,
         application: str = "LISPLUGIN",
         facility: str = "",
+        max_message_bytes: int = MAX_BLOCK,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        allowed_peers: Sequence[str] = (),
+        allowed_senders: Sequence[str] = (),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(host, port, self._answer)
+        super().__init__(
+            host,
+            port,
+            self._answer,
+            max_message_bytes=max_message_bytes,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+            allowed_peers=allowed_peers,
+            ssl_context=ssl_context,
+        )
+        #: ``APP`` or ``APP^FACILITY`` (MSH-3, MSH-4) that may send orders; empty allows any.
+        self.allowed_senders = {s.upper() for s in allowed_senders}
         self._on_order = on_order
         self._application = application
         self._facility = facility
 
+    def answer_oversized(self) -> str:
+        error = MessageRejected(
+            ErrorCode.APPLICATION_INTERNAL_ERROR,
+            f"message larger than {self.max_message_bytes} bytes",
+            ack_code="AR",
+        )
+        return build_ack("", error, application=self._application, facility=self._facility)
+
+    def _sender_refused(self, message: str) -> MessageRejected | None:
+        if not self.allowed_senders:
+            return None
+        header = ReceivedHeader(message)
+        application, facility = header.application.upper(), header.facility.upper()
+        if (
+            application in self.allowed_senders
+            or f"{application}^{facility}" in self.allowed_senders
+        ):
+            return None
+        log.warning("order from %s^%s refused: not in hl7.allowed_senders", application, facility)
+        return MessageRejected(
+            ErrorCode.TABLE_VALUE_NOT_FOUND,
+            "sending application/facility not allowed to send orders",
+            "MSH^1^3",
+            ack_code="AR",
+        )
+
     def _answer(self, message: str) -> str:
+        if refused := self._sender_refused(message):
+            return build_ack(
+                message, refused, application=self._application, facility=self._facility
+            )
         try:
             order = parse_order(message)
             self._on_order(order, message)
         except MessageRejected as exc:
             error = exc
-        except Exception:
-            log.exception(
-                "order %s could not be processed",
+        except Exception as exc:
+            # The exception's text may quote the message (names, birth dates): the kind only,
+            # the traceback at DEBUG level.
+            log.error(
+                "order %s could not be processed: %s",
                 ReceivedHeader(message).control_id or "(no control id)",
+                type(exc).__name__,
             )
+            log.debug("traceback", exc_info=True)
             error = MessageRejected(
                 ErrorCode.APPLICATION_INTERNAL_ERROR,
                 "the order could not be stored; send it again later",
@@ -226,7 +353,9 @@ class MllpOrderListener(MllpServer):
         return build_ack(message, error, application=self._application, facility=self._facility)
 
 
-async def send_message_async(host: str, port: int, message: str, timeout: float) -> AckResult:
+async def send_message_async(
+    host: str, port: int, message: str, timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> AckResult:
     """Send one message over MLLP and return its ACK; ``LisUnreachable`` without one.
 
     ``timeout`` bounds the whole exchange (connect, send, ACK). The ACK must acknowledge this
@@ -236,7 +365,7 @@ async def send_message_async(host: str, port: int, message: str, timeout: float)
     writer: HL7StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await open_hl7_connection(host, port, limit=MAX_BLOCK)
+            reader, writer = await open_hl7_connection(host, port, limit=MAX_BLOCK, ssl=ssl_context)
             writer.writeblock(message.encode("utf-8"))
             await writer.drain()
             block = await reader.readblock()
@@ -260,9 +389,11 @@ async def send_message_async(host: str, port: int, message: str, timeout: float)
     return AckResult(code=code, control_id=acknowledged, text=text)
 
 
-def send_message(host: str, port: int, message: str, timeout: float) -> AckResult:
+def send_message(
+    host: str, port: int, message: str, timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> AckResult:
     """``send_message_async`` for threads without an event loop (the outbox worker)."""
-    return asyncio.run(send_message_async(host, port, message, timeout))
+    return asyncio.run(send_message_async(host, port, message, timeout, ssl_context))
 
 
 def next_retry_delay(attempt: int, initial: float, maximum: float) -> float:

@@ -15,6 +15,7 @@ order with its accession number). ``Order.accession_source`` says which field it
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from datetime import date, datetime
 from typing import Any
 
 import hl7
+import hl7.util
 from hl7apy import load_reference
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import ChildNotFound
@@ -40,8 +42,50 @@ CANCEL_CONTROLS = ("CA", "DC")
 ACCESSION_FIELDS = (("OBR", 18), ("OBR", 20), ("OBR", 3), ("ORC", 3))
 #: Administrative sex, HL7 table 0001; anything else is reported as U.
 SEXES = ("F", "M", "O", "U", "A", "N")
+#: OBX-3 codes (LOINC) of the analyser counts an order may carry, x10^9/L after conversion.
+WBC_COUNT_CODES = ("6690-2", "26464-8", "804-5")  # leukocytes #/volume (automated, any, manual)
+PLATELET_COUNT_CODES = ("777-3", "26515-7", "778-1")  # platelets #/volume
+#: OBX-6 units (lower case, spaces removed) -> factor to x10^9/L; no units is taken as x10^9/L.
+COUNT_UNITS = {
+    "": 1.0,
+    "10*9/l": 1.0,
+    "10^9/l": 1.0,
+    "x10e9/l": 1.0,
+    "10e9/l": 1.0,
+    "g/l": 1.0,
+    "/nl": 1.0,
+    "10*3/ul": 1.0,
+    "10^3/ul": 1.0,
+    "x10e3/ul": 1.0,
+    "10e3/ul": 1.0,
+    "k/ul": 1.0,
+    "10*3/mm3": 1.0,
+    "/ul": 0.001,
+    "{cells}/ul": 0.001,
+    "/mm3": 0.001,
+}
+#: Counts above these (x10^9/L) are taken for a unit error, not a patient.
+MAX_COUNTS = {"wbc": 1000.0, "platelet": 5000.0}
+#: OBX-11 statuses whose value is not (or no longer) a result: deleted, wrong, no result.
+VOID_OBSERVATION_STATUSES = ("D", "W", "X", "N")
 #: HL7 DTM, YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]; python-hl7 alone accepts more.
 _DTM = re.compile(r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,4})?(?:[+-]\d{4})?")
+#: Segments about the patient: their values are never repeated in an error text or a log.
+PATIENT_SEGMENTS = frozenset({"PID", "PD1", "NK1"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _WithholdValues(logging.Filter):
+    """python-hl7 logs undecodable escape sequences with the whole field, e.g. a surname."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = "python-hl7 found a malformed value (withheld: it may identify a patient)"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger(hl7.util.__file__).addFilter(_WithholdValues())
 
 
 class OrderRejected(MessageRejected):
@@ -74,6 +118,8 @@ class Order:
     ordering_provider_id: str  # OBR-16, else ORC-12: XCN-1
     ordering_provider_family_name: str  # XCN-2
     ordering_provider_given_name: str  # XCN-3
+    wbc_count: float | None = None  # x10^9/L, the analyser's count in an OBX of the order
+    platelet_count: float | None = None  # x10^9/L, likewise
 
     @property
     def is_stat(self) -> bool:
@@ -126,6 +172,7 @@ def parse_order(text: str) -> Order:
     collected_at = _timestamp(reader, obr, 7) or _timestamp(reader, order_group.first("SPM"), 17)
     provider = obr if reader.value(obr, 16) else orc
     provider_field = 16 if provider is obr else 12
+    counts = _counts(reader, order_group)
     return Order(
         control_id=reader.value(msh, 10),
         message_type=message_type,
@@ -149,7 +196,52 @@ def parse_order(text: str) -> Order:
         ordering_provider_id=reader.value(provider, provider_field),
         ordering_provider_family_name=reader.value(provider, provider_field, 2),
         ordering_provider_given_name=reader.value(provider, provider_field, 3),
+        wbc_count=counts.get("wbc"),
+        platelet_count=counts.get("platelet"),
     )
+
+
+def _counts(reader: _Reader, order_group: _Group) -> dict[str, float]:
+    """WBC and platelet counts of the order's OBX segments (prior results left out), x10^9/L.
+
+    An OBX-5 that is no number, units that are not a count per volume, or a count beyond
+    ``MAX_COUNTS`` is refused (AE): a wrong count would make wrong absolute counts.
+    """
+    found: dict[str, float] = {}
+    for obx in (ref for ref in order_group.segments() if ref.name == "OBX"):
+        code = reader.value(obx, 3)
+        kind = (
+            "wbc" if code in WBC_COUNT_CODES else "platelet" if code in PLATELET_COUNT_CODES else ""
+        )
+        if not kind or reader.value(obx, 11).upper() in VOID_OBSERVATION_STATUSES:
+            continue
+        text = reader.value(obx, 5)
+        try:
+            value = float(text)
+        except ValueError:
+            raise OrderRejected(
+                ErrorCode.DATA_TYPE_ERROR,
+                f"OBX-5 {text!r} of {code} is not a number",
+                obx.at(5),
+            ) from None
+        units = reader.value(obx, 6).lower().replace(" ", "")
+        if units not in COUNT_UNITS:
+            raise OrderRejected(
+                ErrorCode.DATA_TYPE_ERROR,
+                f"OBX-6 units {reader.value(obx, 6)!r} of {code} are not a count per volume: "
+                "send 10*9/L or 10*3/uL",
+                obx.at(6),
+            )
+        value *= COUNT_UNITS[units]
+        if not 0 <= value <= MAX_COUNTS[kind]:
+            raise OrderRejected(
+                ErrorCode.DATA_TYPE_ERROR,
+                f"OBX-5 {text} {reader.value(obx, 6)} of {code} is not a plausible count "
+                f"(0 to {MAX_COUNTS[kind]:g} x10^9/L)",
+                obx.at(5),
+            )
+        found[kind] = round(value, 3)
+    return found
 
 
 class _Reader:
@@ -166,12 +258,19 @@ class _Reader:
         try:
             self.message = hl7.parse(text)
         except Exception as exc:  # python-hl7 raises several kinds on garbage
-            raise OrderRejected(
+            raise OrderRejected(  # its text may quote the message: only the kind is told
                 ErrorCode.SEGMENT_SEQUENCE_ERROR,
-                f"unparseable message: {exc}",
+                f"unparseable message ({type(exc).__name__})",
                 "MSH^1",
                 ack_code="AR",
             ) from exc
+
+    def raw(self, ref: _Ref, field: int) -> str:
+        """The whole field as received (all components, not stripped)."""
+        try:
+            return str(self.message.segments(ref.name)[ref.sequence - 1][field])
+        except (IndexError, KeyError):
+            return ""
 
     def value(self, ref: _Ref | None, field: int, component: int = 1, sub: int = 1) -> str:
         if ref is None:
@@ -185,6 +284,12 @@ class _Reader:
 
 def _check_header(reader: _Reader, msh: _Ref) -> tuple[str, str]:
     """MSH-9, -10, -11 and -12 acceptable, else AR; returns message type and version."""
+    if _CONTROL.search(reader.raw(msh, 9)):  # hl7apy would fail on it later, as a TypeError
+        raise OrderRejected(
+            ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+            "MSH-9 message type contains control characters: send ORM^O01 or OML^O21",
+            msh.at(9),
+        )
     message_type = reader.value(msh, 9).upper()
     trigger = reader.value(msh, 9, 2).upper()
     if message_type not in SUPPORTED_MESSAGES:
@@ -280,7 +385,7 @@ def _groups(
     except Exception as exc:  # hl7apy raises many kinds on malformed input
         raise OrderRejected(
             ErrorCode.SEGMENT_SEQUENCE_ERROR,
-            f"message structure could not be read: {exc}",
+            f"message structure could not be read ({type(exc).__name__})",
             "MSH^1",
             ack_code="AR",
         ) from exc
@@ -382,9 +487,10 @@ def _timestamp(reader: _Reader, ref: _Ref | None, field: int) -> datetime | None
             raise ValueError("expected YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ]")
         return hl7.parse_datetime(value)
     except ValueError as exc:
+        shown = "" if ref.name in PATIENT_SEGMENTS else f" {value!r}"  # a birth date is PHI
         raise OrderRejected(
             ErrorCode.DATA_TYPE_ERROR,
-            f"{ref.name}-{field} {value!r} is not an HL7 date/time: {exc}",
+            f"{ref.name}-{field}{shown} is not an HL7 date/time: {exc}",
             ref.at(field),
         ) from exc
 

@@ -1,8 +1,9 @@
 """Outbound results: ORU^R01 (HL7 v2.5.1) built and strictly validated with hl7apy.
 
 One message per specimen result: PID (from the order, else from the DICOM header), ORC/OBR
-echoing the order numbers, one NTE per review flag and one OBX per reported quantity, coded
-with the site's LOINC map (``config/loinc.yaml``). A message that fails hl7apy's strict
+echoing the order numbers, one NTE per review flag and per reviewer comment, and one OBX per
+reported quantity, coded with the site's LOINC map (``config/loinc.yaml``), naming in OBX-18
+the model versions that produced it. A message that fails hl7apy's strict
 validation is never returned, so a broken ORU never reaches the outbox.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from hl7apy.exceptions import ChildNotValid, MaxChildLimitReached
 from hl7apy.parser import parse_message
 
 from lisplugin.config import Hl7Settings
+from lisplugin.core.analysis import DETECTOR_KEYS
 from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.ack import (
     ErrorCode,
@@ -38,6 +40,10 @@ RESULT_STATUSES: tuple[str, ...] = ("P", "F", "C")
 #: Keys every entry of the LOINC map needs.
 LOINC_ENTRY_KEYS = ("code", "display", "system")
 LOINC_RESULT_KEYS = (*LOINC_ENTRY_KEYS, "units", "decimals")
+#: OBX-18 EI-2 (namespace) of the model versions; EI-1 is "<model> <version>".
+EQUIPMENT_NAMESPACE = "LISPLUGIN"
+#: NTE-4 (HL7 table 0364) of a reviewer's comment: remark.
+COMMENT_TYPE = "RE"
 #: HL7 v2.5.1 limits MSH-10 to 20 characters.
 MAX_CONTROL_ID = 20
 
@@ -63,8 +69,15 @@ def build_oru(
     control_id: str,
     settings: Hl7Settings,
     observed_at: datetime,
+    *,
+    comments: Sequence[str] = (),
+    model_versions: Mapping[str, str] | None = None,
 ) -> str:
     """The ER7 text of an ORU^R01 reporting ``result_values`` for one specimen.
+
+    ``comments`` (reviewers' result comments) follow the flags as NTE with NTE-4 ``RE``;
+    ``model_versions`` (``detector``, ``classifier`` -> version) go into OBX-18 of each value
+    they produced (counts: the detector only).
 
     ``patient_from_dicom`` is used when there is no order; its keys are ``id``, ``id_authority``,
     ``name_family``, ``name_given``, ``birth_date`` (YYYYMMDD), ``sex`` and
@@ -120,9 +133,16 @@ def build_oru(
         nte.nte_1 = str(number)
         nte.nte_2 = "L"
         nte.nte_3.value = text_value("FT", f"{flag.code} ({flag.severity}): {flag.text}")
+    for number, comment in enumerate(comments, start=len(flags) + 1):
+        nte = request.add_segment("NTE")
+        nte.nte_1 = str(number)
+        nte.nte_2 = "L"
+        nte.nte_3.value = text_value("FT", comment)
+        set_field(nte.nte_4, COMMENT_TYPE, "Remark", "HL70364")
     for number, value in enumerate(result_values, start=1):
         obx = request.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
         _observation(obx, number, value, entries, status, observed_at)
+        _equipment(obx, value.key, model_versions or {})
     text = message.to_er7()
     validate_oru(text)
     return text
@@ -289,6 +309,16 @@ def _observation(
         obx.obx_8 = value.abnormal_flag
     obx.obx_11 = status
     obx.obx_14 = hl7_timestamp(observed_at)
+
+
+def _equipment(obx: Segment, key: str, model_versions: Mapping[str, str]) -> None:
+    """OBX-18, one repetition per model that produced the value: ``detector 1.2.0^LISPLUGIN``."""
+    for model, version in model_versions.items():
+        if key in DETECTOR_KEYS and model != "detector":
+            continue
+        field = obx.add_field("OBX_18")
+        field.ei_1.value = text_value("ST", f"{model} {version}")
+        field.ei_2 = EQUIPMENT_NAMESPACE
 
 
 def _reference_range(low: float | None, high: float | None) -> str:

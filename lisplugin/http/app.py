@@ -11,22 +11,28 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, defer
+from swagger_ui_bundle import swagger_ui_path
 
 from lisplugin import __version__
-from lisplugin.http import pages, reports
+from lisplugin.http import dicomweb, pages, reports
 from lisplugin.http import review as review_api
 from lisplugin.http.auth import PrincipalDep, signed_in_user
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
+from lisplugin.http.middleware import install_request_context
 from lisplugin.service import review
-from lisplugin.service.metrics import OUTBOX_PENDING, REGISTRY
+from lisplugin.service.metrics import REGISTRY, StateCollector
 from lisplugin.service.runtime import Runtime
-from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
+from lisplugin.storage.orm import Case, CaseStatus, Instance, OutboxMessage, OutboxStatus
+
+DOCS_ASSETS = "/docs-assets"
 
 
 class CaseSummary(BaseModel):
@@ -68,7 +74,8 @@ class AnalyzeAccepted(BaseModel):
     status: CaseStatus
 
 
-def _summary(case: Case) -> dict[str, Any]:
+def _summary(case: Case, instances: int) -> dict[str, Any]:
+    """A case as lists show it; reads the summary columns, never the result's cells."""
     return {
         "id": case.id,
         "case_key": case.case_key,
@@ -76,11 +83,23 @@ def _summary(case: Case) -> dict[str, Any]:
         "study_instance_uid": case.study_instance_uid,
         "status": case.status,
         "patient_id": (case.patient or {}).get("id"),
-        "instances": len(case.instances),
-        "needs_review": None if case.result is None else bool(case.result.get("needs_review")),
+        "instances": instances,
+        "needs_review": None if case.summary is None else bool(case.summary["needs_review"]),
         "last_instance_at": case.last_instance_at,
         "analysed_at": case.analysed_at,
     }
+
+
+def instance_counts(session: Session, case_ids: list[int]) -> dict[int, int]:
+    """Stored captures per case, for a page of cases in one query."""
+    if not case_ids:
+        return {}
+    rows = session.execute(
+        select(Instance.case_id, func.count())
+        .where(Instance.case_id.in_(case_ids))
+        .group_by(Instance.case_id)
+    ).all()
+    return {case_id: int(n) for case_id, n in rows}
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -96,15 +115,35 @@ def create_app(runtime: Runtime) -> FastAPI:
         openapi_url=None,
     )
     app.state.runtime = runtime
+    install_request_context(app)
     signed_in = [Depends(signed_in_user)]
+
+    @app.middleware("http")
+    async def no_caching_or_framing(request: Request, call_next: Any) -> Any:
+        """Every answer may carry PHI (cases, images, reports): never cached, sniffed or framed."""
+        response = await call_next(request)
+        for name in ("Cache-Control", "X-Content-Type-Options", "Referrer-Policy"):
+            response.headers.setdefault(name, pages.SECURITY_HEADERS[name])
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        return response
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=signed_in)
     def openapi() -> dict[str, Any]:
         return app.openapi()
 
+    # Swagger UI from the swagger-ui-bundle package: no CDN, so the docs work on an isolated
+    # hospital network. The assets are public files and need no session; the page does.
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
     @app.get("/docs", include_in_schema=False, dependencies=signed_in)
     def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="lisplugin API")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="lisplugin API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:
@@ -113,30 +152,38 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/readyz", tags=["operations"])
     def readyz(runtime: RuntimeDep, response: Response) -> dict[str, Any]:
-        """Every part needed to accept and report work is up."""
-        checks = dict(runtime.readiness())
-        try:
-            with runtime.db.session() as session:
-                session.execute(text("SELECT 1"))
-            checks["database"] = True
-        except Exception:
-            checks["database"] = False
+        """Every part needed to accept and report work is up (database, disk space included).
+
+        ``lis`` is "degraded" while results wait for a retry: the daemon still takes work, so
+        readiness does not fail on it, but monitoring should alert.
+        """
+        checks = runtime.readiness()
         ready = all(checks.values())
         response.status_code = 200 if ready else 503
-        return {"ready": ready, "checks": checks}
+        # Results parked (AE, repeated AR) or long without ACK: still ready to take work, but
+        # "degraded" so that monitoring calls someone.
+        degraded = (
+            {k: v for k, v in runtime.degradations().items() if v} if checks["database"] else {}
+        )
+        status = ("degraded" if degraded else "ok") if ready else "not ready"
+        return {
+            "ready": ready,
+            "status": status,
+            "checks": checks,
+            "degraded": degraded,
+            "lis": runtime.lis_link(),
+            "free_mb": round(runtime.disk_free_mb()),
+        }
+
+    state = CollectorRegistry()
+    state.register(StateCollector(runtime.db.session, runtime.settings.storage.path))
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
-    def metrics(session: SessionDep) -> Response:
+    def metrics() -> Response:
         """Prometheus text exposition."""
-        pending = session.execute(
-            select(OutboxMessage.channel, func.count())
-            .where(OutboxMessage.status == OutboxStatus.PENDING)
-            .group_by(OutboxMessage.channel)
-        ).all()
-        OUTBOX_PENDING.clear()
-        for channel in ("hl7", "dicom"):
-            OUTBOX_PENDING.labels(channel).set(dict(pending).get(channel, 0))
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(REGISTRY) + generate_latest(state), media_type=CONTENT_TYPE_LATEST
+        )
 
     cases = APIRouter(prefix="/api/cases", tags=["cases"], dependencies=signed_in)
 
@@ -145,11 +192,21 @@ def create_app(runtime: Runtime) -> FastAPI:
         session: SessionDep,
         status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
     ) -> list[dict[str, Any]]:
-        query = select(Case).order_by(Case.id.desc()).limit(limit)
+        """Newest first, ``limit`` cases from ``offset``."""
+        query = (
+            select(Case)
+            .options(defer(Case.result), defer(Case.order))
+            .order_by(Case.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
         if status is not None:
             query = query.where(Case.status == status)
-        return [_summary(case) for case in session.scalars(query)]
+        found = session.scalars(query).all()
+        counts = instance_counts(session, [case.id for case in found])
+        return [_summary(case, counts.get(case.id, 0)) for case in found]
 
     @cases.get("/{case_id}", response_model=CaseDetail)
     def get_case(case_id: int, session: SessionDep) -> dict[str, Any]:
@@ -158,7 +215,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             select(OutboxMessage).where(OutboxMessage.case_id == case.id).order_by(OutboxMessage.id)
         )
         return {
-            **_summary(case),
+            **_summary(case, len(case.instances)),
             "patient": case.patient or {},
             "order": case.order,
             "result": case.result,
@@ -192,5 +249,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(cases)
     app.include_router(reports.router, dependencies=signed_in)
     app.include_router(review_api.router)
+    app.include_router(dicomweb.router, dependencies=signed_in)
     pages.install(app)
     return app

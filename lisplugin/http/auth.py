@@ -22,9 +22,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from limits import RateLimitItemPerSecond
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from lisplugin.config import HttpSettings
 from lisplugin.http.deps import RuntimeDep
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.users import hash_password, verify_password
@@ -72,6 +76,60 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
         )
         return None
     return user
+
+
+class SignInThrottle:
+    """Failed sign-ins counted per user name and per client address over a moving window;
+    past the limit the name (or address) is locked until the window has moved on, checked
+    before any password is hashed. Counts live in this process (one daemon per database)."""
+
+    def __init__(self, settings: HttpSettings) -> None:
+        window = max(1, int(settings.sign_in_lockout_minutes * 60))
+        self._per_user = RateLimitItemPerSecond(settings.sign_in_failures_per_user, window)
+        self._per_address = RateLimitItemPerSecond(settings.sign_in_failures_per_address, window)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def _keys(self, username: str, address: str) -> list[tuple[RateLimitItemPerSecond, str, str]]:
+        return [
+            (self._per_user, "user", username.casefold()),
+            (self._per_address, "address", address),
+        ]
+
+    def locked_for(self, username: str, address: str) -> float:
+        """Seconds until a locked name or address may try again; 0 when not locked."""
+        now = datetime.now(UTC).timestamp()
+        waits = [
+            self._limiter.get_window_stats(item, kind, key).reset_time - now
+            for item, kind, key in self._keys(username, address)
+            if not self._limiter.test(item, kind, key)
+        ]
+        return max([0.0, *waits])
+
+    def failed(self, username: str, address: str) -> None:
+        for item, kind, key in self._keys(username, address):
+            self._limiter.hit(item, kind, key)
+
+    def succeeded(self, username: str) -> None:
+        """A correct password resets the name's count (not the address's)."""
+        self._limiter.clear(self._per_user, "user", username.casefold())
+
+
+def sign_in_throttle(request: Request, runtime: RuntimeDep) -> SignInThrottle:
+    """The app's throttle, made on first use from the runtime's settings."""
+    state = request.app.state
+    if getattr(state, "sign_in_throttle", None) is None:
+        state.sign_in_throttle = SignInThrottle(runtime.settings.http)
+    return state.sign_in_throttle
+
+
+ThrottleDep = Annotated[SignInThrottle, Depends(sign_in_throttle)]
+
+
+def refuse_locked(session: Session, username: str) -> None:
+    """Audit a sign-in refused because the name or address is locked."""
+    session.add(
+        AuditEvent(username=username[:64], action="session.refused", after={"reason": "locked"})
+    )
 
 
 def open_session(session: Session, user: User, idle: timedelta) -> tuple[str, UserSession]:

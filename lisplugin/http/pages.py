@@ -21,8 +21,8 @@ from sqlalchemy import select
 
 from lisplugin.core.report import value_to_json
 from lisplugin.core.revision import REVIEW_CLASSES
-from lisplugin.core.rules import result_key
-from lisplugin.core.types import UNIDENTIFIED
+from lisplugin.core.rules import reason_required, result_key
+from lisplugin.core.types import UNIDENTIFIED, Flag
 from lisplugin.http.auth import Principal, optional_user
 from lisplugin.http.deps import RuntimeDep, SessionDep
 from lisplugin.service import review
@@ -58,13 +58,32 @@ CLASS_STYLE: dict[str, tuple[str, str, str]] = {
     "smudge": ("Smudge cell", "#332288", "S"),
     UNIDENTIFIED: ("Unidentified", "#1A1A1A", ""),
 }
-KIND_STYLE = {"RBC": ("Red cells", "#E07B7B"), "PLT": ("Platelets", "#8E6BB8")}
+#: Red cells in Tol's grey and platelets in the platelet class's olive: inside the palette, so
+#: no outline is told from another by hue alone; the letters on the outlines say the class.
+KIND_STYLE = {"RBC": ("Red cells", "#BBBBBB"), "PLT": ("Platelets", "#999933")}
+#: The letter drawn on each outline (colour is never the only cue).
+CLASS_LETTER = {
+    "neutrophil": "N",
+    "lymphocyte": "L",
+    "monocyte": "M",
+    "eosinophil": "E",
+    "basophil": "B",
+    "ig": "I",
+    "erythroblast": "R",
+    "platelet": "P",
+    "artefact": "A",
+    "smudge": "S",
+    UNIDENTIFIED: "?",
+    "PLT": "p",
+}
 
 router = APIRouter(include_in_schema=False)
 
 
-def _page(request: Request, template: str, context: dict[str, Any]) -> HTMLResponse:
-    response = templates.TemplateResponse(request, template, context)
+def _page(
+    request: Request, template: str, context: dict[str, Any], status_code: int = 200
+) -> HTMLResponse:
+    response = templates.TemplateResponse(request, template, context, status_code=status_code)
     response.headers.update(SECURITY_HEADERS)
     return response
 
@@ -75,8 +94,15 @@ def _to_sign_in(request: Request) -> RedirectResponse:
 
 
 def _safe_next(target: str | None) -> str:
-    """Only a path on this site: an open redirect would help phishing."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    """Only a path on this site: an open redirect would help phishing. Browsers drop tabs and
+    line breaks from URLs (``/<TAB>/evil.example`` becomes ``//evil.example``), so any
+    control character, space or backslash refuses the target."""
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and all("!" <= c <= "~" and c != "\\" for c in target)
+    ):
         return target
     return "/worklist"
 
@@ -89,7 +115,15 @@ def waiting_text(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours // 24} d {hours % 24} h"
 
 
+def local_time(moment: datetime | None) -> str:
+    """A time as people at the laboratory read it: local, with the zone named."""
+    if moment is None:
+        return ""
+    return as_utc(moment).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
 templates.env.filters["waiting"] = waiting_text
+templates.env.filters["localtime"] = local_time
 
 
 def _chrome(principal: Principal) -> dict[str, Any]:
@@ -112,29 +146,59 @@ def login_page(
     return _page(request, "login.html", {"next": _safe_next(target)})
 
 
+#: Worklist entries per page of the review station.
+WORKLIST_PAGE = 50
+
+
 @router.get("/worklist", response_model=None)
-def worklist_page(request: Request, runtime: RuntimeDep, session: SessionDep) -> Response:
+def worklist_page(
+    request: Request,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> Response:
     principal = optional_user(request, runtime)
     if principal is None:
         return _to_sign_in(request)
-    released = session.scalars(
-        select(Case)
+    released = session.execute(
+        select(Case.id, Case.accession_number, Case.patient, Case.status, Case.updated_at)
         .where(Case.status.in_([CaseStatus.VERIFIED, CaseStatus.FINAL]))
         .order_by(Case.updated_at.desc())
         .limit(15)
     ).all()
+    waiting = review.worklist(session, limit=WORKLIST_PAGE, offset=(page - 1) * WORKLIST_PAGE)
+    pages = max(1, -(-waiting.total // WORKLIST_PAGE))
     return _page(
         request,
         "worklist.html",
-        {**_chrome(principal), "entries": review.worklist(session), "released": released},
+        {
+            **_chrome(principal),
+            "entries": waiting.entries,
+            "total": waiting.total,
+            "page": page,
+            "pages": pages,
+            "released": released,
+        },
     )
 
 
-def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[str, Any]:
+def _next_case(case_id: int, worklist: list[dict[str, Any]]) -> int | None:
+    """The case after this one on the worklist (the first when this one is not on it)."""
+    ids = [e["id"] for e in worklist]
+    if case_id in ids:
+        ids = ids[ids.index(case_id) + 1 :] + ids[: ids.index(case_id)]
+    return ids[0] if ids else None
+
+
+def _case_data(
+    case: Case, principal: Principal, runtime: RuntimeDep, worklist: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Everything the case page's script needs, embedded in the page as JSON."""
     result = case.result or {}
-    values = review.reported_values(runtime.pipeline(), case) if case.result else []
+    pipeline = runtime.pipeline()
+    values = review.reported_values(pipeline, case) if case.result else []
     reviewer = principal.role in (Role.TECHNOLOGIST, Role.PATHOLOGIST)
+    settings = runtime.settings
     return {
         "id": case.id,
         "version": case.version,
@@ -143,16 +207,38 @@ def _case_data(case: Case, principal: Principal, runtime: RuntimeDep) -> dict[st
         "captures_after_analysis": review.captures_after_analysis(case),
         "can_review": reviewer and case.status in review.REVIEWABLE,
         "can_sign_out": principal.role == Role.PATHOLOGIST,
+        "two_stage": settings.review.two_stage,
+        "min_wbc": settings.analysis.min_wbc_classified,
+        "canned_comments": review.canned_comments(settings),
+        "reason_required": [
+            f["code"]
+            for f in result.get("flags") or []
+            if reason_required(pipeline.rules, Flag(**f))
+        ],
+        "review": result.get("review") or {},
+        "previous": result.get("previous"),
+        "next_case": _next_case(case.id, worklist),
         "classes": [
-            {"key": k, "name": n, "colour": c, "shortcut": s, "result_key": result_key(k)}
+            {
+                "key": k,
+                "name": n,
+                "colour": c,
+                "shortcut": s,
+                "letter": CLASS_LETTER[k],
+                "result_key": result_key(k),
+            }
             for k, (n, c, s) in CLASS_STYLE.items()
         ],
         "review_classes": list(REVIEW_CLASSES),
-        "kinds": {k: {"name": n, "colour": c} for k, (n, c) in KIND_STYLE.items()},
+        "kinds": {
+            k: {"name": n, "colour": c, "letter": CLASS_LETTER.get(k, "")}
+            for k, (n, c) in KIND_STYLE.items()
+        },
         "values": [value_to_json(v) for v in values],
         "result": {
             "fields": result.get("fields") or [],
-            "cells": result.get("cells") or [],
+            # outlines are fetched per field (/api/cases/{id}/fields/{index}/cells)
+            "cells": [{**c, "outline": None} for c in result.get("cells") or []],
             "counts": result.get("counts") or {},
             "class_counts": result.get("class_counts") or {},
             "excluded_counts": result.get("excluded_counts") or {},
@@ -170,7 +256,9 @@ def case_page(case_id: int, request: Request, runtime: RuntimeDep, session: Sess
         return _to_sign_in(request)
     case = session.get(Case, case_id)
     if case is None:
-        return _page(request, "missing.html", {**_chrome(principal), "case_id": case_id})
+        return _page(
+            request, "missing.html", {**_chrome(principal), "case_id": case_id}, status_code=404
+        )
     comments = session.scalars(
         select(CaseComment).where(CaseComment.case_id == case.id).order_by(CaseComment.id)
     ).all()
@@ -185,7 +273,7 @@ def case_page(case_id: int, request: Request, runtime: RuntimeDep, session: Sess
             "stat": (case.order or {}).get("priority") == "S",
             "waiting": (datetime.now(UTC) - as_utc(since)).total_seconds(),
             "comments": comments,
-            "data": _case_data(case, principal, runtime),
+            "data": _case_data(case, principal, runtime, review.worklist(session).entries),
         },
     )
 

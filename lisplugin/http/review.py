@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -23,13 +23,13 @@ from lisplugin.http.auth import (
     Pathologist,
     PrincipalDep,
     Reviewer,
+    ThrottleDep,
     authenticate,
     open_session,
+    refuse_locked,
 )
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
 from lisplugin.service import review
-from lisplugin.service.reports import write_case_reports
-from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import CaseStatus
 from lisplugin.storage.orm_review import AuditEvent, CaseComment, Role, UserSession
 
@@ -123,7 +123,35 @@ class ReviewedCase(BaseModel):
 
 
 class NewComment(BaseModel):
-    text: str = Field(min_length=1, max_length=review.MAX_COMMENT)
+    text: str = Field(default="", max_length=review.MAX_COMMENT)
+    canned: str | None = Field(
+        default=None, description="code of a canned comment (GET /api/canned-comments)"
+    )
+
+
+class CannedComment(BaseModel):
+    code: str
+    text: str
+
+
+class Acknowledge(BaseModel):
+    version: int
+    reason: str = Field(
+        default="", max_length=review.MAX_COMMENT, description="required where the rule asks"
+    )
+
+
+class ReviewStep(BaseModel):
+    version: int
+
+
+class ReviewState(BaseModel):
+    """The case after a review decision: its version and the decisions so far."""
+
+    id: int
+    version: int
+    review: dict[str, Any]
+    open_flags: list[FlagInfo]
 
 
 class Comment(BaseModel):
@@ -135,6 +163,11 @@ class Comment(BaseModel):
 
 class SignOut(BaseModel):
     version: int
+    override: str = Field(
+        default="",
+        max_length=review.MAX_COMMENT,
+        description="why the result goes out below the minimum leukocyte count (sent as NTE)",
+    )
 
 
 class SignedOut(BaseModel):
@@ -163,15 +196,32 @@ def _errors(exc: review.ReviewError) -> HTTPException:
     "/session",
     response_model=SessionInfo,
     tags=["session"],
-    responses={401: {"description": "wrong username or password, or account disabled"}},
+    responses={
+        401: {"description": "wrong username or password, or account disabled"},
+        429: {"description": "too many failed sign-ins for this name or address: locked"},
+    },
 )
-def sign_in(body: SignIn, request: Request, response: Response, runtime: RuntimeDep) -> Any:
+def sign_in(
+    body: SignIn, request: Request, response: Response, runtime: RuntimeDep, throttle: ThrottleDep
+) -> Any:
     """Sign in: sets the session cookie and returns the bearer token and the CSRF token."""
     idle = timedelta(minutes=runtime.settings.http.session_idle_minutes)
+    address = request.client.host if request.client else ""
     info: SessionInfo | None = None
+    if wait := throttle.locked_for(body.username, address):
+        with runtime.db.session() as session:
+            refuse_locked(session, body.username)
+        raise HTTPException(
+            429,
+            detail="too many failed sign-ins; try again later",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     with runtime.db.session() as session:
         user = authenticate(session, body.username, body.password)
-        if user is not None:
+        if user is None:
+            throttle.failed(body.username, address)
+        else:
+            throttle.succeeded(body.username)
             token, row = open_session(session, user, idle)
             info = SessionInfo(
                 token=token,
@@ -215,9 +265,18 @@ def sign_off(principal: PrincipalDep, session: SessionDep, response: Response) -
 
 
 @router.get("/worklist", response_model=list[WorklistEntry])
-def get_worklist(principal: PrincipalDep, session: SessionDep) -> Any:
-    """Cases waiting for review, STAT first, then the longest waiting."""
-    return review.worklist(session)
+def get_worklist(
+    principal: PrincipalDep,
+    session: SessionDep,
+    response: Response,
+    limit: Annotated[int, Query(ge=1, le=review.WORKLIST_MAX)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Any:
+    """Cases waiting for review, STAT first, then the longest waiting; ``limit`` entries from
+    ``offset``. Header ``X-Total-Count`` says how many cases wait in all."""
+    page = review.worklist(session, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(page.total)
+    return page.entries
 
 
 @router.patch(
@@ -268,12 +327,106 @@ def list_comments(case_id: int, principal: PrincipalDep, session: SessionDep) ->
 
 
 @router.post("/cases/{case_id}/comments", response_model=Comment, status_code=201)
-def add_comment(case_id: int, body: NewComment, principal: Reviewer, session: SessionDep) -> Any:
-    """A note on the case for the other reviewers (kept with the case, not sent to the LIS)."""
+def add_comment(
+    case_id: int, body: NewComment, principal: Reviewer, runtime: RuntimeDep, session: SessionDep
+) -> Any:
+    """A result comment, free text or canned: the PDF and SR show it, and the ORU carries it
+    as NTE once the case is signed out."""
     try:
-        return review.add_comment(session, case_id, body.text, principal.username)
+        return review.add_comment(
+            session, case_id, body.text, principal.username, body.canned, runtime.settings
+        )
     except review.ReviewError as exc:
         raise _errors(exc) from None
+
+
+@router.get("/canned-comments", response_model=list[CannedComment])
+def canned_comments(principal: PrincipalDep, runtime: RuntimeDep) -> Any:
+    """The site's canned result comments (config/comments.yaml)."""
+    return [
+        {"code": code, "text": text}
+        for code, text in review.canned_comments(runtime.settings).items()
+    ]
+
+
+def _state(case: Any) -> dict[str, Any]:
+    result = case.result or {}
+    return {
+        "id": case.id,
+        "version": case.version,
+        "review": result.get("review") or {},
+        "open_flags": review.open_flags(result),
+    }
+
+
+@router.post(
+    "/cases/{case_id}/flags/{code}/acknowledge",
+    response_model=ReviewState,
+    responses={
+        404: {"description": "no such review flag"},
+        409: {"description": "the case changed since the version sent, or is not in review"},
+        422: {"description": "the rule asks for a reason"},
+    },
+)
+def acknowledge_flag(
+    case_id: int,
+    code: str,
+    body: Acknowledge,
+    principal: Reviewer,
+    runtime: RuntimeDep,
+    session: SessionDep,
+) -> Any:
+    """Acknowledge a review flag (audited); every one must be before sign-out."""
+    try:
+        case = review.acknowledge_flag(
+            session,
+            runtime.pipeline(),
+            case_id,
+            code,
+            body.reason,
+            body.version,
+            principal.username,
+        )
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    return _state(case)
+
+
+@router.post(
+    "/cases/{case_id}/add-captures",
+    response_model=ReviewState,
+    status_code=202,
+    responses={409: {"description": "no newer captures, or the case changed or is not in review"}},
+)
+def add_captures(
+    case_id: int, body: ReviewStep, principal: Reviewer, runtime: RuntimeDep, session: SessionDep
+) -> Any:
+    """Count captures that arrived after the result (a second slide, more fields) into the
+    case: it is analysed again and keeps every reclassification and acknowledgement."""
+    try:
+        case = review.add_captures(session, case_id, body.version, principal.username)
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    runtime.wake_scheduler()
+    return _state(case)
+
+
+@router.post(
+    "/cases/{case_id}/technical-review",
+    response_model=ReviewState,
+    responses={409: {"description": "a flag is open, or the case changed or is not in review"}},
+)
+def technical_review(
+    case_id: int, body: ReviewStep, principal: Reviewer, runtime: RuntimeDep, session: SessionDep
+) -> Any:
+    """Complete the technical review (two-stage mode: before the pathologist's sign-out)."""
+    try:
+        case = review.complete_technical_review(
+            session, runtime.pipeline(), case_id, body.version, principal.username
+        )
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
+    return _state(case)
 
 
 @router.post(
@@ -281,7 +434,11 @@ def add_comment(case_id: int, body: NewComment, principal: Reviewer, session: Se
     response_model=SignedOut,
     responses={
         403: {"description": "not a pathologist"},
-        409: {"description": "the case changed since the version sent, or is not in review"},
+        409: {
+            "description": "the case changed since the version sent, is not in review, has an "
+            "open flag, or (two-stage) awaits its technical review"
+        },
+        422: {"description": "below the minimum leukocyte count without an override comment"},
     },
 )
 def sign_out(
@@ -292,6 +449,9 @@ def sign_out(
     background: BackgroundTasks,
 ) -> Any:
     """Release the reviewed result to the LIS: ``F``, or ``C`` if a final went out before.
+
+    Every review flag must be acknowledged; below the minimum leukocyte count an ``override``
+    comment is needed (audited, sent as NTE with the reviewers' comments).
 
     The case's reports (SR, annotations, PDF) are made again after the answer is sent.
     """
@@ -304,11 +464,12 @@ def sign_out(
                 case_id,
                 body.version,
                 principal.username,
+                body.override,
             )
     except review.ReviewError as exc:
         raise _errors(exc) from None
     runtime.outbox.notify()  # committed: the outbox finds the message at once
-    background.add_task(_write_reports, runtime, case_id)
+    background.add_task(runtime.reports.request, case_id)
     return SignedOut(
         id=case_id,
         status=CaseStatus.FINAL,
@@ -316,15 +477,6 @@ def sign_out(
         result_status=done.result_status,  # type: ignore[arg-type]
         control_id=done.control_id,
     )
-
-
-def _write_reports(runtime: Runtime, case_id: int) -> None:
-    try:
-        write_case_reports(runtime.db, case_id, runtime.settings)
-    except Exception:  # the ORU is queued already; reports can be made again later
-        log.exception("reports of case %s failed after sign-out", case_id)
-        return
-    runtime.outbox.notify()  # PACS copies, when the PACS is enabled
 
 
 @router.get("/cases/{case_id}/audit", response_model=list[AuditEntry])
@@ -347,6 +499,23 @@ def _image(render: Any) -> Response:
 def field_image(case_id: int, index: int, principal: PrincipalDep, session: SessionDep) -> Any:
     """A field as analysed, decoded from the stored DICOM instance."""
     return _image(lambda: review.field_png(review.get_case(session, case_id), index))
+
+
+class FieldCells(BaseModel):
+    field: int
+    cells: list[dict[str, Any]] = Field(description="the field's cells, outlines included")
+
+
+@router.get("/cases/{case_id}/fields/{index}/cells", response_model=FieldCells)
+def field_cells(case_id: int, index: int, principal: PrincipalDep, session: SessionDep) -> Any:
+    """The cells of one field with their outlines: the case page loads them field by field."""
+    try:
+        return {
+            "field": index,
+            "cells": review.field_cells(review.get_case(session, case_id), index),
+        }
+    except review.ReviewError as exc:
+        raise _errors(exc) from None
 
 
 @router.get("/cases/{case_id}/cells/{cell_id}.png", response_class=Response, responses=PNG)

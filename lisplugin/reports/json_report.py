@@ -48,12 +48,15 @@ def case_report(
     documents: Sequence[Document],
     generated_at: datetime,
     verification: Verification | None = None,
+    comments: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The JSON report of one case.
 
     ``case`` holds ``id``, ``case_key``, ``accession_number``, ``study_instance_uid``,
     ``status`` and ``analysed_at`` (a datetime or None); ``result_status`` is P, F or C as in
-    the case's ORU; ``verification`` names who signed the result out, if a person did.
+    the case's ORU; ``verification`` names who signed the result out, if a person did;
+    ``comments`` are the reviewers' comments (``username``, ``at``, ``text``), which the ORU
+    carries as NTE once the result is signed out.
     """
     analysed_at = case.get("analysed_at")
     return {
@@ -75,6 +78,10 @@ def case_report(
         "values": [value_to_json(v) for v in values],
         "result": dict(result),
         "documents": [asdict(d) for d in documents],
+        "comments": [
+            {"username": str(c["username"]), "at": str(c["at"]), "text": str(c["text"])}
+            for c in comments
+        ],
         "verified_by": None
         if verification is None
         else {

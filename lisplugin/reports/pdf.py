@@ -37,6 +37,7 @@ from reportlab.platypus.doctemplate import BaseDocTemplate
 
 from lisplugin.reports import coding
 from lisplugin.reports.coding import Producer
+from lisplugin.reports.fonts import Fonts, fonts
 
 SERIES_NUMBER = 902
 SERIES_DESCRIPTION = "lisplugin differential (PDF)"
@@ -50,7 +51,10 @@ THUMB_SIZE = 20 * mm
 THUMB_MARGIN = 0.25
 
 _STATUS_BANNER = {
-    "preliminary": ("PRELIMINARY - technologist review required", colors.HexColor("#b45309")),
+    "preliminary": (
+        "PRELIMINARY - not verified: awaiting review and sign-out by a pathologist",
+        colors.HexColor("#b45309"),
+    ),
     "final": ("FINAL - every review rule passed", colors.HexColor("#166534")),
     "corrected": ("CORRECTED - replaces an earlier final result", colors.HexColor("#1d4ed8")),
 }
@@ -61,21 +65,25 @@ _VALUE_NAMES = {
     "rbc_counted": "Red cells detected",
     "wbc_counted": "Leukocytes detected",
     "plt_counted": "Platelets detected",
+    "plt_per_field": "Platelets per field",
+    "plt_estimate": "Platelet estimate",
 }
+#: Decimals of the values that are neither shares nor counts of cells.
+_DECIMALS = {"plt_per_field": 1, "plt_estimate": 0}
+#: What each model of ``model_versions`` does.
+_MODEL_NAMES = {"detector": "Cell detector", "classifier": "Leukocyte classifier"}
 #: UCUM units as the table prints them.
-_UNITS = {"{cells}": "cells", "/100{WBCs}": "/100 WBC"}
-_GRID = [
-    ("GRID", (0, 0), (-1, -1), 0.25, colors.HexColor("#9ca3af")),
-    ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e5e7eb")),
-    ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
-    ("FONTSIZE", (0, 0), (-1, -1), 8),
-]
+_UNITS = {"{cells}": "cells", "/100{WBCs}": "/100 WBC", "10*9/L": "x10^9/L"}
 
 
 def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> bytes:
-    """The PDF of a JSON report; ``images`` maps field sources to their RGB pixels."""
-    styles = getSampleStyleSheet()
-    small = ParagraphStyle("small", parent=styles["Normal"], fontSize=8, leading=10)
+    """The PDF of a JSON report; ``images`` maps field sources to their RGB pixels.
+
+    Raises ``FontMissing`` when the fonts that print every script are not installed.
+    """
+    font = fonts()
+    styles = _styles(font)
+    small = styles["small"]
     buffer = io.BytesIO()
     doc = SimpleDocTemplate(
         buffer,
@@ -88,23 +96,31 @@ def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> by
         author=report["generator"],
         subject=str(report["case"]["case_key"]),
     )
+    review = report["result"].get("review") or {}
     story: list[Flowable] = [
         Paragraph(DOCUMENT_TITLE, styles["Title"]),
-        _banner(report["report_status"], report.get("verified_by"), styles),
+        _banner(report["report_status"], report.get("verified_by"), review, styles),
         Spacer(1, 4 * mm),
         _identity_table(report, small),
+    ]
+    missing = font.unprintable(_patient_name(report["patient"]))
+    if missing:
+        story.append(
+            Paragraph(
+                f"<b>The patient name has characters no installed font prints ({_escape(missing)})"
+                ": check the name in the LIS; install fonts-droid-fallback and fonts-nanum.</b>",
+                ParagraphStyle("warn", parent=small, textColor=colors.HexColor("#b91c1c")),
+            )
+        )
+    story += [
         Spacer(1, 5 * mm),
         Paragraph("Differential", styles["Heading2"]),
         _values_table(report),
     ]
-    flags = report["result"].get("flags", [])
     story.append(Paragraph("Review flags", styles["Heading2"]))
-    story += [
-        Paragraph(
-            f"<b>{_escape(f['code'])}</b> ({_escape(f['severity'])}): {_escape(f['text'])}", small
-        )
-        for f in flags
-    ] or [Paragraph("None: every review rule passed.", small)]
+    story += _flags(report["result"], review, small)
+    story.append(Paragraph("Comments", styles["Heading2"]))
+    story += _comments(report.get("comments") or [], review, small)
     story.append(Paragraph("Cells by class", styles["Heading2"]))
     story += _gallery(report["result"], images, small)
     story.append(Paragraph("Field quality", styles["Heading2"]))
@@ -115,20 +131,62 @@ def build_pdf(report: Mapping[str, Any], images: Mapping[str, np.ndarray]) -> by
     return buffer.getvalue()
 
 
+def _styles(font: Fonts) -> dict[str, ParagraphStyle]:
+    """The sample styles in the embedded fonts (the base fonts print Latin-1 only)."""
+    sample = getSampleStyleSheet()
+    styles = {
+        name: ParagraphStyle(
+            name,
+            parent=sample[name],
+            fontName=font.bold if name != "Normal" else font.regular,
+        )
+        for name in ("Title", "Heading2", "Normal")
+    }
+    styles["small"] = ParagraphStyle("small", parent=styles["Normal"], fontSize=8, leading=10)
+    return styles
+
+
+def _grid() -> list[tuple[Any, ...]]:
+    return [
+        ("GRID", (0, 0), (-1, -1), 0.25, colors.HexColor("#9ca3af")),
+        ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e5e7eb")),
+        ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+        ("FONTNAME", (0, 0), (-1, -1), fonts().regular),
+        ("FONTSIZE", (0, 0), (-1, -1), 8),
+    ]
+
+
 def _escape(text: Any) -> str:
-    """Text for a reportlab Paragraph (its markup is XML-like)."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Text for a reportlab Paragraph (its markup is XML-like), in fonts that have it."""
+    return fonts().markup(text)
 
 
-def _banner(status: str, verified_by: Mapping[str, Any] | None, styles: Any) -> Table:
+def _patient_name(patient: Mapping[str, Any]) -> str:
+    return ", ".join(p for p in (patient.get("name_family"), patient.get("name_given")) if p)
+
+
+def _banner(
+    status: str,
+    verified_by: Mapping[str, Any] | None,
+    review: Mapping[str, Any],
+    styles: Mapping[str, ParagraphStyle],
+) -> Table:
     text, colour = _STATUS_BANNER[status]
+    technical = review.get("technical_review")
     if verified_by:  # a person released it, not the rules
         text = (
-            f"{text.split(' - ')[0]} - verified by {_escape(verified_by['username'])} "
+            f"{text.split(' - ')[0]} - signed out by {_escape(verified_by['username'])} "
             f"({_escape(verified_by['organization'])}), {_date(verified_by['at'])}"
         )
+        if technical:
+            text += f"; technical review by {_escape(technical['username'])}"
+    elif status == "preliminary" and technical:
+        text = (
+            f"PRELIMINARY - technical review by {_escape(technical['username'])}, "
+            f"{_date(technical['at'])}; awaiting sign-out by a pathologist"
+        )
     style = ParagraphStyle(
-        "banner", parent=styles["Normal"], textColor=colors.white, fontName="Helvetica-Bold"
+        "banner", parent=styles["Normal"], textColor=colors.white, fontName=fonts().bold
     )
     table = Table([[Paragraph(text, style)]], colWidths=[180 * mm])
     table.setStyle(
@@ -137,20 +195,66 @@ def _banner(status: str, verified_by: Mapping[str, Any] | None, styles: Any) -> 
     return table
 
 
+def _flags(
+    result: Mapping[str, Any], review: Mapping[str, Any], small: ParagraphStyle
+) -> list[Flowable]:
+    """Each flag with its disposition: who acknowledged it, when and why, or still open."""
+    acknowledged = review.get("acknowledged") or {}
+    parts: list[Flowable] = []
+    for f in result.get("flags", []):
+        ack = acknowledged.get(f["code"])
+        if f["severity"] == "info":
+            disposition = "for information"
+        elif ack:
+            reason = f": {_escape(ack['reason'])}" if ack.get("reason") else ""
+            disposition = f"acknowledged by {_escape(ack['username'])}, {_date(ack['at'])}{reason}"
+        else:
+            disposition = "<b>open</b>"
+        parts.append(
+            Paragraph(
+                f"<b>{_escape(f['code'])}</b> ({_escape(f['severity'])}): {_escape(f['text'])}"
+                f" - {disposition}",
+                small,
+            )
+        )
+    return parts or [Paragraph("None: every review rule passed.", small)]
+
+
+def _comments(
+    comments: Sequence[Mapping[str, Any]], review: Mapping[str, Any], small: ParagraphStyle
+) -> list[Flowable]:
+    """Reviewers' comments (they go to the LIS as NTE), and the below-minimum override."""
+    parts: list[Flowable] = [
+        Paragraph(f"<b>{_escape(c['username'])}</b>, {_date(c['at'])}: {_escape(c['text'])}", small)
+        for c in comments
+    ]
+    override = review.get("override")
+    if override:
+        parts.append(
+            Paragraph(
+                f"<b>Released below the minimum count</b> ({override['wbc_classified']} of "
+                f"{override['minimum']} leukocytes) by {_escape(override['username'])}, "
+                f"{_date(override['at'])}: {_escape(override['text'])}",
+                small,
+            )
+        )
+    return parts or [Paragraph("None.", small)]
+
+
 def _date(text: str | None) -> str:
-    """YYYYMMDD (DICOM/HL7) or ISO dates and times as people read them (local time)."""
+    """YYYYMMDD (DICOM/HL7) or ISO dates and times as people read them (local time, zone)."""
     value = (text or "").strip()
     if len(value) == 8 and value.isdigit():
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     try:
-        return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M")
+        return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M %Z")
     except ValueError:
         return value
 
 
 def _identity_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
     patient, order, case = report["patient"], report["order"] or {}, report["case"]
-    name = ", ".join(p for p in (patient.get("name_family"), patient.get("name_given")) if p)
+    name = _patient_name(patient)
     provider = " ".join(
         p
         for p in (
@@ -197,8 +301,14 @@ def _identity_table(report: Mapping[str, Any], style: ParagraphStyle) -> Table:
 def _value_name(key: str) -> str:
     if key in _VALUE_NAMES:
         return _VALUE_NAMES[key]
-    label = key.removesuffix("_pct").removesuffix("_per_100wbc")
-    return {"ig": "Immature granulocytes"}.get(label, label.replace("_", " ").capitalize())
+    label = key.removesuffix("_pct").removesuffix("_per_100wbc").removesuffix("_abs")
+    name = {"ig": "Immature granulocytes"}.get(label, label.replace("_", " ").capitalize())
+    return f"{name}, absolute" if key.endswith("_abs") else name
+
+
+def _value_text(key: str, value: float, is_share: bool) -> str:
+    decimals = 1 if is_share else 2 if key.endswith("_abs") else _DECIMALS.get(key, 0)
+    return f"{value:.{decimals}f}"
 
 
 def _interval(value: Mapping[str, Any]) -> str:
@@ -211,7 +321,7 @@ def _interval(value: Mapping[str, Any]) -> str:
 def _values_table(report: Mapping[str, Any]) -> Table:
     class_counts = report["result"].get("class_counts", {})
     rows: list[list[Any]] = [["", "Cells", "Result", "Units", "Reference", "Flag"]]
-    styles = list(_GRID)
+    styles = _grid()
     for value in report["values"]:
         label = value["key"].removesuffix("_pct").removesuffix("_per_100wbc")
         is_share = label != value["key"]
@@ -219,7 +329,7 @@ def _values_table(report: Mapping[str, Any]) -> Table:
             [
                 _value_name(value["key"]),
                 str(class_counts.get(label, "")) if is_share else "",
-                f"{value['value']:.1f}" if is_share else f"{value['value']:.0f}",
+                _value_text(value["key"], value["value"], is_share),
                 _UNITS.get(value["units"], value["units"]),
                 _interval(value),
                 value["abnormal_flag"],
@@ -230,7 +340,7 @@ def _values_table(report: Mapping[str, Any]) -> Table:
             line = len(rows) - 1
             styles += [
                 ("TEXTCOLOR", (0, line), (-1, line), colour),
-                ("FONTNAME", (0, line), (-1, line), "Helvetica-Bold"),
+                ("FONTNAME", (0, line), (-1, line), fonts().bold),
             ]
     table = Table(
         rows, colWidths=[60 * mm, 20 * mm, 25 * mm, 25 * mm, 30 * mm, 15 * mm], repeatRows=1
@@ -320,17 +430,18 @@ def _fields_table(result: Mapping[str, Any], style: ParagraphStyle) -> Table:
         colWidths=[12 * mm, 62 * mm, 20 * mm, 16 * mm, 16 * mm, 16 * mm, 33 * mm],
         repeatRows=1,
     )
-    table.setStyle(TableStyle(_GRID))
+    table.setStyle(TableStyle(_grid()))
     return table
 
 
 def _models_table(report: Mapping[str, Any]) -> Table:
     rows = [["Software", "Version"], ["lisplugin", report["generator"].removeprefix("lisplugin ")]]
     rows += [
-        [name, version] for name, version in report["result"].get("model_versions", {}).items()
+        [_MODEL_NAMES.get(name, name), version]
+        for name, version in report["result"].get("model_versions", {}).items()
     ]
-    table = Table(rows, colWidths=[80 * mm, 40 * mm], hAlign="LEFT")
-    table.setStyle(TableStyle(_GRID))
+    table = Table(rows, colWidths=[80 * mm, 60 * mm], hAlign="LEFT")
+    table.setStyle(TableStyle(_grid()))
     return table
 
 
@@ -343,7 +454,7 @@ def _footer(report: Mapping[str, Any]) -> Any:
 
     def draw(canvas: Any, doc: BaseDocTemplate) -> None:
         canvas.saveState()
-        canvas.setFont("Helvetica", 7)
+        canvas.setFont(fonts().regular, 7)
         canvas.drawString(15 * mm, 10 * mm, line)
         canvas.drawRightString(A4[0] - 15 * mm, 10 * mm, f"page {doc.page}")
         canvas.restoreState()

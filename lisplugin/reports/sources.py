@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from highdicom.utils import iter_tiled_full_frame_data
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -150,10 +149,16 @@ def frame_origin(ds: Dataset, frame: int) -> tuple[float, float]:
     optical paths); others list them in the Plane Position (Slide) functional group.
     """
     if ds.get("DimensionOrganizationType") == "TILED_FULL":
-        for number, (*_, column, row, _x, _y, _z) in enumerate(iter_tiled_full_frame_data(ds), 1):
-            if number == frame:
-                return float(column - 1), float(row - 1)
-        raise ValueError(f"frame {frame} is beyond the tiles of {ds.SOPInstanceUID}")
+        # row-major tiles, repeated per focal plane and optical path (PS3.3 C.8.12.4.1.3):
+        # arithmetic, where walking highdicom's tile iterator to the frame costs O(frames)
+        across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+        down = -(-int(ds.TotalPixelMatrixRows) // int(ds.Rows))
+        planes = int(ds.get("TotalPixelMatrixFocalPlanes") or 1)
+        paths = int(ds.get("NumberOfOpticalPaths") or 1)
+        if not 1 <= frame <= across * down * planes * paths:
+            raise ValueError(f"frame {frame} is beyond the tiles of {ds.SOPInstanceUID}")
+        tile = (frame - 1) % (across * down)
+        return float(tile % across * int(ds.Columns)), float(tile // across * int(ds.Rows))
     position = ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSlideSequence[0]
     return (
         float(position.ColumnPositionInTotalImagePixelMatrix) - 1.0,

@@ -51,6 +51,7 @@ def build_sr(
     producer: Producer,
     preliminary: bool,
     verification: Verification | None = None,
+    comments: Sequence[str] = (),
 ) -> Comprehensive3DSR:
     """The SR of ``result``, computed from the captures whose headers are ``headers``.
 
@@ -69,7 +70,7 @@ def build_sr(
         parameters=[f"{name} {version}" for name, version in producer.model_versions.items()]
         or None,
     )
-    groups = [_specimen_group(result, evidence, loinc_map, algorithm)]
+    groups = [_specimen_group(result, evidence, loinc_map, algorithm, comments)]
     groups += [
         _field_group(field, headers, refs[int(field["index"])], algorithm)
         for field in result.get("fields", [])
@@ -134,6 +135,7 @@ def _specimen_group(
     evidence: Sequence[Dataset],
     loinc_map: Mapping[str, Any],
     algorithm: AlgorithmIdentification,
+    comments: Sequence[str] = (),
 ) -> MeasurementsAndQualitativeEvaluations:
     """Counts per kind, the differential and the review status of the whole specimen."""
     measurements = [
@@ -165,8 +167,23 @@ def _specimen_group(
         ],
     )
     flags = result.get("flags", [])
-    _add_texts(group, [f"{f['code']} ({f['severity']}): {f['text']}" for f in flags])
+    acknowledged = (result.get("review") or {}).get("acknowledged") or {}
+    _add_texts(
+        group,
+        [
+            f"{f['code']} ({f['severity']}): {f['text']}{_disposition(acknowledged.get(f['code']))}"
+            for f in flags
+        ]
+        + [f"Comment {text}" for text in comments],
+    )
     return group
+
+
+def _disposition(ack: Mapping[str, Any] | None) -> str:
+    if not ack:
+        return ""
+    reason = f": {ack['reason']}" if ack.get("reason") else ""
+    return f" - acknowledged by {ack['username']}{reason}"
 
 
 def _field_group(

@@ -7,32 +7,45 @@ either re-analyses a queued case or finds its message already waiting: never bot
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.exc import StaleDataError
 
 from lisplugin.config import Hl7Settings, Settings
+from lisplugin.core.revision import carry_decisions, revise
 from lisplugin.core.rules import PreviousResult
 from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
+from lisplugin.logging_setup import bound_contextvars
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import Pipeline, read_fields
+from lisplugin.service.pipeline import Pipeline, patient_context, read_fields
 from lisplugin.service.reports import mark_reports_due, reports_due, write_case_reports
 from lisplugin.storage.db import Database
-from lisplugin.storage.orm import Case, CaseStatus, OrderMessage, OutboxMessage, OutboxStatus
+from lisplugin.storage.orm import (
+    Case,
+    CaseStatus,
+    OrderMessage,
+    OutboxMessage,
+    OutboxStatus,
+    PendingReport,
+)
 
 log = logging.getLogger(__name__)
 
 DELTA_WINDOW = timedelta(hours=72)
+#: Key set in a reviewed result whose case is to be analysed again with the captures that
+#: arrived since, keeping the reviewer's decisions (``service.review.add_captures``).
+EXTEND_MARK = "add_captures_requested"
 
 
 def queue_oru(
@@ -44,9 +57,13 @@ def queue_oru(
     loinc_map: dict[str, Any],
     settings: Hl7Settings,
     observed_at: datetime,
+    comments: Sequence[str] = (),
+    model_versions: Mapping[str, str] | None = None,
 ) -> str:
     """Build the case's ORU^R01 and add it to the outbox in the caller's transaction.
 
+    ``comments`` go out as NTE; ``model_versions`` (default: those of the case's result) are
+    named in OBX-18.
     Control ids are ``LP<case>-<n>``: unique, stable across resends, readable in the LIS. The
     case's reports are marked due in the same transaction.
     """
@@ -76,6 +93,10 @@ def queue_oru(
         control_id=control_id,
         settings=settings,
         observed_at=observed_at,
+        comments=comments,
+        model_versions=(case.result or {}).get("model_versions")
+        if model_versions is None
+        else model_versions,
     )
     session.add(
         OutboxMessage(
@@ -98,18 +119,65 @@ def result_status(needs_review: bool, final_already_sent: bool) -> str:
     return "C" if final_already_sent else "F"
 
 
+class ReportWriter:
+    """Makes a case's reports after its result left, in a thread of its own, so that neither
+    the ORU nor the next case waits for the PDF, SR and annotations.
+
+    Without its thread running (tools and tests that drive the scheduler by hand) a request
+    writes the reports at once, in the caller's thread.
+    """
+
+    def __init__(self, db: Database, settings: Settings, on_outbox: Callable[[], None]) -> None:
+        self.db = db
+        self.settings = settings
+        self.on_outbox = on_outbox
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._running = threading.Event()
+
+    def request(self, case_id: int) -> None:
+        if self._running.is_set():
+            self._queue.put(case_id)
+        else:
+            self.write(case_id)
+
+    def write(self, case_id: int) -> bool:
+        try:
+            write_case_reports(self.db, case_id, self.settings)
+        except Exception:  # the ORU is queued already; reports are made again later
+            log.exception("reports of case %s failed; retried later", case_id)
+            return False
+        self.on_outbox()  # PACS copies, when the PACS is enabled
+        return True
+
+    def run_forever(self) -> None:
+        self._running.set()
+        try:
+            while (case_id := self._queue.get()) is not None:
+                self.write(case_id)
+        finally:
+            self._running.clear()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+
 class CaseScheduler:
+    """Queues stable cases and analyses them; sleeps until the next case can become stable
+    or someone (a C-STORE, an order, the API) wakes it."""
+
     def __init__(
         self,
         db: Database,
         settings: Settings,
         pipeline: Callable[[], Pipeline],
         on_outbox: Callable[[], None] = lambda: None,
+        reports: ReportWriter | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self._pipeline = pipeline  # built lazily: loading models is slow
         self.on_outbox = on_outbox
+        self.reports = reports or ReportWriter(db, settings, on_outbox)
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -121,13 +189,35 @@ class CaseScheduler:
         now = now or datetime.now(UTC)
         limit = now - timedelta(seconds=self.settings.cases.stable_seconds)
         with self.db.session() as session:
-            cases = session.scalars(select(Case).where(Case.status == CaseStatus.RECEIVING)).all()
-            stable = [
-                c for c in cases if c.last_instance_at and as_utc(c.last_instance_at) <= limit
-            ]
-            for case in stable:
-                case.status = CaseStatus.QUEUED
-            return [c.id for c in stable]
+            receiving = session.execute(
+                select(Case.id, Case.last_instance_at).where(Case.status == CaseStatus.RECEIVING)
+            ).all()
+            stable = [i for i, last in receiving if last and as_utc(last) <= limit]
+            if stable:
+                for case in session.scalars(
+                    select(Case).where(Case.id.in_(stable)).options(defer(Case.result))
+                ):
+                    case.status = CaseStatus.QUEUED
+            return stable
+
+    def seconds_to_next_event(self, now: datetime | None = None) -> float | None:
+        """Until the next receiving case becomes stable or owed reports fall due; None when
+        nothing is waiting for time to pass (only a wake-up brings new work)."""
+        now = now or datetime.now(UTC)
+        with self.db.session() as session:
+            last = session.scalar(
+                select(func.min(Case.last_instance_at)).where(Case.status == CaseStatus.RECEIVING)
+            )
+            due = session.scalar(select(func.min(PendingReport.due_at)))
+        moments = []
+        if last is not None:
+            moments.append(as_utc(last) + timedelta(seconds=self.settings.cases.stable_seconds))
+        if due is not None:  # owed reports that failed again are retried a grace period later
+            grace = timedelta(seconds=self.settings.cases.report_retry_seconds)
+            moments.append(max(as_utc(due) + grace, now + grace))
+        if not moments:
+            return None
+        return max((min(moments) - now).total_seconds(), 0.0)
 
     def run_once(self) -> list[int]:
         self.queue_stable()
@@ -136,7 +226,8 @@ class CaseScheduler:
                 select(Case.id).where(Case.status == CaseStatus.QUEUED).order_by(Case.id)
             ).all()
         for case_id in queued:
-            self.analyse_case(case_id)
+            with bound_contextvars(case_id=case_id):
+                self.analyse_case(case_id)
         self.catch_up_reports()
         return list(queued)
 
@@ -145,17 +236,9 @@ class CaseScheduler:
         writer that owes them, e.g. a sign-out, is still at work)."""
         now = now or datetime.now(UTC)
         grace = timedelta(seconds=self.settings.cases.report_retry_seconds)
-        done = []
-        for case_id in reports_due(self.db, now - grace):
-            try:
-                write_case_reports(self.db, case_id, self.settings)
-            except Exception:
-                log.exception("reports of case %s failed again; retried later", case_id)
-                continue
+        done = [c for c in reports_due(self.db, now - grace) if self.reports.write(c)]
+        for case_id in done:
             log.info("case %s: owed reports written", case_id)
-            done.append(case_id)
-        if done:
-            self.on_outbox()
         return done
 
     def analyse_case(self, case_id: int) -> None:
@@ -167,18 +250,32 @@ class CaseScheduler:
             version = case.version
             paths = [i.path for i in case.instances]
             patient = dict(case.patient or {})
+            order = dict(case.order) if case.order else None
             final_sent = case.final_sent
             previous = self._previous_result(session, case)
+            # a reviewer asked to add new captures to a case they have worked on
+            before = dict(case.result) if (case.result or {}).get(EXTEND_MARK) else None
         try:
             fields = read_fields([Path(p) for p in paths])
             pipeline = self._pipeline()
-            result = pipeline.analyse(fields, patient, previous)
-            values = pipeline.values(result, patient)
+            result = pipeline.analyse(fields, patient, previous, order)
+            result_json = {
+                **pipeline.to_json(result),
+                "previous": previous.to_json() if previous else None,
+            }
+            if before is not None:
+                context = patient_context(patient, order, datetime.now(UTC), previous)
+                result, result_json = revise(
+                    carry_decisions(before, result_json), pipeline.rules, pipeline.ranges, context
+                )
+            values = pipeline.values(result, patient, order)
         except Exception as exc:
             log.exception("analysis of case %s failed", case_id)
             self._fail(case_id, f"analysis failed: {exc}")
             return
-        status = result_status(result.needs_review, final_sent)
+        # reviewed work goes out only when a person signs it out
+        held = result.needs_review or before is not None
+        status = result_status(held, final_sent)
         try:
             with self.db.session() as session:
                 case = session.get(Case, case_id)
@@ -195,43 +292,56 @@ class CaseScheduler:
                     pipeline.loinc_map,
                     self.settings.hl7,
                     now,
+                    model_versions=result.model_versions,
                 )
-                case.result = pipeline.to_json(result)
-                case.status = CaseStatus.REVIEW if result.needs_review else CaseStatus.VERIFIED
+                case.result = result_json
+                case.status = CaseStatus.REVIEW if held else CaseStatus.VERIFIED
                 case.analysed_at = now
                 case.error = None
                 case.final_sent = final_sent or status in ("F", "C")
         except StaleDataError:
             log.info("case %s received new captures during analysis; it will be redone", case_id)
             return
-        try:
-            write_case_reports(self.db, case_id, self.settings)
-        except Exception:  # the ORU is queued already; reports can be made again later
-            log.exception("reports of case %s failed", case_id)
+        self.on_outbox()  # committed: the ORU leaves now, before any report is made
         CASES_ANALYSED.labels("review" if result.needs_review else "verified").inc()
         ANALYSIS_SECONDS.observe(time.perf_counter() - started)
         log.info("case %s analysed: %s, ORU %s queued", case_id, status, control_id)
-        self.on_outbox()
+        self.reports.request(case_id)
 
-    def _previous_result(self, session, case: Case) -> PreviousResult | None:  # type: ignore[no-untyped-def]
-        """The same patient's latest other result within the delta-check window."""
-        patient_id = (case.patient or {}).get("id")
+    def _previous_result(self, session: Session, case: Case) -> PreviousResult | None:
+        """The same patient's latest verified (F/C) result within the delta-check window.
+
+        The same patient is the same identifier from the same assigning authority; a result
+        still waiting for review (P) is never compared with: it may be wrong.
+        """
+        patient = case.patient or {}
+        patient_id, authority = patient.get("id"), patient.get("id_authority") or ""
         if not patient_id:
             return None
         since = datetime.now(UTC) - DELTA_WINDOW
-        candidates = session.scalars(
-            select(Case)
+        candidates = session.execute(
+            select(
+                Case.id, Case.analysed_at, Case.summary, Case.accession_number, Case.patient
+            )
             .where(Case.id != case.id)
-            .where(Case.result.is_not(None))
+            .where(Case.summary.is_not(None))
+            .where(Case.status.in_([CaseStatus.VERIFIED, CaseStatus.FINAL]))
             .where(Case.analysed_at >= since)
+            .where(Case.patient["id"].as_string() == str(patient_id))
             .order_by(Case.analysed_at.desc())
-        )
+            .limit(50)
+        ).all()
         for other in candidates:
-            if (other.patient or {}).get("id") == patient_id and other.analysed_at:
-                return PreviousResult(
-                    analysed_at=as_utc(other.analysed_at),
-                    differential=dict(other.result.get("differential", {})),
-                )
+            if ((other.patient or {}).get("id_authority") or "") != authority:
+                continue
+            if other.analysed_at is None:
+                continue
+            return PreviousResult(
+                analysed_at=as_utc(other.analysed_at),
+                differential=dict(other.summary.get("differential", {})),
+                case_id=other.id,
+                accession_number=other.accession_number,
+            )
         return None
 
     def _fail(self, case_id: int, error: str) -> None:
@@ -242,14 +352,24 @@ class CaseScheduler:
                 case.error = error[:2000]
         CASES_ANALYSED.labels("failed").inc()
 
-    def run_forever(self, poll_seconds: float = 1.0) -> None:
+    def run_forever(self, max_wait_seconds: float = 60.0) -> None:
+        """Work, then sleep until woken or until the next case can become stable.
+
+        ``max_wait_seconds`` only bounds the sleep as a safeguard (e.g. a clock change): new
+        captures, orders and API requests wake the scheduler at once.
+        """
         while not self._stop.is_set():
+            self._wake.clear()  # before the pass: a wake-up during it is not lost
+            wait = max_wait_seconds
             try:
                 self.run_once()
+                due = self.seconds_to_next_event()
+                if due is not None:
+                    wait = min(wait, due)
             except Exception:
                 log.exception("scheduler pass failed")
-            self._wake.wait(poll_seconds)
-            self._wake.clear()
+                wait = 1.0
+            self._wake.wait(wait)
 
     def stop(self) -> None:
         self._stop.set()

@@ -18,6 +18,7 @@ from lisplugin.core.analysis import analyse_fields, result_values
 from lisplugin.core.reference import ReferenceRanges, parse_reference_ranges
 from lisplugin.core.report import specimen_to_json
 from lisplugin.core.rules import PatientContext, PreviousResult, Rule, parse_rules
+from lisplugin.core.slide import TiledImage
 from lisplugin.core.types import (
     CellDetector,
     Field,
@@ -25,7 +26,13 @@ from lisplugin.core.types import (
     ResultValue,
     SpecimenResult,
 )
-from lisplugin.dicom.decode import analysable, field_from_image_file, fields_from_dataset
+from lisplugin.dicom.decode import (
+    _is_wsi,
+    analysable,
+    field_from_image_file,
+    fields_from_dataset,
+)
+from lisplugin.dicom.frames import whole_slide_levels
 from lisplugin.service.models import load_models
 
 __all__ = ["Pipeline", "PreviousResult", "read_fields"]
@@ -41,6 +48,25 @@ def age_in_years(birth_date: str, on: date) -> float | None:
     except ValueError:
         return None
     return (on - born).days / 365.25
+
+
+def patient_context(
+    patient: dict[str, Any],
+    order: dict[str, Any] | None,
+    at: datetime,
+    previous: PreviousResult | None = None,
+) -> PatientContext:
+    """What the rules and values know of the patient: age and sex, the analyser's counts the
+    order carried, and the earlier result to compare with."""
+    order = order or {}
+    return PatientContext(
+        age_years=age_in_years(str(patient.get("birth_date") or ""), at.date()),
+        sex=str(patient.get("sex") or "") or None,
+        wbc_count=order.get("wbc_count"),
+        platelet_count=order.get("platelet_count"),
+        analysed_at=at,
+        previous=previous,
+    )
 
 
 @dataclass(frozen=True)
@@ -64,22 +90,12 @@ class Pipeline:
             loinc_map=settings.load_yaml("loinc.yaml"),
         )
 
-    def patient_context(
-        self, patient: dict[str, Any], previous: PreviousResult | None
-    ) -> PatientContext:
-        now = datetime.now(UTC)
-        return PatientContext(
-            age_years=age_in_years(str(patient.get("birth_date") or ""), now.date()),
-            sex=str(patient.get("sex") or "") or None,
-            analysed_at=now,
-            previous=previous,
-        )
-
     def analyse(
         self,
-        fields: Sequence[Field],
+        fields: Sequence[Field | TiledImage],
         patient: dict[str, Any],
         previous: PreviousResult | None,
+        order: dict[str, Any] | None = None,
     ) -> SpecimenResult:
         return analyse_fields(
             fields,
@@ -88,11 +104,18 @@ class Pipeline:
             self.settings.analysis,
             self.rules,
             self.ranges,
-            self.patient_context(patient, previous),
+            patient_context(patient, order, datetime.now(UTC), previous),
         )
 
-    def values(self, result: SpecimenResult, patient: dict[str, Any]) -> list[ResultValue]:
-        return result_values(result, self.ranges, self.patient_context(patient, None))
+    def values(
+        self,
+        result: SpecimenResult,
+        patient: dict[str, Any],
+        order: dict[str, Any] | None = None,
+    ) -> list[ResultValue]:
+        return result_values(
+            result, self.ranges, patient_context(patient, order, datetime.now(UTC))
+        )
 
     @staticmethod
     def to_json(result: SpecimenResult) -> dict[str, Any]:
@@ -116,15 +139,18 @@ def _files(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def read_fields(paths: Iterable[Path]) -> list[Field]:
+def read_fields(paths: Iterable[Path]) -> list[Field | TiledImage]:
     """Fields of every image file and analysable DICOM instance in ``paths`` (folders walked,
-    sorted): images first in path order, then the DICOM frames in path order.
+    sorted): images first in path order, then the DICOM frames in path order, then each whole
+    slide as one tiled level, read tile by tile during the analysis (never decoded whole).
     """
     images: list[Field] = []
     datasets = []
+    dicom_paths = []
     for path in _files(paths):
         if _is_dicom(path):
             datasets.append(pydicom.dcmread(path, defer_size="1 MB"))
+            dicom_paths.append(path)
             continue
         try:
             with Image.open(path):
@@ -132,4 +158,5 @@ def read_fields(paths: Iterable[Path]) -> list[Field]:
         except UnidentifiedImageError:
             continue  # not an image: folders may hold other files
         images.append(field_from_image_file(path))
-    return images + [f for ds in analysable(datasets) for f in fields_from_dataset(ds)]
+    fields = [f for ds in analysable(datasets) if not _is_wsi(ds) for f in fields_from_dataset(ds)]
+    return [*images, *fields, *whole_slide_levels(dicom_paths, datasets)]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
@@ -28,9 +27,10 @@ from sqlalchemy.orm import Session
 from lisplugin.config import Settings
 from lisplugin.core.analysis import result_values
 from lisplugin.core.reference import parse_reference_ranges
-from lisplugin.core.rules import PatientContext
+from lisplugin.core.revision import field_from_json
 from lisplugin.core.types import ResultValue, SpecimenResult
-from lisplugin.dicom.decode import UnusableInstance, iter_fields
+from lisplugin.dicom.decode import UnusableInstance
+from lisplugin.dicom.frames import FrameFile
 from lisplugin.reports.annotations import build_annotations
 from lisplugin.reports.coding import Producer, Verification
 from lisplugin.reports.json_report import Document, DocumentKind, case_report
@@ -38,11 +38,11 @@ from lisplugin.reports.pdf import build_encapsulated_pdf, build_pdf
 from lisplugin.reports.sources import read_headers
 from lisplugin.reports.sr import build_sr
 from lisplugin.service.outbox import as_utc
-from lisplugin.service.pipeline import age_in_years
+from lisplugin.service.pipeline import patient_context
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import write_durably
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus, PendingReport
-from lisplugin.storage.orm_review import SIGN_OUT_ACTION, AuditEvent
+from lisplugin.storage.orm_review import SIGN_OUT_ACTION, AuditEvent, CaseComment
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class _CaseSnapshot:
     result_status: str
     paths: list[str]
     signed_out: tuple[str, datetime] | None  # who signed the result out, and when
+    comments: list[dict[str, Any]]  # username, at (ISO), text; oldest first
 
 
 def mark_reports_due(session: Session, case_id: int) -> None:
@@ -120,6 +121,7 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
             producer=producer,
             preliminary=snapshot.result_status == "P",
             verification=verification,
+            comments=[f"{c['username']}: {c['text']}" for c in snapshot.comments],
         )
         objects.append(("sr", sr))
         objects += [
@@ -137,6 +139,7 @@ def write_case_reports(db: Database, case_id: int, settings: Settings) -> list[P
             documents=documents,
             generated_at=generated_at,
             verification=verification,
+            comments=snapshot.comments,
         )
 
     pdf = build_pdf(
@@ -203,6 +206,14 @@ def _snapshot(db: Database, case_id: int) -> _CaseSnapshot:
             result_status=latest or ("P" if case.result.get("needs_review") else "F"),
             paths=[instance.path for instance in case.instances],
             signed_out=_signed_out(session, case),
+            comments=[
+                {"username": c.username, "at": as_utc(c.created_at).isoformat(), "text": c.text}
+                for c in session.scalars(
+                    select(CaseComment)
+                    .where(CaseComment.case_id == case_id)
+                    .order_by(CaseComment.id)
+                )
+            ],
         )
 
 
@@ -228,13 +239,10 @@ def _values(snapshot: _CaseSnapshot, settings: Settings, on: datetime) -> list[R
         class_counts=result.get("class_counts", {}),
         wbc_classified=int(result.get("wbc_classified", 0)),
         flags=(),
-        fields=(),
+        fields=tuple(field_from_json(f) for f in result.get("fields") or []),
     )
     analysed_at = snapshot.identity["analysed_at"] or on
-    patient = PatientContext(
-        age_years=age_in_years(str(snapshot.patient.get("birth_date") or ""), analysed_at.date()),
-        sex=str(snapshot.patient.get("sex") or "") or None,
-    )
+    patient = patient_context(snapshot.patient, snapshot.order, analysed_at)
     ranges = parse_reference_ranges(settings.load_yaml("reference-ranges.yaml"))
     return result_values(specimen, ranges, patient)
 
@@ -244,10 +252,11 @@ def _images(paths: list[str], result: dict[str, Any]) -> dict[str, np.ndarray]:
     wanted = {str(f["source"]) for f in result.get("fields", []) if f.get("cells")}
     images: dict[str, np.ndarray] = {}
     for path in paths:
-        try:
-            for field in iter_fields(pydicom.dcmread(path)):
-                if field.source in wanted:
-                    images[field.source] = field.image
+        try:  # only the frames that are fields with cells, each decoded alone
+            frames = FrameFile(path)
+            for number in range(1, frames.frames + 1):
+                if frames.source(number) in wanted:
+                    images[frames.source(number)] = frames.field(number).image
         except (OSError, InvalidDicomError, UnusableInstance) as exc:
             log.warning("no thumbnails from %s: %s", path, exc)  # the report goes on without
     return images

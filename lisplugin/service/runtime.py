@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from sqlalchemy import func, select, text
 
 from lisplugin.config import Settings
+from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.scp import StorageSCP
+from lisplugin.hl7.ack import ErrorCode
 from lisplugin.hl7.mllp import (
     BackgroundServer,
     LisUnreachable,
@@ -19,21 +23,32 @@ from lisplugin.hl7.mllp import (
     next_retry_delay,
     send_message,
 )
-from lisplugin.hl7.orders import Order
+from lisplugin.hl7.orders import Order, OrderRejected
+from lisplugin.inference.registry import ModelCardError, load_card
 from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
-from lisplugin.service.cases import CaseScheduler
-from lisplugin.service.ingest import InstanceStore, apply_order
-from lisplugin.service.metrics import INSTANCES, ORDERS
-from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable, Sender
+from lisplugin.service.cases import CaseScheduler, ReportWriter
+from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
+from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
+from lisplugin.service.outbox import (
+    Delivery,
+    OutboxWorker,
+    ReceiverUnavailable,
+    Sender,
+    needing_attention,
+)
 from lisplugin.service.pipeline import Pipeline
+from lisplugin.service.worklist import scheduled_orders
 from lisplugin.storage.db import Database
-from lisplugin.storage.orm import OutboxMessage
+from lisplugin.storage.orm import OutboxMessage, OutboxStatus
+from lisplugin.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
 
 def hl7_sender(settings: Settings) -> Sender:
+    tls = client_context(settings.hl7.lis_tls)
+
     def send(message: OutboxMessage) -> Delivery:
         try:
             ack = send_message(
@@ -41,12 +56,16 @@ def hl7_sender(settings: Settings) -> Sender:
                 settings.hl7.lis_port,
                 message.payload,
                 timeout=settings.hl7.ack_timeout_seconds,
+                ssl_context=tls,
             )
         except LisUnreachable as exc:
             raise ReceiverUnavailable(str(exc)) from exc
-        if ack.code in ("AR", "CR"):  # rejected for reasons other than content: try again later
-            raise ReceiverUnavailable(f"{ack.code}: {ack.text}")
-        return Delivery(accepted=ack.code in ("AA", "CA"), code=ack.code, text=ack.text or "")
+        return Delivery(
+            accepted=ack.code in ("AA", "CA"),
+            code=ack.code,
+            text=ack.text or "",
+            retry=ack.code in ("AR", "CR"),  # refused for reasons other than content
+        )
 
     return send
 
@@ -58,8 +77,11 @@ class Runtime:
         self.settings = settings
         settings.storage.path.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url)
-        self.db.migrate()
-        self.store = InstanceStore(self.db, settings.storage.path)
+        if settings.database.migrate_on_start:
+            self.db.migrate()
+        else:
+            self.db.check_schema()
+        self.store = InstanceStore(self.db, settings.storage.path, settings.dicom.limits)
         hl7 = settings.hl7
         self.outbox = OutboxWorker(
             self.db,
@@ -70,20 +92,33 @@ class Runtime:
             backoff=lambda attempt: next_retry_delay(
                 attempt, hl7.retry_initial_seconds, hl7.retry_max_seconds
             ),
+            max_attempts_refused=hl7.max_attempts_refused,
         )
         self._pipeline: Pipeline | None = None
         self._pipeline_models: Path | None = None
         self._pipeline_lock = threading.Lock()
+        self.reports = ReportWriter(self.db, settings, on_outbox=self.outbox.notify)
         self.scheduler = CaseScheduler(
-            self.db, settings, self.pipeline, on_outbox=self.outbox.notify
+            self.db, settings, self.pipeline, on_outbox=self.outbox.notify, reports=self.reports
         )
-        self.scp = StorageSCP(settings.dicom, self.store_instance, self.quarantine_instance)
+        worklist = (
+            WorklistSCP(lambda: scheduled_orders(self.db)) if settings.dicom.worklist else None
+        )
+        self.scp = StorageSCP(
+            settings.dicom, self.store_instance, self.quarantine_instance, worklist
+        )
         listener = MllpOrderListener(
             settings.hl7.listen_host,
             settings.hl7.listen_port,
             self.accept_order,
             application=settings.hl7.sending_application,
             facility=settings.hl7.sending_facility,
+            max_message_bytes=settings.hl7.max_message_bytes,
+            read_timeout=settings.hl7.read_timeout_seconds,
+            max_connections=settings.hl7.max_connections,
+            allowed_peers=settings.hl7.allowed_peers,
+            allowed_senders=settings.hl7.allowed_senders,
+            ssl_context=server_context(settings.hl7.listen_tls),
         )
         self.mllp = BackgroundServer(listener, "lisplugin-mllp")
         self._threads: list[threading.Thread] = []
@@ -97,18 +132,35 @@ class Runtime:
                 self._pipeline = Pipeline.from_settings(self.settings)
                 self._pipeline_models = models_dir
                 log.info("analysing with the models in %s", models_dir)
+                self._publish_models(models_dir)
             return self._pipeline
+
+    def _publish_models(self, models_dir: Path) -> None:
+        analysis = self.settings.analysis
+        MODEL_INFO.clear()
+        for name in (analysis.detector, analysis.classifier):
+            try:
+                card = load_card(models_dir, name, verify=False)
+            except ModelCardError:  # a test double in place of a shipped model
+                continue
+            MODEL_INFO.labels(card.name, card.version, card.sha256).set(1)
 
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
         self.store.store(ds, raw)
         INSTANCES.labels("stored").inc()
+        self.scheduler.wake()  # the case's stability clock restarted: no poll finds it late
 
     def quarantine_instance(self, raw: bytes, reason: str, sop_uid: str, calling: str) -> None:
         self.store.quarantine(raw, reason, sop_uid, calling)
         INSTANCES.labels("quarantined").inc()
 
     def accept_order(self, order: Order, message: str) -> None:
-        apply_order(self.db, order, message)
+        try:
+            apply_order(self.db, order, message)
+        except OrderConflict as exc:  # AE: resending the same order would not help
+            raise OrderRejected(
+                ErrorCode.APPLICATION_INTERNAL_ERROR, str(exc), "PID^1", ack_code="AE"
+            ) from exc
         ORDERS.labels("AA").inc()
         self.scheduler.wake()
 
@@ -116,11 +168,50 @@ class Runtime:
         self.scheduler.wake()
 
     def readiness(self) -> dict[str, bool]:
+        """Each part needed to accept and report work: all must be True to be ready."""
         return {
             "models": self._pipeline is not None,
             "dicom": self.scp_running,
             "hl7": self.mllp.running,
+            "database": self.database_reachable(),
+            "disk": self.disk_free_mb() >= self.settings.storage.min_free_mb,
         }
+
+    def database_reachable(self) -> bool:
+        try:
+            with self.db.session() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            log.warning("database unreachable: %s", type(exc).__name__)
+            return False
+        return True
+
+    def disk_free_mb(self) -> float:
+        return shutil.disk_usage(self.settings.storage.path).free / 2**20
+
+    def lis_link(self) -> str:
+        """ "degraded" while a result waits for a retry (the LIS did not answer or refused)."""
+        try:
+            with self.db.session() as session:
+                failing = session.scalar(
+                    select(func.count())
+                    .select_from(OutboxMessage)
+                    .where(OutboxMessage.channel == "hl7")
+                    .where(OutboxMessage.status == OutboxStatus.PENDING)
+                    .where(OutboxMessage.attempts > 0)
+                )
+        except Exception:
+            return "unknown"
+        return "degraded" if failing else "ok"
+
+    def alive(self) -> bool:
+        """Every listener and worker thread is running (what systemd's watchdog is told)."""
+        threads = all(thread.is_alive() for thread in self._threads)
+        return threads and self.scp_running and self.mllp.running
+
+    def degradations(self) -> dict[str, int]:
+        """Non-zero counts need a person (results parked or overdue) but do not stop work."""
+        return needing_attention(self.db, self.settings.hl7.overdue_seconds)
 
     @property
     def scp_running(self) -> bool:
@@ -136,6 +227,7 @@ class Runtime:
         self.mllp.start()
         self._spawn("scheduler", self.scheduler.run_forever)
         self._spawn("outbox", self.outbox.run_forever)
+        self._spawn("reports", self.reports.run_forever)
 
     def _spawn(self, name: str, target: Callable[[], Any]) -> None:
         thread = threading.Thread(target=target, name=f"lisplugin-{name}", daemon=True)
@@ -144,6 +236,7 @@ class Runtime:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.reports.stop()
         self.outbox.stop()
         self.mllp.stop()
         self.scp.stop()

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: What a concurrent writer makes a transaction fail with: a unique key taken in between, an
+#: optimistic-lock version moved on, SQLite busy. Running the transaction again resolves it.
+CONFLICTS = (IntegrityError, StaleDataError, OperationalError)
 
 
 def make_engine(url: str) -> Engine:
@@ -28,7 +42,9 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    # A database host that drops packets must not hang /readyz (or anything else) for minutes.
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def alembic_config(url: str) -> Config:
@@ -46,6 +62,19 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+class SchemaOutdated(RuntimeError):
+    """The database schema is not the one this version of lisplugin needs."""
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's current Alembic revision or None, the newest this code knows)."""
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    return current, str(head)
+
+
 class Database:
     """One engine and its session factory, shared by every adapter of the daemon."""
 
@@ -56,11 +85,34 @@ class Database:
     def migrate(self) -> None:
         migrate(self.engine)
 
+    def check_schema(self) -> None:
+        """Raise ``SchemaOutdated`` unless the schema is at the newest revision."""
+        current, head = schema_revisions(self.engine)
+        if current != head:
+            raise SchemaOutdated(
+                f"database schema is at {current or 'nothing'}, this lisplugin needs {head}: "
+                "run `lisplugin db upgrade` (back up first: `lisplugin backup DIR`)"
+            )
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session whose work is committed on success and rolled back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def transaction(self, work: Callable[[Session], T], attempts: int = 8) -> T:
+        """``work`` in a transaction of its own, run again from the start (after a short random
+        pause) when a concurrent writer conflicted; the last conflict is raised."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.session() as session:
+                    return work(session)
+            except CONFLICTS as exc:
+                if attempt == attempts:
+                    raise
+                log.info("transaction conflict (%s), attempt %d", type(exc).__name__, attempt)
+                time.sleep(random.uniform(0.0, 0.02 * attempt))
+        raise AssertionError("unreachable")
 
     def dispose(self) -> None:
         self.engine.dispose()

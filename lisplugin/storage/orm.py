@@ -6,8 +6,21 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+    inspect,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
+
+from lisplugin.core.report import result_summary
 
 
 def utcnow() -> datetime:
@@ -32,7 +45,8 @@ class CaseStatus(enum.StrEnum):
 class OutboxStatus(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"  # AA
-    REJECTED = "rejected"  # AE/AR from the receiver: not retried, needs attention
+    REJECTED = "rejected"  # parked: AE, or AR past the retry bound; needs attention
+    SUPERSEDED = "superseded"  # an unsent P replaced by a later F/C of its case: never sent
 
 
 def _enum(cls: type[enum.StrEnum]) -> Enum:
@@ -52,6 +66,10 @@ class Case(Base):
     patient: Mapped[dict[str, Any]] = mapped_column(default=dict)  # id, name, birth_date, sex
     order: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # parsed HL7 order
     result: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # specimen result JSON
+    #: Derived from ``result`` on every write (see ``_derive_summary``): what lists read.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    #: Derived from ``order``: the order's priority is STAT (lists sort on it in SQL).
+    stat: Mapped[bool] = mapped_column(default=False)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     last_instance_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     analysed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -66,6 +84,17 @@ class Case(Base):
     instances: Mapped[list[Instance]] = relationship(back_populates="case", order_by="Instance.id")
 
     __mapper_args__ = {"version_id_col": version}
+
+
+@event.listens_for(Case, "before_insert")
+@event.listens_for(Case, "before_update")
+def _derive_summary(_mapper: Mapper[Case], _connection: Any, case: Case) -> None:
+    """Keep the list columns in step with the result and the order, whoever writes them."""
+    state = inspect(case)
+    if state.pending or state.attrs.result.history.has_changes():
+        case.summary = result_summary(case.result)
+    if state.pending or state.attrs.order.history.has_changes():
+        case.stat = (case.order or {}).get("priority") == "S"
 
 
 class Instance(Base):

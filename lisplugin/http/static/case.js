@@ -17,7 +17,9 @@
   const EXCLUDED = ["artefact", "smudge"];
   const SVG = "http://www.w3.org/2000/svg";
 
-  const state = { field: 0, selected: null, hidden: new Set(), pending: Promise.resolve(), order: null };
+  const state = {
+    field: 0, selected: null, hidden: new Set(), pending: Promise.resolve(), order: null, undo: [],
+  };
   const $ = (id) => document.getElementById(id);
 
   function el(tag, attrs = {}, ...children) {
@@ -46,19 +48,76 @@
     box.hidden = false;
   }
 
-  // --- flags ---------------------------------------------------------------------------------
+  // --- flags: each one that holds the result is acknowledged before sign-out ----------------
+  const acknowledged = () => (data.review.acknowledged || {});
+  const openFlags = () =>
+    data.result.flags.filter((f) => f.severity !== "info" && !acknowledged()[f.code]);
+
+  function acknowledgeControl(f) {
+    const done = acknowledged()[f.code];
+    if (done) {
+      return el("span", { class: "ack-done", "data-ack": f.code,
+        text: `✓ acknowledged by ${done.username}${done.reason ? `: ${done.reason}` : ""}` });
+    }
+    if (!data.can_review || f.severity === "info") return el("span");
+    const needsReason = data.reason_required.includes(f.code);
+    const reason = el("input", { type: "text", class: "ack-reason", maxLength: 4000,
+      placeholder: needsReason ? "reason (required)" : "reason (optional)" });
+    reason.setAttribute("aria-label", `Reason for acknowledging ${f.code}`);
+    const button = el("button", { type: "button", class: "ack", "data-ack": f.code, text: "Acknowledge" });
+    button.addEventListener("click", () => {
+      state.pending = state.pending.then(async () => {
+        try {
+          const answer = await api("POST", `/api/cases/${data.id}/flags/${encodeURIComponent(f.code)}/acknowledge`,
+            { version: data.version, reason: reason.value });
+          data.review = answer.review;
+          setVersion(answer.version);
+          renderFlags();
+          renderProgress();
+          $("banner").hidden = true;
+        } catch (failure) {
+          if (failure.status === 409) conflict(failure.message);
+          else banner(failure.message, "error");
+        }
+      });
+    });
+    return el("span", { class: "ack-form" }, reason, button);
+  }
+
   function renderFlags() {
     const flags = data.result.flags;
     const holding = flags.filter((f) => f.severity !== "info");
     const list = flags.map((f) =>
-      el("div", { class: `flag sev-${f.severity}` },
+      el("div", { class: `flag sev-${f.severity}`, "data-code": f.code },
         el("span", { class: "flag-code", text: f.code }),
-        el("span", { text: f.text }))
+        el("span", { class: "flag-text", text: f.text }),
+        acknowledgeControl(f))
     );
     if (!holding.length) {
       list.unshift(el("div", { class: "flag flags-ok", text: "Every rule passes." }));
     }
     $("flags").replaceChildren(...list);
+  }
+
+  // --- counting progress and review stage ------------------------------------------------------
+  function renderProgress() {
+    const n = data.result.wbc_classified;
+    const bar = $("count-progress");
+    bar.max = data.min_wbc;
+    bar.value = Math.min(n, data.min_wbc);
+    const marks = [...new Set([data.min_wbc, 200])].sort((a, b) => a - b);
+    $("progress-text").textContent =
+      `${n} leukocytes classified: ` +
+      marks.map((m) => (n >= m ? `${m} reached` : `${m - n} more to ${m}`)).join(" · ");
+    bar.className = n >= data.min_wbc ? "enough" : "short";
+    const open = openFlags().length;
+    const stage = [];
+    if (open) stage.push(`${open} flag${open > 1 ? "s" : ""} to acknowledge`);
+    if (data.two_stage) {
+      const done = data.review.technical_review;
+      stage.push(done ? `technical review by ${done.username}` : "technical review pending");
+    }
+    $("review-stage").textContent = stage.join(" · ");
   }
 
   // --- fields and outlines -------------------------------------------------------------------
@@ -79,16 +138,26 @@
     $("field-tabs").replaceChildren(...tabs);
   }
 
-  function showField(index) {
+  // Outlines are loaded per field: the page carries every cell, but not every outline.
+  async function loadOutlines(index) {
+    if (!cells.some((c) => c.field === index && !c.outline)) return;
+    const answer = await api("GET", `/api/cases/${data.id}/fields/${index}/cells`);
+    for (const cell of answer.cells) cells[cell.id].outline = cell.outline;
+  }
+
+  async function showField(index) {
     const field = data.result.fields[index];
     if (!field) return;
     state.field = index;
     renderFieldTabs();
     $("field-image").src = `/api/cases/${data.id}/fields/${index}.png`;
+    await loadOutlines(index);
+    if (state.field !== index) return; // another field was chosen meanwhile
     const overlay = $("overlay");
     overlay.setAttribute("viewBox", `0 0 ${field.width} ${field.height}`);
+    const here = cells.filter((c) => c.field === index);
     overlay.replaceChildren(
-      ...cells.filter((c) => c.field === index).map((cell) => {
+      ...here.map((cell) => {
         const polygon = document.createElementNS(SVG, "polygon");
         polygon.setAttribute("points", cell.outline.map((p) => p.join(",")).join(" "));
         polygon.dataset.id = cell.id;
@@ -98,8 +167,26 @@
         if (cell.kind === "WBC") polygon.addEventListener("click", () => select(cell.id));
         paintPolygon(polygon, cell);
         return polygon;
+      }),
+      ...here.filter((cell) => cell.kind !== "RBC").map((cell) => {
+        const label = document.createElementNS(SVG, "text");
+        label.setAttribute("x", (cell.box[0] + cell.box[2]) / 2);
+        label.setAttribute("y", Math.max(cell.box[1] - 3, 12));
+        label.setAttribute("text-anchor", "middle");
+        label.dataset.id = cell.id;
+        paintLetter(label, cell);
+        return label;
       })
     );
+  }
+
+  const letter = (cell) =>
+    cell.kind === "WBC" ? style[cell.class].letter : data.kinds[cell.kind].letter;
+
+  function paintLetter(label, cell) {
+    label.textContent = letter(cell);
+    label.setAttribute("fill", colour(cell));
+    label.setAttribute("class", `letter${state.hidden.has(legendKey(cell)) ? " off" : ""}`);
   }
 
   function paintPolygon(polygon, cell) {
@@ -118,6 +205,9 @@
   function repaintOverlay() {
     for (const polygon of $("overlay").querySelectorAll("polygon")) {
       paintPolygon(polygon, cells[Number(polygon.dataset.id)]);
+    }
+    for (const label of $("overlay").querySelectorAll("text")) {
+      paintLetter(label, cells[Number(label.dataset.id)]);
     }
   }
 
@@ -161,20 +251,44 @@
         el("td", { class: `num ${flag}`, text: shown }),
         el("td", { class: "num muted", text: range }));
     };
-    const group = (text) => el("tr", { class: "group" }, el("td", { colSpan: 4, text }));
+    const previous = data.previous ? data.previous.differential : null;
+    const before = (key) => {
+      if (!previous || previous[key] === undefined) return el("td", { class: "num muted" });
+      return el("td", { class: "num muted previous", text: previous[key].toFixed(1) });
+    };
+    const withPrevious = (tr, key) => { tr.append(before(key)); return tr; };
+    const plain = (label, key, digits, unit) => {
+      const value = reported[key];
+      if (!value) return null;
+      const range = value.reference_low !== null || value.reference_high !== null
+        ? `${value.reference_low ?? ""}–${value.reference_high ?? ""}` : "";
+      const flag = ["H", "L"].includes(value.abnormal_flag) ? `abn-${value.abnormal_flag}` : "";
+      return el("tr", { "data-key": key },
+        el("td", { text: label }), el("td"),
+        el("td", { class: `num ${flag}`, text: `${value.value.toFixed(digits)}${unit}` }),
+        el("td", { class: "num muted", text: range }), el("td"));
+    };
+    const absolute = DIFFERENTIAL.filter((k) => reported[`${k}_abs`]).concat(
+      PER_100.filter((k) => reported[`${k}_abs`]));
+    const group = (text) => el("tr", { class: "group" }, el("td", { colSpan: 5, text }));
     const rows = [
       group("Leukocytes, % of classified"),
-      ...DIFFERENTIAL.map((k) => row(k, r.class_counts[k], " %")),
+      ...DIFFERENTIAL.map((k) => withPrevious(row(k, r.class_counts[k], " %"), k)),
       el("tr", { class: "sum" },
         el("td", { text: "Leukocytes classified" }),
         el("td", { class: "num", text: r.wbc_classified, id: "wbc-total" }),
         el("td", { class: "num", text: r.wbc_classified ? "100 %" : "—" }),
-        el("td")),
+        el("td"), el("td")),
       group("Per 100 leukocytes"),
-      ...PER_100.map((k) => row(k, r.class_counts[k], "")),
+      ...PER_100.map((k) => withPrevious(row(k, r.class_counts[k], ""), k)),
       group("Not counted"),
-      ...EXCLUDED.map((k) => row(k, (r.excluded_counts || {})[k], "")),
-    ];
+      ...EXCLUDED.map((k) => withPrevious(row(k, (r.excluded_counts || {})[k], ""), k)),
+      ...(absolute.length ? [group("Absolute, ×10⁹/L (analyser WBC count)")] : []),
+      ...absolute.map((k) => plain(style[k].name, `${k}_abs`, 2, "")),
+      group("Platelets on the smear"),
+      plain("Per analysed field", "plt_per_field", 1, ""),
+      plain("Estimate, ×10⁹/L", "plt_estimate", 0, ""),
+    ].filter(Boolean);
     $("differential").tBodies[0].replaceChildren(...rows);
     const counts = r.counts || {};
     $("wbc-classified").textContent =
@@ -186,7 +300,9 @@
     const box = el("div", { class: "bars", "aria-hidden": "true" });
     const probabilities = cell.probabilities || {};
     const top = Math.max(...Object.values(probabilities), 0);
-    for (const [key, p] of Object.entries(probabilities)) {
+    // In the order of the keys 1-8 (JSON objects may arrive in any key order).
+    const ordered = data.review_classes.filter((k) => k in probabilities).map((k) => [k, probabilities[k]]);
+    for (const [key, p] of ordered) {
       const bar = el("span");
       bar.style.height = `${Math.max(p * 100, 3)}%`;
       bar.style.background = style[key] ? style[key].colour : "#999";
@@ -207,9 +323,10 @@
       "data-class": cell.class,
       title: `#${cell.id}: ${name(cell.class)}`,
     });
-    const image = el("img", { alt: `cell ${cell.id}`, loading: "lazy", width: 104, height: 104 });
+    const image = el("img", { alt: `cell ${cell.id}`, loading: "lazy", width: 168, height: 168 });
     image.src = `/api/cases/${data.id}/cells/${cell.id}.png`;
-    button.append(image, el("span", { class: "tile-id", text: `#${cell.id}` }), bars(cell));
+    button.append(el("span", { class: "thumb" }, image),
+      el("span", { class: "tile-id", text: `#${cell.id}` }), bars(cell));
     if (cell.original_class && cell.original_class !== cell.class) {
       button.append(el("span", { class: "was", text: `was ${style[cell.original_class].name}` }));
     }
@@ -355,8 +472,9 @@
     banner(message, "error", reload);
   }
 
-  function reclassify(id, key) {
+  function reclassify(id, key, undoing = false) {
     if (!data.can_review || cells[id].class === key) return state.pending;
+    const from = cells[id].class;
     state.pending = state.pending.then(async () => {
       const before = { ...data.result.class_counts };
       try {
@@ -369,6 +487,10 @@
           data.result[k] = answer[k];
         }
         data.values = answer.values;
+        if (!undoing) state.undo.push({ id, from });
+        if (data.review.technical_review) {
+          delete data.review.technical_review;  // the server undid it: the result changed
+        }
         setVersion(answer.version);
         updateStatus(answer.status);
         const changed = new Set(
@@ -377,6 +499,7 @@
         changed.add(key);
         renderDifferential(changed);
         renderFlags();
+        renderProgress();
         renderLegend();
         renderGallery();
         repaintOverlay();
@@ -390,19 +513,85 @@
     return state.pending;
   }
 
+  function openSignOut() {
+    const start = $("sign-out");
+    if (!start || start.disabled) return;
+    const open = openFlags();
+    if (open.length) {
+      banner(`Acknowledge every review flag before sign-out: ${open.map((f) => f.code).join(", ")}`, "error");
+      return;
+    }
+    if (data.two_stage && !data.review.technical_review) {
+      banner("Two-stage review: a technologist completes the technical review first.", "error");
+      return;
+    }
+    const below = data.result.wbc_classified < data.min_wbc;
+    $("override-area").hidden = !below;
+    $("override-label").textContent =
+      `Override: only ${data.result.wbc_classified} of ${data.min_wbc} leukocytes. Why release it?`;
+    $("sign-out-question").textContent = data.final_sent
+      ? "Release a corrected result (C) to the LIS?"
+      : "Release the final result (F) to the LIS?";
+    start.hidden = true;
+    $("sign-out-confirm").hidden = false;
+    (below ? $("override-text") : $("sign-out-yes")).focus();
+  }
+
+  function setUpTechnicalReview() {
+    const button = $("technical-review");
+    if (!button) return;
+    const refresh = () => {
+      const done = data.review.technical_review;
+      button.disabled = Boolean(done) || data.status !== "review";
+      button.textContent = done ? `Technical review done (${done.username})` : "Complete technical review";
+    };
+    refresh();
+    button.addEventListener("click", () => {
+      state.pending = state.pending.then(async () => {
+        try {
+          const answer = await api("POST", `/api/cases/${data.id}/technical-review`, { version: data.version });
+          data.review = answer.review;
+          setVersion(answer.version);
+          refresh();
+          renderProgress();
+          banner("Technical review complete: the case waits for a pathologist's sign-out.", "ok");
+        } catch (failure) {
+          if (failure.status === 409 && /changed/.test(failure.message)) conflict(failure.message);
+          else banner(failure.message, "error");
+        }
+      });
+    });
+  }
+
+  function setUpAddCaptures() {
+    const button = $("add-captures");
+    if (!button) return;
+    button.addEventListener("click", () => {
+      state.pending = state.pending.then(async () => {
+        try {
+          await api("POST", `/api/cases/${data.id}/add-captures`, { version: data.version });
+          button.disabled = true;
+          banner("Counting the new captures in; the case reloads when the analysis is done.", "ok");
+          for (;;) {
+            await new Promise((resolve) => setTimeout(resolve, 1000));
+            const now = await api("GET", `/api/cases/${data.id}`);
+            if (now.status !== "queued") break;
+          }
+          window.location.reload();
+        } catch (failure) {
+          if (failure.status === 409) conflict(failure.message);
+          else banner(failure.message, "error");
+        }
+      });
+    });
+  }
+
   function setUpSignOut() {
     const start = $("sign-out");
     if (!start) return;
     const confirmBox = $("sign-out-confirm");
     updateStatus(data.status);
-    start.addEventListener("click", () => {
-      $("sign-out-question").textContent = data.final_sent
-        ? "Release a corrected result (C) to the LIS?"
-        : "Release the final result (F) to the LIS?";
-      start.hidden = true;
-      confirmBox.hidden = false;
-      $("sign-out-yes").focus();
-    });
+    start.addEventListener("click", openSignOut);
     $("sign-out-no").addEventListener("click", () => {
       confirmBox.hidden = true;
       start.hidden = false;
@@ -410,7 +599,8 @@
     $("sign-out-yes").addEventListener("click", () => {
       state.pending = state.pending.then(async () => {
         try {
-          const done = await api("POST", `/api/cases/${data.id}/signout`, { version: data.version });
+          const done = await api("POST", `/api/cases/${data.id}/signout`,
+            { version: data.version, override: $("override-text").value });
           setVersion(done.version);
           updateStatus(done.status);
           data.final_sent = true;
@@ -433,10 +623,13 @@
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       const text = $("comment-text").value.trim();
-      if (!text) return;
+      const canned = $("comment-canned") ? $("comment-canned").value : "";
+      if (!text && !canned) return;
       try {
-        const comment = await api("POST", `/api/cases/${data.id}/comments`, { text });
-        const when = new Date(comment.created_at).toISOString().slice(0, 16).replace("T", " ");
+        const comment = await api("POST", `/api/cases/${data.id}/comments`,
+          canned ? { text, canned } : { text });
+        if ($("comment-canned")) $("comment-canned").value = "";
+        const when = localTime(comment.created_at);
         $("comment-list").append(
           el("li", {},
             el("div", { class: "comment-meta" },
@@ -450,11 +643,33 @@
     });
   }
 
+  /** A time as the laboratory reads it: local, with the zone named. */
+  function localTime(iso) {
+    const moment = new Date(/[zZ]|[+-]\d\d:?\d\d$/.test(iso) ? iso : `${iso}Z`);
+    return moment.toLocaleString(undefined, {
+      year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+      timeZoneName: "short",
+    });
+  }
+
+  function undo() {
+    const last = state.undo.pop();
+    if (!last) {
+      banner("Nothing to undo.", "error");
+      return;
+    }
+    select(last.id);
+    reclassify(last.id, last.from, true);
+  }
+
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     if (event.target.closest("input, textarea, select")) return;
     const key = event.key.toLowerCase();
-    if (key === "arrowright" || key === "arrowdown") move(1);
+    if (key === "n" && $("next-case")) window.location.assign($("next-case").href);
+    else if (key === "u") undo();
+    else if (key === "f") openSignOut();
+    else if (key === "arrowright" || key === "arrowdown") move(1);
     else if (key === "arrowleft" || key === "arrowup") move(-1);
     else if (key === "escape") {
       state.selected = null;
@@ -474,6 +689,9 @@
   renderGallery();
   state.order = [...document.querySelectorAll(".tile")].map((t) => Number(t.dataset.id));
   renderInspector();
+  renderProgress();
   setUpSignOut();
+  setUpTechnicalReview();
+  setUpAddCaptures();
   setUpComments();
 })();
