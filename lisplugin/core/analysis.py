@@ -85,9 +85,17 @@ def _centre_in(
     return region[0] <= cx < region[2] and region[1] <= cy < region[3]
 
 
+def field_rbc_diameter(field: Field, detections: Sequence[Detection]) -> float | None:
+    """The field's median whole red-cell diameter: measured once per field, it sets both the
+    scale of the crops and the scale that quality control judges focus at."""
+    height, width = field.image.shape[:2]
+    return median_rbc_diameter(detections, width, height)
+
+
 def leukocyte_crops(
     field: Field,
     detections: Sequence[Detection],
+    rbc_diameter: float | None,
     owned: tuple[float, float, float, float] | None = None,
 ) -> list[np.ndarray]:
     """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
@@ -95,10 +103,8 @@ def leukocyte_crops(
     The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
     leukocyte box (``pbc_scale``); training, adaptation and the daemon all cut crops here.
     With ``owned``, only the leukocytes whose box centre lies there are cut (the scale still
-    comes from every red cell of the field).
+    comes from every red cell of the field, ``field_rbc_diameter``).
     """
-    height, width = field.image.shape[:2]
-    rbc_diameter = median_rbc_diameter(detections, width, height)
     return [
         leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
         for d in detections
@@ -106,11 +112,11 @@ def leukocyte_crops(
     ]
 
 
-def measured_spacing_um(field: Field, detections: Sequence[Detection]) -> float | None:
+def measured_spacing_um(
+    field: Field, detections: Sequence[Detection], rbc_diameter: float | None
+) -> float | None:
     """Physical pixel size of a field: its Pixel Spacing, else what its red cells (or, with too
     few whole red cells, its leukocytes) say; None when it shows no cells at all."""
-    height, width = field.image.shape[:2]
-    rbc_diameter = median_rbc_diameter(detections, width, height)
     wbcs = [d.box for d in detections if d.kind == "WBC"]
     if usable_spacing(field.pixel_spacing_um) is None and rbc_diameter is None and not wbcs:
         return None
@@ -131,9 +137,9 @@ def most_confident_leukocyte(
     wbcs = [d for d in detections if d.kind == "WBC"]
     if not wbcs:
         return None
-    crops = leukocyte_crops(field, detections)
-    best = max(range(len(wbcs)), key=lambda i: wbcs[i].score)
-    return wbcs[best], crops[best]
+    best = max(wbcs, key=lambda d: d.score)
+    (crop,) = leukocyte_crops(field, [best], field_rbc_diameter(field, detections))
+    return best, crop
 
 
 def label_for(probabilities: np.ndarray, classes: Sequence[str], min_probability: float) -> str:
@@ -163,10 +169,11 @@ def analyse_field(
         raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
     found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
-    quality = assess(field, settings, measured_spacing_um(field, detections))
+    rbc_diameter = field_rbc_diameter(field, detections)
+    quality = assess(field, settings, measured_spacing_um(field, detections, rbc_diameter))
     if not quality.passed:
         return FieldResult(index, field.source, width, height, quality, cells=())
-    crops = leukocyte_crops(field, detections, owned)
+    crops = leukocyte_crops(field, detections, rbc_diameter, owned)
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))

@@ -90,7 +90,8 @@ def evaluate_cells(
     if not samples:
         raise SystemExit(f"no images in class folders {list(LEUKOCYTE_CLASSES)} under {data}")
     classifier_dir = None
-    if models_dir is not None and not (models_dir / f"{settings_detector()}.md").is_file():
+    detector_card = f"{load_settings().analysis.detector}.md"
+    if models_dir is not None and not (models_dir / detector_card).is_file():
         # A training run's folder holds only the classifier: the shipped detector finds cells.
         models_dir, classifier_dir = None, models_dir
     report = evaluate_samples(samples, models_dir, classifier_dir, limit, magnification, progress)
@@ -146,10 +147,6 @@ def evaluate_samples(
         }
     )
     return report
-
-
-def settings_detector() -> str:
-    return load_settings().analysis.detector
 
 
 def _spread(samples: list[Sample], limit: int) -> list[Sample]:

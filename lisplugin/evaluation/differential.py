@@ -81,6 +81,24 @@ def differential_metrics(
     }
 
 
+def score_crops(
+    classifier: Any, crops: Sequence[np.ndarray], labels: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy and per-class recall of a classifier adapter on PBC-scale crops."""
+    if not len(crops):
+        return {"n": 0, "accuracy": None, "per_class_recall": {}}
+    probs = classifier.classify(list(crops))
+    predicted = np.asarray([classifier.classes[i] for i in probs.argmax(axis=1)])
+    truth = np.asarray(labels)
+    return {
+        "n": len(truth),
+        "accuracy": round(float((predicted == truth).mean()), 4),
+        "per_class_recall": {
+            c: round(float((predicted[truth == c] == c).mean()), 4) for c in sorted(set(labels))
+        },
+    }
+
+
 def evaluate_folder(
     data_dir: Path,
     models_dir: Path,

@@ -19,6 +19,9 @@ from typing import Any
 from lisplugin.config import Settings
 
 ACTIVE_FILE = "active.json"
+#: File of a candidate models folder with the site's held-back crops (written by ``adapt``,
+#: scored again by ``models promote``).
+HELD_BACK_FILE = "held-back.npz"
 
 
 class ModelStoreError(RuntimeError):

@@ -24,11 +24,10 @@ import numpy as np
 from sqlalchemy import select
 
 from lisplugin.config import Settings, load_settings
-from lisplugin.inference.store import ModelStore, ModelStoreError
+from lisplugin.evaluation.differential import score_crops
+from lisplugin.inference.store import HELD_BACK_FILE, ModelStore, ModelStoreError
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm_review import AuditEvent, Role, User
-
-HELD_BACK = "held-back.npz"
 
 
 class Refused(RuntimeError):
@@ -40,12 +39,6 @@ def _classifier(models: Path, settings: Settings) -> Any:
     from lisplugin.inference.registry import load_card
 
     return OnnxLeukocyteClassifier(load_card(models, settings.analysis.classifier))
-
-
-def _accuracy(classifier: Any, crops: np.ndarray, labels: np.ndarray) -> float:
-    probs = classifier.classify(list(crops))
-    predicted = np.asarray([classifier.classes[i] for i in probs.argmax(axis=1)])
-    return round(float((predicted == labels).mean()), 4)
 
 
 def gate(
@@ -66,14 +59,14 @@ def gate(
         raise Refused(f"candidate is not a usable models folder: {exc}") from None
     old = _classifier(current, settings)
     checks: dict[str, Any] = {"current": old.version, "candidate": new.version}
-    held = candidate / HELD_BACK
+    held = candidate / HELD_BACK_FILE
     if held.is_file():
         data = np.load(held)
         crops, labels = data["crops"], data["labels"].astype(str)
         checks["held_back"] = {
             "n": len(labels),
-            "current": _accuracy(old, crops, labels),
-            "candidate": _accuracy(new, crops, labels),
+            "current": score_crops(old, list(crops), list(labels))["accuracy"],
+            "candidate": score_crops(new, list(crops), list(labels))["accuracy"],
         }
         if checks["held_back"]["candidate"] < checks["held_back"]["current"]:
             raise Refused(

@@ -32,9 +32,8 @@ from typing import Any
 import numpy as np
 
 from lisplugin.core.types import LEUKOCYTE_CLASSES
-
-#: Name of the file (in the adapted models folder) with the held-back site crops.
-HELD_BACK = "held-back.npz"
+from lisplugin.evaluation.differential import score_crops
+from lisplugin.inference.store import HELD_BACK_FILE
 
 
 def collect_folder(
@@ -110,22 +109,6 @@ def held_back_split(
     return np.sort(np.asarray(train, dtype=int)), np.sort(np.asarray(held, dtype=int))
 
 
-def score(classifier: Any, crops: Sequence[np.ndarray], labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy and per-class recall of a classifier adapter on PBC-scale crops."""
-    if not len(crops):
-        return {"n": 0, "accuracy": None, "per_class_recall": {}}
-    probs = classifier.classify(list(crops))
-    predicted = np.asarray([classifier.classes[i] for i in probs.argmax(axis=1)])
-    truth = np.asarray(labels)
-    return {
-        "n": len(truth),
-        "accuracy": round(float((predicted == truth).mean()), 4),
-        "per_class_recall": {
-            c: round(float((predicted[truth == c] == c).mean()), 4) for c in sorted(set(labels))
-        },
-    }
-
-
 def adapt(
     crops: list[np.ndarray],
     labels: list[str],
@@ -168,7 +151,7 @@ def adapt(
     train_labels = [labels[i] for i in train_idx]
     held_crops = [crops[i] for i in held_idx]
     held_labels = [labels[i] for i in held_idx]
-    before = score(base, held_crops, held_labels)
+    before = score_crops(base, held_crops, held_labels)
     log(f"held back {len(held_idx)} of {len(crops)} cells; model in use: {before['accuracy']}")
 
     torch.set_num_threads(threads)
@@ -240,7 +223,7 @@ def adapt(
     card_path = out / f"{names.classifier}.md"
     trainer.write_card(card_path, meta, "")
     adapted = OnnxLeukocyteClassifier(load_card(out, names.classifier))
-    after = score(adapted, held_crops, held_labels)
+    after = score_crops(adapted, held_crops, held_labels)
     if reference is not None:
         from lisplugin.evaluation.differential import evaluate_folder
 
@@ -252,7 +235,7 @@ def adapt(
         }
     if held_crops:  # for `models promote`, which scores both models on them again
         np.savez_compressed(
-            out / HELD_BACK, crops=np.stack(held_crops), labels=np.asarray(held_labels)
+            out / HELD_BACK_FILE, crops=np.stack(held_crops), labels=np.asarray(held_labels)
         )
     counts = {c: int(sum(1 for lab in labels if lab == c)) for c in sorted(set(labels))}
     report = {
