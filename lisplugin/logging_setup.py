@@ -22,6 +22,7 @@ LogFormat = Literal["text", "json"]
 #: Libraries whose INFO lines are noise for a laboratory's log (563 of 893 lines were highdicom's).
 QUIET_LOGGERS = ("highdicom", "alembic", "pynetdicom", "PIL", "multipart", "onnxruntime")
 
+
 def _drop_colour(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
     """uvicorn adds a terminal-coloured copy of its message as ``color_message``: not logged."""
     event.pop("color_message", None)

@@ -22,7 +22,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lisplugin.config import AnalysisSettings
-from lisplugin.core.crops import PBC_UM_PER_PX, leukocyte_crop, pbc_scale, usable_spacing
+from lisplugin.core.crops import (
+    CLASS_BOX_PX,
+    PBC_UM_PER_PX,
+    PBC_WBC_BOX_PX,
+    combine_hypotheses,
+    leukocyte_crop,
+    pbc_scale,
+    size_hypotheses,
+    usable_spacing,
+)
 from lisplugin.core.quality import assess
 from lisplugin.core.reference import ReferenceRanges
 from lisplugin.core.rules import (
@@ -97,19 +106,54 @@ def leukocyte_crops(
     detections: Sequence[Detection],
     rbc_diameter: float | None,
     owned: tuple[float, float, float, float] | None = None,
+    box_px: float = PBC_WBC_BOX_PX,
 ) -> list[np.ndarray]:
     """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
 
     The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
-    leukocyte box (``pbc_scale``); training, adaptation and the daemon all cut crops here.
-    With ``owned``, only the leukocytes whose box centre lies there are cut (the scale still
-    comes from every red cell of the field, ``field_rbc_diameter``).
+    leukocyte box taken as ``box_px`` PBC px (``pbc_scale``); training, adaptation and the
+    daemon all cut crops here. With ``owned``, only the leukocytes whose box centre lies there
+    are cut (the scale still comes from every red cell of the field, ``field_rbc_diameter``).
     """
     return [
-        leukocyte_crop(field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box))
+        leukocyte_crop(
+            field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box, box_px)
+        )
         for d in detections
         if d.kind == "WBC" and (owned is None or _centre_in(d.box, owned))
     ]
+
+
+def scale_known(field: Field, rbc_diameter: float | None) -> bool:
+    """Whether the field tells its scale (a usable Pixel Spacing, or enough whole red cells)."""
+    return usable_spacing(field.pixel_spacing_um) is not None or rbc_diameter is not None
+
+
+def classify_leukocytes(
+    field: Field,
+    leukocytes: Sequence[Detection],
+    rbc_diameter: float | None,
+    classifier: LeukocyteClassifier,
+) -> np.ndarray:
+    """Class probabilities (cells x classes) of the field's leukocytes, in one classifier call.
+
+    A field that tells its scale gives one crop per cell. One that does not (single-cell crops
+    without whole red cells) gives one crop per class size (:func:`size_hypotheses`), each class
+    read at its own size: an assumed single size would make a lymphocyte as large as a monocyte.
+    """
+    classes = list(classifier.classes)
+    if not leukocytes:
+        return np.zeros((0, len(classes)))
+    if scale_known(field, rbc_diameter):
+        return np.asarray(classifier.classify(leukocyte_crops(field, leukocytes, rbc_diameter)))
+    hypotheses = size_hypotheses(classes)
+    crops = [
+        leukocyte_crop(field.image, d.box, pbc_scale(None, None, d.box, size))
+        for d in leukocytes
+        for size, _ in hypotheses
+    ]
+    rows = np.asarray(classifier.classify(crops)).reshape(len(leukocytes), len(hypotheses), -1)
+    return np.stack([combine_hypotheses(r, hypotheses) for r in rows])
 
 
 def measured_spacing_um(
@@ -126,19 +170,22 @@ def measured_spacing_um(
 
 
 def most_confident_leukocyte(
-    field: Field, detector: CellDetector
+    field: Field, detector: CellDetector, label: str | None = None
 ) -> tuple[Detection, np.ndarray] | None:
     """The leukocyte the detector is surest of, with its crop; None when it finds none.
 
     An image of one labelled leukocyte (a lab's class folders for ``evaluate cells`` and
     ``adapt``) may show others at its edges: the most confident detection is the labelled one.
+    With its ``label`` known (training, adaptation), a field without a scale is cut at that
+    class's own size, the rendering :func:`classify_leukocytes` reads the class from.
     """
     detections = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um).cells
     wbcs = [d for d in detections if d.kind == "WBC"]
     if not wbcs:
         return None
     best = max(wbcs, key=lambda d: d.score)
-    (crop,) = leukocyte_crops(field, [best], field_rbc_diameter(field, detections))
+    box_px = CLASS_BOX_PX.get(label, PBC_WBC_BOX_PX) if label else PBC_WBC_BOX_PX
+    (crop,) = leukocyte_crops(field, [best], field_rbc_diameter(field, detections), box_px=box_px)
     return best, crop
 
 
@@ -173,10 +220,10 @@ def analyse_field(
     quality = assess(field, settings, measured_spacing_um(field, detections, rbc_diameter))
     if not quality.passed:
         return FieldResult(index, field.source, width, height, quality, cells=())
-    crops = leukocyte_crops(field, detections, rbc_diameter, owned)
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
-    probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
+    leukocytes = [d for d in detections if d.kind == "WBC"]
+    probabilities = classify_leukocytes(field, leukocytes, rbc_diameter, classifier)
     classes = list(classifier.classes)
     cells = []
     wbc_rows = iter(probabilities)

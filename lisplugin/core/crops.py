@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -28,6 +29,22 @@ RBC_DIAMETER_UM = 7.5
 PBC_UM_PER_PX = RBC_DIAMETER_UM / PBC_RBC_PX
 #: Assumed leukocyte box width in PBC pixels when nothing else tells the scale.
 PBC_WBC_BOX_PX = 60.0
+#: Median detector box side of each class in PBC pixels (PBC val crops through the shipped
+#: detector, scaled by their red cells; ``tests/test_classifier.py`` keeps it measured). Cells
+#: keep their size across labs (Zheng et al.'s neutrophil/lymphocyte box ratio is 1.34, PBC's
+#: 1.41), which lets a crop without red cells be read under each class's own size.
+CLASS_BOX_PX: dict[str, float] = {
+    "neutrophil": 65.0,
+    "lymphocyte": 46.3,
+    "monocyte": 72.9,
+    "eosinophil": 63.5,
+    "basophil": 58.4,
+    "ig": 64.7,
+    "erythroblast": 44.9,
+    "platelet": 28.8,
+}
+#: Class sizes closer than this (relative) share one size hypothesis, and one crop.
+SIZE_HYPOTHESIS_TOLERANCE = 0.06
 
 
 def usable_spacing(pixel_spacing_um: float | None) -> float | None:
@@ -42,12 +59,14 @@ def pbc_scale(
     pixel_spacing_um: float | None,
     median_rbc_diameter_px: float | None,
     wbc_box: tuple[float, float, float, float],
+    box_px: float = PBC_WBC_BOX_PX,
 ) -> float:
     """Factor that maps field pixels to PBC pixels, from the best evidence available.
 
     The physical pixel spacing (DICOM Pixel Spacing) is exact when present; otherwise the
     median red-cell diameter in the field calibrates the magnification (red cells vary far less
-    than leukocytes); as a last resort the leukocyte box itself is assumed to be 60 PBC px wide.
+    than leukocytes); as a last resort the leukocyte box itself is assumed to be ``box_px``
+    PBC px wide (60 px, or a class's own size: :func:`size_hypotheses`).
     """
     spacing = usable_spacing(pixel_spacing_um)
     if spacing is not None:
@@ -56,7 +75,45 @@ def pbc_scale(
         return PBC_RBC_PX / float(median_rbc_diameter_px)
     x0, y0, x1, y1 = wbc_box
     side = max((x1 - x0 + y1 - y0) / 2.0, 1.0)
-    return PBC_WBC_BOX_PX / side
+    return box_px / side
+
+
+def size_hypotheses(classes: Sequence[str]) -> list[tuple[float, tuple[int, ...]]]:
+    """Box sides (PBC px) to render a crop at when its scale is unknown, each with the indices
+    of the classes read from that rendering.
+
+    A field without red cells or a pixel spacing (a lab's single-cell crops) gives no scale,
+    and one assumed box size makes every cell the same size: a lymphocyte then looks as large
+    as a monocyte, and small-cell classes are lost (Zheng et al.'s lymphocytes, box 61 px, were
+    drawn 30 % too large). Rendering the cell once per typical class size and reading each
+    class's probability at its own size keeps the classifier's size cue consistent with the
+    class it names. Classes of similar size share a rendering; classes of unknown size are read
+    at :data:`PBC_WBC_BOX_PX`.
+    """
+    groups: list[tuple[float, list[int]]] = []
+    for index, name in sorted(
+        enumerate(classes), key=lambda item: CLASS_BOX_PX.get(item[1], PBC_WBC_BOX_PX)
+    ):
+        size = CLASS_BOX_PX.get(name, PBC_WBC_BOX_PX)
+        if groups and size <= groups[-1][0] * (1 + SIZE_HYPOTHESIS_TOLERANCE):
+            groups[-1][1].append(index)
+        else:
+            groups.append((size, [index]))
+    return [(float(np.median([CLASS_BOX_PX.get(classes[i], PBC_WBC_BOX_PX) for i in members])),
+             tuple(members)) for _, members in groups]  # fmt: skip
+
+
+def combine_hypotheses(
+    probabilities: np.ndarray, hypotheses: Sequence[tuple[float, tuple[int, ...]]]
+) -> np.ndarray:
+    """One distribution from the classifier's reading of each size hypothesis (rows in the order
+    of ``hypotheses``): each class's probability from the rendering at its own size, then
+    renormalised."""
+    out = np.zeros(probabilities.shape[1], dtype=np.float64)
+    for row, (_, members) in zip(probabilities, hypotheses, strict=True):
+        out[list(members)] = row[list(members)]
+    total = out.sum()
+    return out / total if total > 0 else np.full_like(out, 1.0 / len(out))
 
 
 @functools.lru_cache(maxsize=64)

@@ -320,9 +320,7 @@ class CaseScheduler:
             return None
         since = datetime.now(UTC) - DELTA_WINDOW
         candidates = session.execute(
-            select(
-                Case.id, Case.analysed_at, Case.summary, Case.accession_number, Case.patient
-            )
+            select(Case.id, Case.analysed_at, Case.summary, Case.accession_number, Case.patient)
             .where(Case.id != case.id)
             .where(Case.summary.is_not(None))
             .where(Case.status.in_([CaseStatus.VERIFIED, CaseStatus.FINAL]))

@@ -48,7 +48,8 @@ def collect_folder(
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
     crops, labels, missed = [], [], 0
     for sample in samples:
-        found = most_confident_leukocyte(Field(load_rgb(sample.path), str(sample.path)), detector)
+        field = Field(load_rgb(sample.path), str(sample.path))
+        found = most_confident_leukocyte(field, detector, sample.label)
         if found is None:
             missed += 1
             continue

@@ -30,6 +30,7 @@ from torch import nn
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.training.augment import photometric
 from lisplugin.training.sites import SITES
+from lisplugin.training.styles import restyle
 
 MODEL_NAME = "leukocyte-classifier"
 
@@ -203,12 +204,16 @@ def train(
     scale_jitter: float = 0.1,
     sample_weights: np.ndarray | None = None,
     epoch_size: int | None = None,
+    styles: torch.Tensor | None = None,
+    style_p: float = 0.5,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """AdamW with warm-up and cosine decay; returns the weight-averaged (EMA) model of the epoch
     with the best validation accuracy, and the per-epoch history.
 
     With ``sample_weights`` an epoch is ``epoch_size`` draws with replacement in proportion to
-    them (how small sites get their share next to PBC); otherwise every image once.
+    them (how small sites get their share next to PBC); otherwise every image once. With
+    ``styles`` (``training.styles``) a share ``style_p`` of the crops is re-rendered in real
+    labs' stains before the synthetic photometric augmentation.
     """
     generator = torch.Generator().manual_seed(seed)
     per_epoch = epoch_size or len(images)
@@ -252,6 +257,8 @@ def train(
                 break
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = geometric(x_all[idx].float().div_(255.0), generator, scale_jitter)
+            if styles is not None:
+                x = restyle(x, styles, generator, style_p)
             x = photometric(x, generator, strength=photometric_strength, stain=stain_strength)
             x = normalise(x, mean, std)
             loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=0.05)
@@ -408,6 +415,15 @@ def _parser() -> argparse.ArgumentParser:
         "--stain-strength", type=float, default=1.0, help="stain/hue/tone-curve jitter (0 = off)"
     )
     parser.add_argument("--scale-jitter", type=float, default=0.25, help="+- relative scale")
+    parser.add_argument(
+        "--style-data",
+        type=Path,
+        help="folder with unlabelled box-annotated sets (txl-pbc/, draaslan/): their labs' "
+        "stains re-render training crops (training/styles.py); off when not given",
+    )
+    parser.add_argument(
+        "--style-p", type=float, default=0.5, help="share of crops re-rendered in a lab's style"
+    )
     parser.add_argument("--version", default=dt.date.today().strftime("%Y.%m.%d") + "-1")
     return parser
 
@@ -459,6 +475,7 @@ def cli(argv: list[str]) -> int:
         std = [round(float(v), 4) for v in first.reshape(-1, 3).std(axis=0) / 255.0]
     calibration = normalise(to_tensor(first[:: max(len(first) // 512, 1)]), mean, std)
 
+    styles, style_names = _styles(args, sites, colour, log)
     model = LeukocyteNet(len(classes))
     if args.init is not None:
         _initialise(model, args.init, init_card, calibration, log)
@@ -467,6 +484,7 @@ def cli(argv: list[str]) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
         photometric_strength=args.photometric_strength, stain_strength=args.stain_strength,
         scale_jitter=args.scale_jitter, sample_weights=weights, epoch_size=args.epoch_size,
+        styles=styles, style_p=args.style_p,
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
     if args.views > 1:
@@ -499,6 +517,8 @@ def cli(argv: list[str]) -> int:
         "sites": trained,
         "metrics": {},
     }
+    if style_names:
+        meta["style_sources"] = style_names
     card_path = args.out / f"{MODEL_NAME}.md"
     write_card(card_path, meta, "")  # provisional card: the evaluation loads the model by it
 
@@ -546,6 +566,30 @@ def cli(argv: list[str]) -> int:
     log(json.dumps(meta["metrics"]))
     log(f"wrote {onnx_path} and {card_path} in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _styles(
+    args: argparse.Namespace,
+    sites: dict[str, dict[str, Any]],
+    colour: str | None,
+    log: Callable[[str], None],
+) -> tuple[torch.Tensor | None, list[str]]:
+    """The stain styles crops are re-rendered in: unlabelled labs' and the training sites' own,
+    each source drawn equally often; none without ``--style-data``."""
+    if args.style_data is None:
+        return None, []
+    from lisplugin.training.styles import balanced, style_of, style_pool
+
+    external, names = style_pool(
+        args.style_data, args.input_size, args.centre, colour, args.leave_out, log=log
+    )
+    own = []
+    for name, splits in sites.items():
+        x = splits["train"][0]
+        sample = x[:: max(len(x) // 150, 1)][:150]
+        own.append(style_of(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255.0))
+        names.append(name)
+    return balanced([*external, *own]), names
 
 
 def _shipped_detector() -> Any:
@@ -639,6 +683,17 @@ def _initialise(
         log(f"init from {path}")
 
 
+def _style_text(meta: dict[str, Any], args: argparse.Namespace) -> str:
+    if not meta.get("style_sources"):
+        return ""
+    return (
+        f" Before those, {args.style_p:.0%} of the crops are re-rendered in the stain of a real "
+        f"lab drawn from {', '.join(meta['style_sources'])} (each equally often; the colour "
+        "statistics of leukocyte crops in l-alpha-beta space, `lisplugin/training/styles.py`), "
+        "most of them labs whose images carry no class labels."
+    )
+
+
 def _card_body(
     meta: dict[str, Any],
     history: list[dict[str, float]],
@@ -723,7 +778,9 @@ architecture: crops scale-normalised by the field's red cells, white-balanced ag
 and training augmentation for what differs between labs: stain uptake (colour deconvolution,
 each dye's density scaled and shifted, strength {args.stain_strength}), hue, saturation, tone
 curve, colour cast, illumination, defocus, sensor noise, JPEG, debris (strength
-{args.photometric_strength}), any rotation and mirror, and +-{args.scale_jitter:.0%} scale.
+{args.photometric_strength}), any rotation and mirror, and +-{args.scale_jitter:.0%} scale.{
+        _style_text(meta, args)
+    }
 
 Training: AdamW (lr {args.lr}, weight decay 0.05), warm-up then cosine decay, label smoothing
 0.05, batch {args.batch_size}, EMA of the weights. Best validation accuracy

@@ -72,7 +72,7 @@ def detector_crops(
 
     crops, labels, missed = [], [], 0
     for path, label in items:
-        found = most_confident_leukocyte(Field(load_rgb(path), str(path)), detector)
+        found = most_confident_leukocyte(Field(load_rgb(path), str(path)), detector, label)
         if found is None or label not in classes:
             missed += found is None
             continue
