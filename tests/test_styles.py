@@ -68,7 +68,7 @@ def test_training_with_styles_runs(p: float) -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
     y = np.arange(16) % 8
-    model, history = train(
+    _model, history = train(
         LeukocyteNet(8), x, y, x[:4], y[:4], [0.5] * 3, [0.2] * 3, 1, batch_size=8,
         styles=style_of(torch.rand((3, 3, 8, 8))), style_p=p, log=lambda _: None,
     )  # fmt: skip
