@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
 from lisplugin.datasets import Sample, load_rgb, read_samples, select
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
 from lisplugin.inference.registry import load_card
+from lisplugin.progress import progress as progress_bar
 from lisplugin.service.models import load_models
 
 #: Column of the confusion matrix for images where no leukocyte was found.
@@ -125,7 +125,8 @@ def evaluate_samples(
         samples = _spread(samples, limit)
     truth, predicted = [], []
     found = qc_failed = 0
-    for index, sample in enumerate(_progress(samples, progress)):
+    shown = progress_bar(samples, desc="cells", unit="img") if progress else samples
+    for index, sample in enumerate(shown):
         image = rescaled(load_rgb(sample.path), magnification)
         field = Field(image, str(sample.path))
         result = analyse_field(index, field, detector, classifier, analysis)
@@ -154,16 +155,6 @@ def _spread(samples: list[Sample], limit: int) -> list[Sample]:
     labels = sorted({s.label for s in samples})
     per_class = max(limit // len(labels), 1)
     return [s for label in labels for s in [x for x in samples if x.label == label][:per_class]]
-
-
-def _progress(items: list[Sample], enabled: bool) -> Any:
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc="cells", unit="img", disable=not sys.stderr.isatty())
 
 
 def cli(argv: list[str]) -> int:

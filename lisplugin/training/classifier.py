@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.progress import progress
 from lisplugin.training.augment import photometric
 from lisplugin.training.sites import SITES
 
@@ -234,7 +235,7 @@ def train(
     best: tuple[float, dict[str, Any]] = (-1.0, copy.deepcopy(ema.module.state_dict()))
     history = []
     step = 0
-    for epoch in range(epochs):
+    for epoch in progress(range(epochs), desc="epochs", unit="epoch"):
         model.train()
         started = time.perf_counter()
         if sample_weights is None:
@@ -247,7 +248,8 @@ def train(
                 generator=generator,
             )
         loss_sum, done = 0.0, 0
-        for i in range(steps_per_epoch):
+        batches = range(steps_per_epoch)
+        for i in progress(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch"):
             if step >= total:
                 break
             idx = order[i * batch_size : (i + 1) * batch_size]
