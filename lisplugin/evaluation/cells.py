@@ -179,10 +179,26 @@ def cli(argv: list[str]) -> int:
         help="resample every image by this factor first (0.5, 2: robustness to magnification)",
     )
     parser.add_argument("--json", action="store_true", help="print the whole JSON report")
+    parser.add_argument(
+        "--figures", type=Path, metavar="DIR", help="also draw the confusion matrix (PNG) into DIR"
+    )
     args = parser.parse_args(argv)
     report = evaluate_cells(
         args.data, args.models, args.split, args.limit, args.magnification, progress=True
     )
+    if args.figures is not None:
+        from lisplugin.evaluation.figures import confusion_figure
+
+        confusion = report["confusion"]
+        name = f"cells-{args.data.name}" + (f"-{args.split}" if args.split else "")
+        path = confusion_figure(
+            confusion["matrix"],
+            confusion["rows"],
+            confusion["columns"],
+            args.figures / f"{name}.confusion.png",
+            f"classifier {report['model_versions']['classifier']}: {args.data.name}, whole path",
+        )
+        report["figures"] = [str(path)]
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -19,9 +19,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,6 +112,27 @@ def pr_curve(
     tp = np.cumsum(hit)
     precision = tp / np.arange(1, len(hit) + 1)
     return tp / n_gt, precision, average_precision(gts, preds, label, iou_threshold)
+
+
+def kind_curves(
+    gts: Sequence[Boxes], preds: Sequence[Boxes], iou_threshold: float = 0.5
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """:func:`pr_curve` of every cell kind that has ground truth (for the card's figure)."""
+    curves = {kind: pr_curve(gts, preds, i, iou_threshold) for i, kind in enumerate(CELL_KINDS)}
+    return {kind: curve for kind, curve in curves.items() if len(curve[0])}
+
+
+def candidate_curves(
+    detector: Any, pairs: Iterable[tuple[np.ndarray, Boxes]], desc: str = "fields"
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """:func:`kind_curves` of ``detector``'s every candidate (score >= its card's candidate
+    threshold, as mAP is scored) on ``(image, ground truth)`` pairs."""
+    gts, preds = [], []
+    for image, truth in progress(pairs, desc=desc, unit="img"):
+        found = detector.detect(image, score_threshold=detector.candidate_threshold, masks=False)
+        gts.append(truth)
+        preds.append(_as_boxes(found.cells))
+    return kind_curves(gts, preds)
 
 
 def average_precision(
@@ -293,6 +315,12 @@ def cli(argv: list[str]) -> int:
         default=1,
         help="evaluate N x N fields of one size joined into one image (large fields)",
     )
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        metavar="DIR",
+        help="also draw the precision-recall curves per cell kind (PNG) into DIR",
+    )
     args = parser.parse_args(argv)
 
     fields = read_fields(args.data, args.format, args.split_file, args.split)
@@ -340,6 +368,12 @@ def cli(argv: list[str]) -> int:
         ],
     )
     report = _nan_to_none(report)
+    if args.figures is not None:
+        from lisplugin.evaluation.figures import detector_figures
+
+        name = args.split or args.data.name
+        drawn = detector_figures(args.figures, args.name, {name: kind_curves(gts, preds)})
+        report["figures"] = [str(path) for _, path in drawn]
     if args.misses is not None:
         missed = missed_cells([f.name for f in fields], gts, operating)
         args.misses.write_text(json.dumps(missed, indent=1) + "\n", encoding="utf-8")

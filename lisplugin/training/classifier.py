@@ -415,7 +415,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str]) -> int:
-    from lisplugin.evaluation.differential import differential_metrics, evaluate_folder
+    from lisplugin.evaluation.differential import differential_metrics, score_folder
     from lisplugin.inference.registry import file_sha256
     from lisplugin.training.sites import load_site
 
@@ -505,15 +505,17 @@ def cli(argv: list[str]) -> int:
     write_card(card_path, meta, "")  # provisional card: the evaluation loads the model by it
 
     site_tests: dict[str, dict[str, Any]] = {}
+    site_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # for the card's figures
     for name, splits in sites.items():
         x, y = splits["test"]
         if not len(y):
             continue
         if name == "pbc" and args.limit is None:  # scored exactly as `evaluate differential`
-            site_tests[name] = evaluate_folder(args.data, args.out, args.data / "split.csv", "test")
+            scored = score_folder(args.data, args.out, args.data / "split.csv", "test")
+            site_scores[name] = (scored.y_true, scored.probabilities)
         else:
-            logits = predict_logits(model, x, mean, std)
-            site_tests[name] = differential_metrics(y, softmax(logits, temperature), classes)
+            site_scores[name] = (y, softmax(predict_logits(model, x, mean, std), temperature))
+        site_tests[name] = differential_metrics(*site_scores[name], classes)
         log(f"{name} test (crops): accuracy {site_tests[name]['accuracy']:.4f}")
     held_out = (
         _leave_one_site_out(args.leave_out, paths[args.leave_out], args.out, args.limit, log)
@@ -544,10 +546,36 @@ def cli(argv: list[str]) -> int:
         meta, history, site_tests, held_out, args, command, train_seconds, params,
         onnx_path.stat().st_size, counts, init_card,
     )  # fmt: skip
+    body = _with_figures(body, site_scores, classes, meta["metrics"], args.out, log)
     write_card(card_path, meta, body)
     log(json.dumps(meta["metrics"]))
     log(f"wrote {onnx_path} and {card_path} in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _with_figures(
+    body: str,
+    scores: dict[str, tuple[np.ndarray, np.ndarray]],
+    classes: list[str],
+    metrics: dict[str, Any],
+    out: Path,
+    log: Callable[[str], None],
+) -> str:
+    """The card body with its figures (confusion, reliability, PR, leave-one-site-out) drawn
+    beside it and linked; as it was when matplotlib is missing."""
+    from lisplugin.evaluation.figures import (
+        FiguresUnavailable,
+        classifier_figures,
+        markdown_section,
+        with_section,
+    )
+
+    try:
+        drawn = classifier_figures(out, MODEL_NAME, scores, classes, metrics)
+    except FiguresUnavailable as exc:
+        log(f"card without figures: {exc}")
+        return body
+    return with_section(body, markdown_section(drawn, out))
 
 
 def _shipped_detector() -> Any:

@@ -597,9 +597,32 @@ def finish(
         "validation_map50": validate(model, val_sets),
     }
     card = write_card(out, onnx_path, args.version, meta, card_body(meta))
+    draw_figures(card, val_sets)
     log(f"wrote {onnx_path} and {card}; thresholds {thresholds}")
     (Path(args.checkpoints) / "excluded.json").write_text(json.dumps(info["excluded"], indent=1))
     return 0
+
+
+def draw_figures(card: Path, val_sets: dict) -> None:
+    """Precision-recall per cell kind of the exported model on the validation sets, drawn
+    beside its card and linked from it (skipped, and said so, without matplotlib)."""
+    from lisplugin.evaluation.detection import Boxes, candidate_curves
+    from lisplugin.evaluation.figures import FiguresUnavailable, detector_figures, update_card
+    from lisplugin.inference.detector import OnnxCellDetector
+
+    detector = OnnxCellDetector.from_models_dir(card.parent, card.stem)
+    curves = {
+        f"{name} (validation)": candidate_curves(
+            detector, ((image, Boxes(f.boxes, f.labels)) for image, f in items), desc=name
+        )
+        for name, items in val_sets.items()
+    }
+    try:
+        figures = detector_figures(card.parent, card.stem, curves)
+    except FiguresUnavailable as exc:
+        log(f"card without figures: {exc}")
+        return
+    update_card(card, figures, "Drawn by `lisplugin train detector` on its validation sets.")
 
 
 def log(msg: str) -> None:
