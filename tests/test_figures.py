@@ -199,3 +199,21 @@ def test_detector_training_draws_and_links_its_figures(
     assert load_card(tmp_path, "cell-detector").sha256 == file_sha256(
         tmp_path / "cell-detector.onnx"
     )
+
+
+# --- the shipped cards ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_card_links_figures_that_exist(name: str) -> None:
+    card = load_card(DEFAULT_MODELS_DIR, name)  # front matter and SHA-256 still whole
+    assert file_sha256(card.onnx_path) == card.sha256
+    linked = card_figures(DEFAULT_MODELS_DIR / f"{name}.md")
+    assert linked, f"{name}.md links no figure"
+    for path in linked:
+        assert path.is_file(), f"{name}.md links {path.name}, which is missing"
+        assert path.name.startswith(f"{name}.") and path.suffix == ".png"
+        _png_size(path)
+        assert path.stat().st_size < 150_000, f"{path.name} is over 150 KB"
+    on_disk = {p.name for p in DEFAULT_MODELS_DIR.glob(f"{name}.*.png")}
+    assert on_disk == {p.name for p in linked}, "a figure beside the card is not linked"
