@@ -201,6 +201,30 @@ def test_detector_training_draws_and_links_its_figures(
     )
 
 
+def test_evaluate_commands_draw_figures_on_request(
+    figures_module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from lisplugin.evaluation import cells, differential
+    from tests.test_progress import _crop_folder
+
+    data = _crop_folder(tmp_path / "crops")
+    out = tmp_path / "figures"
+    assert differential.cli(["--data", str(data), "--figures", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(Path(p).name for p in report["figures"]) == [
+        "leukocyte-classifier.confusion-crops.png",
+        "leukocyte-classifier.precision-recall.png",
+        "leukocyte-classifier.reliability.png",
+    ]
+    assert cells.cli(["--data", str(data), "--figures", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [Path(p).name for p in report["figures"]] == ["cells-crops.confusion.png"]
+    for path in out.iterdir():
+        _png_size(path)
+
+
 # --- the shipped cards ------------------------------------------------------------------------
 
 

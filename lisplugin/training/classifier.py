@@ -624,7 +624,7 @@ def _leave_one_site_out(
     samples = site_samples(site, folder)
     if site == "pbc":  # PBC's test split: the same images as the in-site figure of other models
         samples = [s for s in samples if s.split == "test"]
-    report = evaluate_samples(samples, classifier_dir=models, limit=limit)
+    report = evaluate_samples(samples, classifier_dir=models, limit=limit, progress=True)
     log(f"leave-one-site-out {site}: accuracy {report['accuracy']} on {report['n']} images")
     return report
 
