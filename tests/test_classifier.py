@@ -24,7 +24,7 @@ from lisplugin.core.crops import (
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.evaluation.differential import differential_metrics, expected_calibration_error
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
-from lisplugin.inference.registry import file_sha256, load_card
+from lisplugin.inference.registry import card_figures, file_sha256, load_card
 from lisplugin.training import classifier as training
 from lisplugin.training.augment import photometric
 
@@ -84,6 +84,12 @@ def test_train_cli_on_a_handful_of_pbc_images(shared_data: Path, tmp_path: Path)
     assert card["input_size"] == 32 and card["classes"] == list(LEUKOCYTE_CLASSES)
     probs = OnnxLeukocyteClassifier(card).classify([np.zeros((160, 160, 3), np.uint8)])
     assert probs.shape == (1, 8) and probs.sum() == pytest.approx(1.0)
+    linked = {p.name for p in card_figures(out / "leukocyte-classifier.md") if p.is_file()}
+    assert linked == {  # drawn beside the card, linked from it (matplotlib: the train extra)
+        "leukocyte-classifier.confusion-pbc.png",
+        "leukocyte-classifier.reliability.png",
+        "leukocyte-classifier.precision-recall.png",
+    }
 
 
 def test_fine_tune_from_a_shipped_onnx_at_another_size(

@@ -26,6 +26,7 @@ from lisplugin.config import load_settings
 from lisplugin.core.analysis import aggregate, analyse_field
 from lisplugin.core.rules import parse_rules
 from lisplugin.core.types import Field, FieldResult, LeukocyteClassifier
+from lisplugin.progress import progress
 from lisplugin.service.models import load_models
 from lisplugin.synthetic import synthetic_field
 
@@ -98,7 +99,7 @@ def run_bench(
     one(0, images[0])
     timed.seconds, timed.cells = 0.0, 0
     results, field_ms = [], []
-    for index, data in enumerate(images[1:]):
+    for index, data in enumerate(progress(images[1:], desc="fields", unit="field")):
         started = time.perf_counter()
         results.append(one(index, data))
         field_ms.append((time.perf_counter() - started) * 1000.0)

@@ -34,6 +34,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from lisplugin.dicom.scu import wrap_image_as_vl_microscopic
+from lisplugin.progress import progress
 from lisplugin.synthetic import synthetic_field
 
 PEER_AET = "PEER"
@@ -228,21 +229,24 @@ def measure(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        batches = [make_instances(root / f"in{r}", count, cases, str(r)) for r in range(rounds)]
+        batches = [
+            make_instances(root / f"in{r}", count, cases, str(r))
+            for r in progress(range(rounds), desc="writing instances", unit="round")
+        ]
         ours: list[float] = []
         theirs: list[float] = []
         with lisplugin_daemon(root / "lisplugin", with_analysis) as (port, stored):
-            for batch in batches:
+            for batch in progress(batches, desc="lisplugin rounds", unit="round"):
                 ours.append(len(batch) / send(port, LISPLUGIN_AET, batch, associations))
             kept = _files(stored)
         if peer == "storescp":
             with storescp(root / "storescp" / "in", associations) as (port, stored):
-                for batch in batches:
+                for batch in progress(batches, desc="storescp rounds", unit="round"):
                     theirs.append(len(batch) / send(port, PEER_AET, batch, associations))
                 peer_kept = _files(stored)
         else:
             with orthanc(root / "orthanc") as (port, url):
-                for batch in batches:
+                for batch in progress(batches, desc="orthanc rounds", unit="round"):
                     theirs.append(len(batch) / send(port, PEER_AET, batch, associations))
                 peer_kept = int(httpx.get(f"{url}/statistics").json()["CountInstances"])
         ours_rate, peer_rate = float(np.median(ours)), float(np.median(theirs))

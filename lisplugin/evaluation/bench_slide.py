@@ -19,6 +19,7 @@ from typing import Any
 
 from lisplugin.config import load_settings
 from lisplugin.evaluation.bench import peak_rss_mb, run_bench, synthetic_jpegs
+from lisplugin.progress import bar
 from lisplugin.service.pipeline import Pipeline, read_fields
 from lisplugin.synthetic_slide import write_synthetic_slide
 
@@ -35,14 +36,21 @@ def measure(
         settings.analysis.slide_leukocyte_target = target
     if every_tile:
         settings.analysis.slide_leukocyte_target = 10**9
-    started = time.perf_counter()
-    slide = write_synthetic_slide(folder, size, band=(0.0, 1.0) if every_tile else (0.4, 0.6))
-    build_s = time.perf_counter() - started
-    pipeline = Pipeline.from_settings(settings)
-    started = time.perf_counter()
-    fields = read_fields([slide.finest, slide.low])
-    result = pipeline.analyse(fields, {}, None)
-    wall = time.perf_counter() - started
+    with bar(3, desc="slide", unit="step") as steps:  # one analysis call: steps, no per-tile ETA
+        steps.set_postfix_str("writing the slide")
+        started = time.perf_counter()
+        slide = write_synthetic_slide(folder, size, band=(0.0, 1.0) if every_tile else (0.4, 0.6))
+        build_s = time.perf_counter() - started
+        steps.update(1)
+        steps.set_postfix_str("loading models")
+        pipeline = Pipeline.from_settings(settings)
+        steps.update(1)
+        steps.set_postfix_str("analysing")
+        started = time.perf_counter()
+        fields = read_fields([slide.finest, slide.low])
+        result = pipeline.analyse(fields, {}, None)
+        wall = time.perf_counter() - started
+        steps.update(1)
     analysed_mpx = sum(f.width * f.height for f in result.fields) / 1e6
     return {
         "size": size,

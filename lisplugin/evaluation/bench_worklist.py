@@ -22,6 +22,7 @@ import numpy as np
 
 from lisplugin.config import Settings
 from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.progress import progress
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus
 
@@ -95,7 +96,7 @@ def seed_waiting_cases(db: Database, cases: int, fields: int, stat_every: int = 
     """``cases`` cases in review, one in ``stat_every`` STAT, waiting from oldest to newest."""
     result = review_result(fields)
     start = datetime.now(UTC) - timedelta(hours=cases)
-    for first in range(0, cases, 100):
+    for first in progress(range(0, cases, 100), desc="seeding cases", unit="x100"):
         with db.session() as session:
             for n in range(first, min(first + 100, cases)):
                 session.add(
@@ -172,7 +173,7 @@ def measure(cases: int, fields: int, rounds: int) -> dict[str, Any]:
                 ("case_list_s", "/api/cases?limit=100"),
             ):
                 times = []
-                for _ in range(rounds):
+                for _ in progress(range(rounds), desc=name, unit="request"):
                     t0 = time.perf_counter()
                     client.get(path).raise_for_status()
                     times.append(time.perf_counter() - t0)

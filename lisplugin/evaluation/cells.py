@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
 from lisplugin.datasets import Sample, load_rgb, read_samples, select
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
 from lisplugin.inference.registry import load_card
+from lisplugin.progress import progress as progress_bar
 from lisplugin.service.models import load_models
 
 #: Column of the confusion matrix for images where no leukocyte was found.
@@ -125,7 +125,8 @@ def evaluate_samples(
         samples = _spread(samples, limit)
     truth, predicted = [], []
     found = qc_failed = 0
-    for index, sample in enumerate(_progress(samples, progress)):
+    shown = progress_bar(samples, desc="cells", unit="img") if progress else samples
+    for index, sample in enumerate(shown):
         image = rescaled(load_rgb(sample.path), magnification)
         field = Field(image, str(sample.path))
         result = analyse_field(index, field, detector, classifier, analysis)
@@ -156,16 +157,6 @@ def _spread(samples: list[Sample], limit: int) -> list[Sample]:
     return [s for label in labels for s in [x for x in samples if x.label == label][:per_class]]
 
 
-def _progress(items: list[Sample], enabled: bool) -> Any:
-    if not enabled:
-        return items
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc="cells", unit="img", disable=not sys.stderr.isatty())
-
-
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lisplugin evaluate cells",
@@ -188,10 +179,26 @@ def cli(argv: list[str]) -> int:
         help="resample every image by this factor first (0.5, 2: robustness to magnification)",
     )
     parser.add_argument("--json", action="store_true", help="print the whole JSON report")
+    parser.add_argument(
+        "--figures", type=Path, metavar="DIR", help="also draw the confusion matrix (PNG) into DIR"
+    )
     args = parser.parse_args(argv)
     report = evaluate_cells(
         args.data, args.models, args.split, args.limit, args.magnification, progress=True
     )
+    if args.figures is not None:
+        from lisplugin.evaluation.figures import confusion_figure
+
+        confusion = report["confusion"]
+        name = f"cells-{args.data.name}" + (f"-{args.split}" if args.split else "")
+        path = confusion_figure(
+            confusion["matrix"],
+            confusion["rows"],
+            confusion["columns"],
+            args.figures / f"{name}.confusion.png",
+            f"classifier {report['model_versions']['classifier']}: {args.data.name}, whole path",
+        )
+        report["figures"] = [str(path)]
     if args.json:
         print(json.dumps(report, indent=2))
     else:

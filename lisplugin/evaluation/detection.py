@@ -19,14 +19,16 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lisplugin.core.rules import count_disagreement
 from lisplugin.core.types import CELL_KINDS
+from lisplugin.progress import progress
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -79,10 +81,11 @@ def match(det: np.ndarray, gt: np.ndarray, iou_threshold: float) -> np.ndarray:
     return hit
 
 
-def average_precision(
+def ranked_hits(
     gts: Sequence[Boxes], preds: Sequence[Boxes], label: int, iou_threshold: float
-) -> float:
-    """COCO AP of one class at one IoU threshold; NaN when the class has no ground truth."""
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Whether each detection of one class matches, in descending score order over all images,
+    with those scores and the number of ground-truth cells: what AP and PR curves are made of."""
     hits, scores, n_gt = [], [], 0
     for gt, pred in zip(gts, preds, strict=True):
         g, _ = gt.of(label)
@@ -91,13 +94,58 @@ def average_precision(
         n_gt += len(g)
         hits.append(match(d, g, iou_threshold))
         scores.append(s)
+    if not scores or sum(len(s) for s in scores) == 0:
+        return np.zeros(0, dtype=bool), np.zeros(0), n_gt
+    all_scores = np.concatenate(scores)
+    order = np.argsort(-all_scores, kind="mergesort")
+    return np.concatenate(hits)[order], all_scores[order], n_gt
+
+
+def pr_curve(
+    gts: Sequence[Boxes], preds: Sequence[Boxes], label: int, iou_threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Recall and (raw, not enveloped) precision after each detection of one class, by
+    descending score, and its COCO AP; empty curves and NaN when the class has no ground truth."""
+    hit, _, n_gt = ranked_hits(gts, preds, label, iou_threshold)
+    if n_gt == 0:
+        return np.zeros(0), np.zeros(0), float("nan")
+    tp = np.cumsum(hit)
+    precision = tp / np.arange(1, len(hit) + 1)
+    return tp / n_gt, precision, average_precision(gts, preds, label, iou_threshold)
+
+
+def kind_curves(
+    gts: Sequence[Boxes], preds: Sequence[Boxes], iou_threshold: float = 0.5
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """:func:`pr_curve` of every cell kind that has ground truth (for the card's figure)."""
+    curves = {kind: pr_curve(gts, preds, i, iou_threshold) for i, kind in enumerate(CELL_KINDS)}
+    return {kind: curve for kind, curve in curves.items() if len(curve[0])}
+
+
+def candidate_curves(
+    detector: Any, pairs: Iterable[tuple[np.ndarray, Boxes]], desc: str = "fields"
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """:func:`kind_curves` of ``detector``'s every candidate (score >= its card's candidate
+    threshold, as mAP is scored) on ``(image, ground truth)`` pairs."""
+    gts, preds = [], []
+    for image, truth in progress(pairs, desc=desc, unit="img"):
+        found = detector.detect(image, score_threshold=detector.candidate_threshold, masks=False)
+        gts.append(truth)
+        preds.append(_as_boxes(found.cells))
+    return kind_curves(gts, preds)
+
+
+def average_precision(
+    gts: Sequence[Boxes], preds: Sequence[Boxes], label: int, iou_threshold: float
+) -> float:
+    """COCO AP of one class at one IoU threshold; NaN when the class has no ground truth."""
+    hit, _, n_gt = ranked_hits(gts, preds, label, iou_threshold)
     if n_gt == 0:
         return float("nan")
-    if not scores or sum(len(s) for s in scores) == 0:
+    if not len(hit):
         return 0.0
-    order = np.argsort(-np.concatenate(scores), kind="mergesort")
-    tp = np.cumsum(np.concatenate(hits)[order])
-    fp = np.cumsum(~np.concatenate(hits)[order])
+    tp = np.cumsum(hit)
+    fp = np.cumsum(~hit)
     recall = tp / n_gt
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     precision = np.maximum.accumulate(precision[::-1])[::-1]
@@ -267,6 +315,12 @@ def cli(argv: list[str]) -> int:
         default=1,
         help="evaluate N x N fields of one size joined into one image (large fields)",
     )
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        metavar="DIR",
+        help="also draw the precision-recall curves per cell kind (PNG) into DIR",
+    )
     args = parser.parse_args(argv)
 
     fields = read_fields(args.data, args.format, args.split_file, args.split)
@@ -281,7 +335,7 @@ def cli(argv: list[str]) -> int:
     regressed: dict[str, list[float]] = {k: [] for k in CELL_KINDS}
     regressed_truth: dict[str, list[int]] = {k: [] for k in CELL_KINDS}
     regressed_detected: dict[str, list[int]] = {k: [] for k in CELL_KINDS}
-    for f in fields:
+    for f in progress(fields, desc="fields", unit="img"):
         image = f.load_image()
         gts.append(Boxes(f.boxes, f.labels))
         candidates = detector.detect(
@@ -314,6 +368,12 @@ def cli(argv: list[str]) -> int:
         ],
     )
     report = _nan_to_none(report)
+    if args.figures is not None:
+        from lisplugin.evaluation.figures import detector_figures
+
+        name = args.split or args.data.name
+        drawn = detector_figures(args.figures, args.name, {name: kind_curves(gts, preds)})
+        report["figures"] = [str(path) for _, path in drawn]
     if args.misses is not None:
         missed = missed_cells([f.name for f in fields], gts, operating)
         args.misses.write_text(json.dumps(missed, indent=1) + "\n", encoding="utf-8")

@@ -11,12 +11,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lisplugin.config import DEFAULT_MODELS_DIR
+from lisplugin.progress import bar
 
 
 def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, bins: int = 15) -> float:
@@ -99,14 +101,24 @@ def score_crops(
     }
 
 
-def evaluate_folder(
+@dataclass(frozen=True)
+class Scored:
+    """A classifier's probabilities for labelled crops: what metrics and figures are made of."""
+
+    y_true: np.ndarray  # class indices into ``classes``
+    probabilities: np.ndarray  # (N, len(classes)), calibrated
+    classes: list[str]
+    version: str
+
+
+def score_folder(
     data_dir: Path,
     models_dir: Path,
     split_file: Path | None = None,
     split: str | None = None,
     model_name: str = "leukocyte-classifier",
-) -> dict[str, Any]:
-    """Classify every image of the chosen split with the shipped model and score it."""
+) -> Scored:
+    """Classify every image of the chosen split with the folder's model."""
     from lisplugin.datasets import load_rgb, read_samples, select
     from lisplugin.inference.classifier import OnnxLeukocyteClassifier
     from lisplugin.inference.registry import load_card
@@ -118,13 +130,41 @@ def evaluate_folder(
         raise SystemExit(f"no images of classes {classes} found in {data_dir} (split={split})")
     probs = []
     chunk = 256  # bounds memory: decoded crops are dropped after each chunk
-    for start in range(0, len(samples), chunk):
-        crops = [load_rgb(s.path) for s in samples[start : start + chunk]]
-        probs.append(classifier.classify(crops))
-    y_true = [classes.index(s.label) for s in samples]
-    result = differential_metrics(y_true, np.concatenate(probs), classes)
-    result["model"] = {"name": model_name, "version": classifier.version}
+    with bar(len(samples), desc="crops", unit="img") as shown:
+        for start in range(0, len(samples), chunk):
+            crops = [load_rgb(s.path) for s in samples[start : start + chunk]]
+            probs.append(classifier.classify(crops))
+            shown.update(len(crops))
+    y_true = np.asarray([classes.index(s.label) for s in samples], dtype=int)
+    return Scored(y_true, np.concatenate(probs), classes, classifier.version)
+
+
+def evaluate_folder(
+    data_dir: Path,
+    models_dir: Path,
+    split_file: Path | None = None,
+    split: str | None = None,
+    model_name: str = "leukocyte-classifier",
+    figures: Path | None = None,
+) -> dict[str, Any]:
+    """Classify every image of the chosen split with the shipped model and score it; with
+    ``figures``, also draw its confusion matrix, reliability diagram and PR curves there."""
+    scored = score_folder(data_dir, models_dir, split_file, split, model_name)
+    result = differential_metrics(scored.y_true, scored.probabilities, scored.classes)
+    result["model"] = {"name": model_name, "version": scored.version}
     result["split"] = split
+    if figures is not None:
+        from lisplugin.evaluation.figures import classifier_figures
+
+        name = Path(data_dir).name
+        drawn = classifier_figures(
+            figures,
+            model_name,
+            {name: (scored.y_true, scored.probabilities)},
+            scored.classes,
+            label=split or "all",
+        )
+        result["figures"] = [str(path) for _, path in drawn]
     return result
 
 
@@ -138,13 +178,16 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--split", help="split to score, e.g. test (default: all images)")
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--json", action="store_true", help="print the full JSON result")
+    parser.add_argument(
+        "--figures", type=Path, metavar="DIR", help="also draw the figures (PNG) into DIR"
+    )
     args = parser.parse_args(argv)
     split_file = args.split_file
     if split_file is None and args.split is not None and (args.data / "split.csv").is_file():
         split_file = args.data / "split.csv"
     if args.split is not None and split_file is None:
         parser.error("--split needs a split file (--split-file or DIR/split.csv)")
-    result = evaluate_folder(args.data, args.models, split_file, args.split)
+    result = evaluate_folder(args.data, args.models, split_file, args.split, figures=args.figures)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -24,6 +24,7 @@ from lisplugin.core.types import UNIDENTIFIED
 from lisplugin.dicom.decode import field_from_image_file
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
 from lisplugin.inference.registry import load_card
+from lisplugin.progress import progress
 from lisplugin.service.models import load_models
 
 LABELS = {
@@ -76,7 +77,7 @@ def evaluate(
     if limit:
         images = images[:limit]
     pairs: list[tuple[str, str]] = []
-    for index, path in enumerate(images):
+    for index, path in enumerate(progress(images, desc="fields", unit="img")):
         result = analyse_field(index, field_from_image_file(path), detector, classifier, analysis)
         wbcs = [c for c in result.cells if c.kind == "WBC"]
         if not wbcs:

@@ -8,6 +8,7 @@ model means shipping a new ONNX file and card; no code changes.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,15 @@ def load_card(models_dir: Path, name: str, verify: bool = True) -> ModelCard:
         sha256=str(meta["sha256"]),
         meta=meta,
     )
+
+
+#: A markdown image link: ``![caption](file)``.
+_IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def card_figures(card_path: Path) -> list[Path]:
+    """The files a card's markdown image links point to, relative to the card (its figures):
+    copied with the card wherever the card goes, so that its links stay whole."""
+    card_path = Path(card_path)
+    text = card_path.read_text(encoding="utf-8")
+    return [card_path.parent / link for link in _IMAGE_LINK.findall(text) if "://" not in link]

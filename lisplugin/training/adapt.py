@@ -34,6 +34,7 @@ import numpy as np
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.evaluation.differential import score_crops
 from lisplugin.inference.store import HELD_BACK_FILE
+from lisplugin.progress import progress
 
 
 def collect_folder(
@@ -47,7 +48,7 @@ def collect_folder(
 
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
     crops, labels, missed = [], [], 0
-    for sample in samples:
+    for sample in progress(samples, desc="cells", unit="img"):
         field = Field(load_rgb(sample.path), str(sample.path))
         found = most_confident_leukocyte(field, detector, sample.label)
         if found is None:
@@ -76,7 +77,7 @@ def collect_reviews(
     try:
         with db.session() as session:
             cases = session.scalars(select(Case).where(Case.status == CaseStatus.FINAL)).all()
-            for case in cases:
+            for case in progress(cases, desc="signed-out cases", unit="case"):
                 for cell in (case.result or {}).get("cells") or []:
                     if cell.get("kind") != "WBC" or cell.get("class") not in LEUKOCYTE_CLASSES:
                         continue
@@ -134,7 +135,7 @@ def adapt(
     from lisplugin.config import load_settings
     from lisplugin.core.crops import classifier_input
     from lisplugin.inference.classifier import OnnxLeukocyteClassifier
-    from lisplugin.inference.registry import file_sha256, load_card
+    from lisplugin.inference.registry import card_figures, file_sha256, load_card
     from lisplugin.training import classifier as trainer
 
     started = time.perf_counter()
@@ -210,6 +211,9 @@ def adapt(
     out.mkdir(parents=True, exist_ok=True)
     detector_card = load_card(base_dir, names.detector)
     shutil.copy2(base_dir / f"{names.detector}.md", out / f"{names.detector}.md")
+    for figure in card_figures(base_dir / f"{names.detector}.md"):  # its card's links stay whole
+        if figure.is_file():
+            shutil.copy2(figure, out / figure.name)
     shutil.copy2(detector_card.onnx_path, out / detector_card.onnx_path.name)
     onnx_path = out / f"{names.classifier}.onnx"
     trainer.export_onnx(model, onnx_path, size)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.progress import progress
 from lisplugin.training.augment import photometric
 from lisplugin.training.sites import SITES
 from lisplugin.training.styles import restyle
@@ -239,7 +240,7 @@ def train(
     best: tuple[float, dict[str, Any]] = (-1.0, copy.deepcopy(ema.module.state_dict()))
     history = []
     step = 0
-    for epoch in range(epochs):
+    for epoch in progress(range(epochs), desc="epochs", unit="epoch"):
         model.train()
         started = time.perf_counter()
         if sample_weights is None:
@@ -252,7 +253,8 @@ def train(
                 generator=generator,
             )
         loss_sum, done = 0.0, 0
-        for i in range(steps_per_epoch):
+        batches = range(steps_per_epoch)
+        for i in progress(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch"):
             if step >= total:
                 break
             idx = order[i * batch_size : (i + 1) * batch_size]
@@ -429,7 +431,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str]) -> int:
-    from lisplugin.evaluation.differential import differential_metrics, evaluate_folder
+    from lisplugin.evaluation.differential import differential_metrics, score_folder
     from lisplugin.inference.registry import file_sha256
     from lisplugin.training.sites import load_site
 
@@ -523,15 +525,17 @@ def cli(argv: list[str]) -> int:
     write_card(card_path, meta, "")  # provisional card: the evaluation loads the model by it
 
     site_tests: dict[str, dict[str, Any]] = {}
+    site_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # for the card's figures
     for name, splits in sites.items():
         x, y = splits["test"]
         if not len(y):
             continue
         if name == "pbc" and args.limit is None:  # scored exactly as `evaluate differential`
-            site_tests[name] = evaluate_folder(args.data, args.out, args.data / "split.csv", "test")
+            scored = score_folder(args.data, args.out, args.data / "split.csv", "test")
+            site_scores[name] = (scored.y_true, scored.probabilities)
         else:
-            logits = predict_logits(model, x, mean, std)
-            site_tests[name] = differential_metrics(y, softmax(logits, temperature), classes)
+            site_scores[name] = (y, softmax(predict_logits(model, x, mean, std), temperature))
+        site_tests[name] = differential_metrics(*site_scores[name], classes)
         log(f"{name} test (crops): accuracy {site_tests[name]['accuracy']:.4f}")
     held_out = (
         _leave_one_site_out(args.leave_out, paths[args.leave_out], args.out, args.limit, log)
@@ -562,6 +566,7 @@ def cli(argv: list[str]) -> int:
         meta, history, site_tests, held_out, args, command, train_seconds, params,
         onnx_path.stat().st_size, counts, init_card,
     )  # fmt: skip
+    body = _with_figures(body, site_scores, classes, meta["metrics"], args.out, log)
     write_card(card_path, meta, body)
     log(json.dumps(meta["metrics"]))
     log(f"wrote {onnx_path} and {card_path} in {time.perf_counter() - started:.0f} s")
@@ -590,6 +595,31 @@ def _styles(
         own.append(style_of(torch.from_numpy(sample).permute(0, 3, 1, 2).float() / 255.0))
         names.append(name)
     return balanced([*external, *own]), names
+
+
+def _with_figures(
+    body: str,
+    scores: dict[str, tuple[np.ndarray, np.ndarray]],
+    classes: list[str],
+    metrics: dict[str, Any],
+    out: Path,
+    log: Callable[[str], None],
+) -> str:
+    """The card body with its figures (confusion, reliability, PR, leave-one-site-out) drawn
+    beside it and linked; as it was when matplotlib is missing."""
+    from lisplugin.evaluation.figures import (
+        FiguresUnavailable,
+        classifier_figures,
+        markdown_section,
+        with_section,
+    )
+
+    try:
+        drawn = classifier_figures(out, MODEL_NAME, scores, classes, metrics)
+    except FiguresUnavailable as exc:
+        log(f"card without figures: {exc}")
+        return body
+    return with_section(body, markdown_section(drawn, out))
 
 
 def _shipped_detector() -> Any:
@@ -638,7 +668,7 @@ def _leave_one_site_out(
     samples = site_samples(site, folder)
     if site == "pbc":  # PBC's test split: the same images as the in-site figure of other models
         samples = [s for s in samples if s.split == "test"]
-    report = evaluate_samples(samples, classifier_dir=models, limit=limit)
+    report = evaluate_samples(samples, classifier_dir=models, limit=limit, progress=True)
     log(f"leave-one-site-out {site}: accuracy {report['accuracy']} on {report['n']} images")
     return report
 

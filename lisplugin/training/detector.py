@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lisplugin.core.types import CELL_KINDS
+from lisplugin.progress import bar, progress
 from lisplugin.training.field_augment import random_geometric
 from lisplugin.training.fields import AnnotatedField, read_voc, read_yolo
 
@@ -431,7 +432,7 @@ def train(args: argparse.Namespace) -> int:
 
     budget = 60 * args.max_minutes
 
-    def progress(step: int) -> float:
+    def schedule_done(step: int) -> float:
         # the schedule follows steps or the time budget, whichever runs out first, so that a
         # slower (shared) machine still ends with an annealed model inside the budget
         return max((step - warmup) / max(1, total - warmup), (time.time() - start) / budget)
@@ -439,17 +440,20 @@ def train(args: argparse.Namespace) -> int:
     def lr_at(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step)))))
+        done = min(1.0, schedule_done(step))
+        return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done)))
 
     gen = torch.Generator().manual_seed(args.seed)
     prob = data.weights / data.weights.sum()
     best, step = -1.0, 0
     history = []
     epoch = 0
-    while epoch < args.epochs and (step < warmup or progress(step) < 1.0):
+    epochs_bar = bar(args.epochs, desc="epochs", unit="epoch")
+    while epoch < args.epochs and (step < warmup or schedule_done(step) < 1.0):
         t0 = time.time()
         sums: dict[str, float] = {}
-        for _ in range(steps_per_epoch):
+        batches = range(steps_per_epoch)
+        for _ in progress(batches, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch"):
             idx = rng.choice(len(data), size=args.batch, p=prob)
             x, tgt = data.batch(idx, args.crop, rng)
             x = photometric(x, generator=gen)
@@ -467,7 +471,7 @@ def train(args: argparse.Namespace) -> int:
         row = {"epoch": epoch, "s": round(time.time() - t0, 1), "lr": round(lr_at(step), 5)}
         row["wall_s"] = round(time.time() - start)
         row.update({k: round(v / steps_per_epoch, 4) for k, v in sums.items()})
-        last = epoch == args.epochs or progress(step) >= 1.0
+        last = epoch == args.epochs or schedule_done(step) >= 1.0
         if epoch % args.val_every == 0 or last:
             row.update(validate(model, val_sets))
             score = float(np.mean([row[k] for k in val_sets]))
@@ -476,7 +480,9 @@ def train(args: argparse.Namespace) -> int:
                 best = score
                 torch.save(model.state_dict(), ckpt_dir / "best.pt")
         history.append(row)
+        epochs_bar.update(1)
         log(json.dumps(row) + f" elapsed {(time.time() - start) / 60:.1f} min")
+    epochs_bar.close()
     model.load_state_dict(torch.load(ckpt_dir / "best.pt"))
     (ckpt_dir / "history.json").write_text(json.dumps(history, indent=1))
     return finish(model, out, val_sets, info, args, time.time() - start, epoch)
@@ -591,9 +597,32 @@ def finish(
         "validation_map50": validate(model, val_sets),
     }
     card = write_card(out, onnx_path, args.version, meta, card_body(meta))
+    draw_figures(card, val_sets)
     log(f"wrote {onnx_path} and {card}; thresholds {thresholds}")
     (Path(args.checkpoints) / "excluded.json").write_text(json.dumps(info["excluded"], indent=1))
     return 0
+
+
+def draw_figures(card: Path, val_sets: dict) -> None:
+    """Precision-recall per cell kind of the exported model on the validation sets, drawn
+    beside its card and linked from it (skipped, and said so, without matplotlib)."""
+    from lisplugin.evaluation.detection import Boxes, candidate_curves
+    from lisplugin.evaluation.figures import FiguresUnavailable, detector_figures, update_card
+    from lisplugin.inference.detector import OnnxCellDetector
+
+    detector = OnnxCellDetector.from_models_dir(card.parent, card.stem)
+    curves = {
+        f"{name} (validation)": candidate_curves(
+            detector, ((image, Boxes(f.boxes, f.labels)) for image, f in items), desc=name
+        )
+        for name, items in val_sets.items()
+    }
+    try:
+        figures = detector_figures(card.parent, card.stem, curves)
+    except FiguresUnavailable as exc:
+        log(f"card without figures: {exc}")
+        return
+    update_card(card, figures, "Drawn by `lisplugin train detector` on its validation sets.")
 
 
 def log(msg: str) -> None:
