@@ -16,9 +16,9 @@ from hl7apy.parser import parse_message
 from lisplugin.config import Hl7Settings
 from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.ack import ErrorCode, MessageRejected, build_ack, normalise_segments
-from lisplugin.hl7.analyser import parse_analyser_result
+from lisplugin.hl7.analyser import RESULT_MESSAGES, parse_analyser_result
 from lisplugin.hl7.lis_sim import build_test_order
-from lisplugin.hl7.orders import Order, OrderRejected, parse_order
+from lisplugin.hl7.orders import SUPPORTED_MESSAGES, Order, OrderRejected, parse_order
 from lisplugin.hl7.oru import OruInvalid, build_oru, parse_ack, validate_oru
 
 REPO = Path(__file__).resolve().parent.parent
@@ -782,3 +782,34 @@ def test_unusable_analyser_results_are_refused(
     assert text in caught.value.text
     ack = build_ack(message, caught.value, application="LISPLUGIN")
     assert parse_ack(ack)[0] == ("AR" if code >= 200 else "AE")
+
+
+def spec_table(heading: str) -> list[list[str]]:
+    """The rows of the first table after the line starting with ``heading``."""
+    lines = SPEC.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    start = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    table = []
+    for line in lines[start + 2 :]:  # below the header and its separator
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip().strip("`") for cell in line.strip().strip("|").split("|")])
+    return table
+
+
+def test_spec_message_table_lists_what_the_listener_accepts() -> None:
+    inbound = {
+        row[1].split()[0]
+        for row in spec_table("<!-- messages:begin -->")
+        if row[0].endswith("→ lisplugin") and not row[1].startswith("ACK")
+    }
+    accepted = {f"{t}^{e}" for t, e in SUPPORTED_MESSAGES.items()}
+    accepted |= {f"{t}^{e}" for t, triggers in RESULT_MESSAGES.items() for e in triggers}
+    assert inbound == accepted
+
+
+def test_spec_error_table_lists_every_error_code() -> None:
+    rows = spec_table("| ERR-3 | Text")
+    assert [(int(r[0]), r[1]) for r in rows] == [
+        (int(code), code.text) for code in ErrorCode
+    ]

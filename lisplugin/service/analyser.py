@@ -149,8 +149,16 @@ def _reevaluate(
     assert case.result is not None
     context = case_context(case)
     specimen, revised = revise(case.result, pipeline.rules, pipeline.ranges, context)
-    still_open = open_flags(revised)
     review: dict[str, Any] = dict(revised.get("review") or {})
+    # An acknowledgement is of what the flag said: one whose text the counts changed (an
+    # absolute count, the analyser's platelets) is asked for again.
+    said = {f["code"]: f["text"] for f in revised.get("flags") or []}
+    acknowledged = dict(review.get("acknowledged") or {})
+    stale = [c for c, a in acknowledged.items() if c in said and a.get("text") != said[c]]
+    if stale:
+        review["acknowledged"] = {c: a for c, a in acknowledged.items() if c not in stale}
+        revised["review"] = review
+    still_open = open_flags(revised)
     if still_open and review.get("technical_review"):  # it approved other flags
         revised["review"] = {k: v for k, v in review.items() if k != "technical_review"}
     before_status = case.status
@@ -172,7 +180,14 @@ def _reevaluate(
     if before_status in RELEASED and still_open:
         case.status = CaseStatus.REVIEW  # a new finding is not released unseen
     elif before_status in RELEASED:
+        # The C replaces the released result: its comments and override go out again.
         comments = [f"{c.username}: {c.text}" for c in case_comments(session, case.id)]
+        if override := review.get("override"):
+            comments.append(
+                f"override by {override['username']}: released with "
+                f"{override['wbc_classified']} of the minimum {override['minimum']} "
+                f"leukocytes: {override['text']}"
+            )
         control_id = queue_oru(
             session,
             case,
@@ -209,6 +224,7 @@ def _reevaluate(
             "outcome": outcome,
             "control_id": control_id,
             "open_flags": [f["code"] for f in still_open],
+            "acknowledgements_withdrawn": stale,
         },
     )
     session.flush()
