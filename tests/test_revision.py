@@ -181,6 +181,7 @@ class CountingClassifier:
     def __init__(self, inner: OnnxLeukocyteClassifier) -> None:
         self.inner = inner
         self.version, self.classes, self.centre = inner.version, inner.classes, inner.centre
+        self.input_size = inner.input_size
         self.seen_batches: list[int] = []
 
     def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
@@ -191,6 +192,7 @@ class CountingClassifier:
 
     def classify_seen(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         self.seen_batches.append(len(windows))
+        assert {w.shape for w in windows} == {(self.input_size, self.input_size, 3)}
         return self.inner.classify_seen(windows)
 
 

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from scipy import ndimage
 
-from lisplugin.core.crops import background_colour, centre_window
+from lisplugin.core.crops import background_colour, centre_window, resize_rgb
 from lisplugin.core.types import LeukocyteClassifier
 
 #: Side of the occluding patch and the step between positions, in PBC pixels (crop is 160):
@@ -35,6 +35,7 @@ class ViewClassifier(Protocol):
     (:class:`lisplugin.inference.classifier.OnnxLeukocyteClassifier`)."""
 
     centre: float
+    input_size: int
 
     def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray: ...
 
@@ -72,8 +73,8 @@ def occlusion_sensitivity(
 
     The top class and its probability are the classifier's answer for the crop (what the
     result reports). With a :class:`ViewClassifier` the occluded windows are scored in one
-    batch, one view each and in the colours of the unoccluded crop; any other classifier gets
-    occluded copies of the whole crop.
+    batch, one view each, at the model's input size and in the colours of the unoccluded crop;
+    any other classifier gets occluded copies of the whole crop.
     """
     height, width = crop.shape[:2]
     fast = isinstance(classifier, ViewClassifier)
@@ -86,19 +87,23 @@ def occlusion_sensitivity(
     offsets = [
         (y, x) for y in _positions(side, patch, stride) for x in _positions(side, patch, stride)
     ]
-    windows = []
-    for y, x in offsets:
-        window = seen.copy()
-        window[y : y + patch, x : x + patch] = fill
-        windows.append(window)
     if fast:
+        # Occluded at the model's input size: the window is resized once, not once per view.
+        size = int(classifier.input_size)  # type: ignore[attr-defined]
+        base = resize_rgb(seen, size)
+        at = [round(v * size / side) for v in range(side + 1)]
+        windows = []
+        for y, x in offsets:
+            window = base.copy()
+            window[at[y] : at[y + patch], at[x] : at[x + patch]] = fill
+            windows.append(window)
         answer = np.asarray(classifier.classify([crop]))[0]
-        scored = np.asarray(classifier.classify_seen([seen, *windows]))  # type: ignore[attr-defined]
+        scored = np.asarray(classifier.classify_seen([base, *windows]))  # type: ignore[attr-defined]
     else:
         occluded = []
-        for window in windows:
+        for y, x in offsets:
             image = crop[..., :3].copy()
-            image[top : top + side, left : left + side] = window
+            image[top + y : top + y + patch, left + x : left + x + patch] = fill
             occluded.append(image)
         scored = np.asarray(classifier.classify([crop, *occluded]))
         answer = scored[0]
