@@ -71,7 +71,8 @@ def _messages(detail: Any) -> list[str]:
         lines = []
         for item in detail:
             if isinstance(item, dict):
-                where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                loc = item.get("loc", ())
+                where = ".".join(str(p) for p in loc if p not in ("body", "path", "query"))
                 lines.append(f"{where}: {item.get('msg', '')}" if where else str(item.get("msg")))
             else:
                 lines.append(str(item))

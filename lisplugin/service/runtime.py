@@ -171,6 +171,8 @@ class Runtime:
         """The analyser's WBC/platelet counts: kept with the case, its result evaluated again
         and, where due, a new result queued (``lisplugin.service.analyser``)."""
         applied = apply_analyser_counts(self.db, self.pipeline(), counts)
+        # An analysis running meanwhile finds its case changed and leaves it queued: redo it now.
+        self.scheduler.wake()
         if applied.control_id is not None:
             self.outbox.notify()
             self.reports.request(applied.case_id)
