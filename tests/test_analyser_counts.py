@@ -268,3 +268,22 @@ def test_unusable_analyser_results_are_answered_ae_and_change_nothing(
     after = lab.client("paul").get("/api/cases/1").json()
     assert after["version"] == before["version"] and after["order"] == before["order"]
     assert lab.deliver() == []
+
+
+def test_counts_before_the_analysis_are_used_by_it(lab: Lab, tmp_path: Path) -> None:
+    lab.deliver()
+    order = OML.replace(ACCESSION, "ACC8002").replace("ORD8001", "ORD8002")
+    assert lab.send(order.replace("PL8001", "PL8002"))[0] == "AA"
+    counts = analyser_result("XN0201", "12.5", accession="ACC8002", placer="PL8002")
+    assert lab.send(counts)[0] == "AA"
+    assert lab.deliver() == []  # nothing to report yet: no capture
+    capture = review_capture(
+        tmp_path / "more", lab.runtime.pipeline().detector, 42, "ACC8002", PATIENT
+    )  # type: ignore[arg-type]
+    case_id = ingest(lab.runtime, capture)
+    [result] = lab.deliver()
+    share = lab.client("paul").get(f"/api/cases/{case_id}").json()["result"]["differential"]
+    assert (
+        obx_values(result)["neutrophil_abs"][0]
+        == f"{round(share['neutrophil'] / 100 * 12.5, 2):.2f}"
+    )

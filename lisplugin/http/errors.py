@@ -3,8 +3,9 @@
 A reviewer who follows a stale link, lacks a role or submits a form twice should see a page
 of the review station that says what happened and where to go, not a JSON fragment; the LIS,
 scripts and the station's own ``fetch`` calls (which ask for ``*/*`` or JSON) keep FastAPI's
-``{"detail": ...}``. A request gets HTML only when its ``Accept`` header names ``text/html``
-(as browsers do for a page) at least as strongly as JSON. Unexpected failures answer 500 with
+``{"detail": ...}``. A request gets HTML when its ``Accept`` header names ``text/html`` (as
+browsers do for a page) at least as strongly as JSON, or names neither (``*/*``) and is for a
+page rather than the API (``/api``, ``/dicomweb``, ...). Unexpected failures answer 500 with
 the request id and never the exception's text, which may quote patient data.
 """
 
@@ -39,9 +40,14 @@ ADVICE = {
 }
 
 
+#: Paths whose clients are programs: without an explicit wish for HTML they get JSON.
+API_PREFIXES = ("/api/", "/dicomweb/", "/openapi.json", "/healthz", "/readyz", "/metrics")
+
+
 def wants_html(request: Request) -> bool:
-    """Whether the ``Accept`` header prefers an HTML page (``text/html`` named, with a quality
-    at least that of ``application/json``); ``*/*`` alone, as fetch and curl send, is JSON."""
+    """Whether the answer should be an HTML page: ``text/html`` named in ``Accept`` with a
+    quality at least that of ``application/json``; or neither named (``*/*``, as fetch, curl
+    and httpx send) on a page's path, not the API's."""
     quality = {"html": 0.0, "json": 0.0}
     for part in request.headers.get("accept", "").split(","):
         media, *params = (p.strip() for p in part.split(";"))
@@ -60,6 +66,8 @@ def wants_html(request: Request) -> bool:
         }.get(media.lower())
         if kind:
             quality[kind] = max(quality[kind], q)
+    if quality["html"] == quality["json"] == 0.0:
+        return not request.url.path.startswith(API_PREFIXES)
     return quality["html"] > 0 and quality["html"] >= quality["json"]
 
 
