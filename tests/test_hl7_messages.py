@@ -810,6 +810,4 @@ def test_spec_message_table_lists_what_the_listener_accepts() -> None:
 
 def test_spec_error_table_lists_every_error_code() -> None:
     rows = spec_table("| ERR-3 | Text")
-    assert [(int(r[0]), r[1]) for r in rows] == [
-        (int(code), code.text) for code in ErrorCode
-    ]
+    assert [(int(r[0]), r[1]) for r in rows] == [(int(code), code.text) for code in ErrorCode]

@@ -109,9 +109,7 @@ def _apply(session: Session, pipeline: Pipeline, counts: AnalyserCounts) -> Coun
     order = dict(case.order or {})
     before = dict(order.get(ANALYSER_KEY) or {})
     new = {
-        "wbc_count": counts.wbc_count
-        if counts.wbc_count is not None
-        else before.get("wbc_count"),
+        "wbc_count": counts.wbc_count if counts.wbc_count is not None else before.get("wbc_count"),
         "platelet_count": counts.platelet_count
         if counts.platelet_count is not None
         else before.get("platelet_count"),
