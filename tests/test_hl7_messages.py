@@ -16,8 +16,9 @@ from hl7apy.parser import parse_message
 from lisplugin.config import Hl7Settings
 from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.ack import ErrorCode, MessageRejected, build_ack, normalise_segments
+from lisplugin.hl7.analyser import RESULT_MESSAGES, parse_analyser_result
 from lisplugin.hl7.lis_sim import build_test_order
-from lisplugin.hl7.orders import Order, OrderRejected, parse_order
+from lisplugin.hl7.orders import SUPPORTED_MESSAGES, Order, OrderRejected, parse_order
 from lisplugin.hl7.oru import OruInvalid, build_oru, parse_ack, validate_oru
 
 REPO = Path(__file__).resolve().parent.parent
@@ -689,3 +690,124 @@ def test_order_dataclass_is_frozen() -> None:
     assert isinstance(order, Order)
     with pytest.raises(AttributeError):
         order.accession_number = "other"  # type: ignore[misc]
+
+
+# --- analyser results (ORU^R01, OUL^R22, OUL^R21) -----------------------------------------
+
+
+def analyser_message(
+    message_type: str = "ORU^R01",
+    obx: tuple[str, ...] = ("6690-2^WBC^LN||2.4|10*3/uL", "777-3^PLT^LN||151|10*3/uL"),
+    specimen: str = "OBR|1|PL0001|ACC0001|58410-2^CBC^LN",
+    pid: str = "PID|1||PAT0001^^^HOSP^MR||DOE^JANE",
+) -> str:
+    lines = [
+        f"MSH|^~\\&|XN|LAB|LISPLUGIN|LAB|20240315094200||{message_type}|AN0001|P|2.5.1",
+        pid,
+        specimen,
+        *(f"OBX|{i + 1}|NM|{value}|||||F" for i, value in enumerate(obx)),
+    ]
+    return "\r".join(line for line in lines if line)
+
+
+@pytest.mark.parametrize(
+    ("name", "message_type"), [("ORU_R01_analyser", "ORU^R01"), ("OUL_R22_analyser", "OUL^R22")]
+)
+def test_analyser_examples_validate_and_carry_the_counts(name: str, message_type: str) -> None:
+    text = (EXAMPLES / f"{name}.hl7").read_text(encoding="utf-8")
+    parse_message(
+        normalise_segments(text), find_groups=True, validation_level=VALIDATION_LEVEL.STRICT
+    ).validate()
+    counts = parse_analyser_result(text)
+    assert counts.message_type == message_type
+    assert (counts.wbc_count, counts.platelet_count) == (1.2, 98.0)  # 10*3/uL is x10^9/L
+    assert counts.identifiers[0] == ("OBR-3", "ACC240315-018")
+    assert ("OBR-2", "PL-88124") in counts.identifiers
+    assert (counts.patient_id, counts.patient_id_authority) == ("PAT0043", "HOSP")
+    assert counts.observed_at is not None and counts.observed_at.minute == 40  # OBX-14
+
+
+@pytest.mark.parametrize(
+    ("message_type", "specimen", "first"),
+    [
+        ("ORU^R01", "OBR|1|PL0001|ACC0001|58410-2^CBC^LN", ("OBR-3", "ACC0001")),
+        ("ORU^R01", "OBR|1|PL0001||58410-2^CBC^LN", ("OBR-2", "PL0001")),
+        ("OUL^R22", "SPM|1|SP77^ACC0002", ("SPM-2.1", "SP77")),
+        ("OUL^R21", "OBR|1|||||||||||||||||ACC0003", ("OBR-18", "ACC0003")),
+        ("ORU", "OBR|1|PL0001|ACC0001|58410-2^CBC^LN", ("OBR-3", "ACC0001")),  # MSH-9.2 empty
+    ],
+)
+def test_analyser_result_identifies_its_specimen(
+    message_type: str, specimen: str, first: tuple[str, str]
+) -> None:
+    counts = parse_analyser_result(analyser_message(message_type, specimen=specimen))
+    assert counts.identifiers[0] == first
+    assert (counts.wbc_count, counts.platelet_count) == (2.4, 151.0)
+
+
+def test_analyser_result_reads_units_and_skips_void_and_other_observations() -> None:
+    counts = parse_analyser_result(
+        analyser_message(
+            obx=("718-7^HGB^LN||13.1|g/dL", "6690-2^WBC^LN||5400|/uL", "777-3^PLT^LN||0|10*9/L")
+        )
+    )
+    assert (counts.wbc_count, counts.platelet_count) == (5.4, 0.0)
+    void = analyser_message().replace("10*3/uL|||||F", "10*3/uL|||||F", 1)
+    lines = void.split("\r")
+    lines[3] = lines[3].replace("|||||F", "|||||W")  # the WBC count withdrawn (wrong)
+    assert parse_analyser_result("\r".join(lines)).wbc_count is None
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "location", "text"),
+    [
+        (analyser_message(obx=("6690-2^WBC^LN||many|10*3/uL",)), 102, "OBX^1^5", "not a number"),
+        (analyser_message(obx=("6690-2^WBC^LN||7|mmol/L",)), 102, "OBX^1^6", "not a count"),
+        (analyser_message(obx=("6690-2^WBC^LN||7000|10*3/uL",)), 102, "OBX^1^5", "plausible"),
+        (analyser_message(obx=("718-7^HGB^LN||13|g/dL",)), 101, "OBX^1^3", "no WBC or platelet"),
+        (analyser_message(obx=()), 101, "OBX^1", "no WBC or platelet"),
+        (analyser_message(specimen="OBR|1|||58410-2^CBC^LN"), 101, "OBR^1^3", "no specimen"),
+        (analyser_message(specimen=""), 100, "OBR^1", "which specimen"),
+        (analyser_message("ORU^R30"), 201, "MSH^1^9^1^2", "ORU must be R01"),
+        (analyser_message("OUL^R23"), 201, "MSH^1^9^1^2", "OUL must be R22 or R21"),
+        (analyser_message("ADT^A08"), 200, "MSH^1^9", "send ORU^R01, OUL^R22 or OUL^R21"),
+    ],
+)
+def test_unusable_analyser_results_are_refused(
+    message: str, code: int, location: str, text: str
+) -> None:
+    with pytest.raises(MessageRejected) as caught:
+        parse_analyser_result(message)
+    assert (int(caught.value.code), caught.value.location) == (code, location)
+    assert text in caught.value.text
+    ack = build_ack(message, caught.value, application="LISPLUGIN")
+    assert parse_ack(ack)[0] == ("AR" if code >= 200 else "AE")
+
+
+def spec_table(heading: str) -> list[list[str]]:
+    """The rows of the first table after the line starting with ``heading``."""
+    lines = SPEC.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    start = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    table = []
+    for line in lines[start + 2 :]:  # below the header and its separator
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip().strip("`") for cell in line.strip().strip("|").split("|")])
+    return table
+
+
+def test_spec_message_table_lists_what_the_listener_accepts() -> None:
+    inbound = {
+        row[1].split()[0]
+        for row in spec_table("<!-- messages:begin -->")
+        if row[0].endswith("→ lisplugin") and not row[1].startswith("ACK")
+    }
+    accepted = {f"{t}^{e}" for t, e in SUPPORTED_MESSAGES.items()}
+    accepted |= {f"{t}^{e}" for t, triggers in RESULT_MESSAGES.items() for e in triggers}
+    assert inbound == accepted
+
+
+def test_spec_error_table_lists_every_error_code() -> None:
+    rows = spec_table("| ERR-3 | Text")
+    assert [(int(r[0]), r[1]) for r in rows] == [(int(code), code.text) for code in ErrorCode]

@@ -8,6 +8,7 @@ the real outbox. Tests that concern storage run on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import time
@@ -685,3 +686,73 @@ def test_api_answers_are_not_cached_sniffed_or_framed(station: Station) -> None:
         assert headers["Cache-Control"] == "no-store", path
         assert headers["X-Content-Type-Options"] == "nosniff", path
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+
+
+# --- error answers: pages for browsers, JSON for the API ----------------------------------
+
+#: What Chromium sends when it loads a page.
+BROWSER_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
+    "image/apng,*/*;q=0.8"
+)
+
+
+@sqlite_only
+def test_errors_are_pages_for_browsers_and_json_for_api_clients(station: Station) -> None:
+    tech, anonymous = station.client("tech"), station.client()
+    case = station.case(tech)
+    url = f"/api/cases/{station.case_id}"
+    cell = leukocytes(case)[0]
+    stale = {"class": other_class(cell), "version": case["version"] - 1}
+    wrong = {"class": "blast", "version": case["version"]}
+    checks = [  # client, method, path, body, status, words the answer must carry
+        (anonymous, "GET", "/api/cases", None, 401, "sign in"),
+        (tech, "POST", f"{url}/signout", {"version": case["version"]}, 403, "pathologist"),
+        (tech, "GET", "/cases/999999", None, 404, "no case 999999"),
+        (tech, "GET", "/api/cases/999999", None, 404, "999999"),
+        (tech, "GET", "/no/such/page", None, 404, "Not Found"),
+        (tech, "DELETE", "/worklist", None, 405, "Method Not Allowed"),
+        (tech, "PATCH", f"{url}/cells/{cell['id']}", stale, 409, "changed after you loaded"),
+        (tech, "PATCH", f"{url}/cells/{cell['id']}", wrong, 422, "Input should be 'neutrophil'"),
+        (tech, "GET", "/api/cases/not-a-number", None, 422, "case_id"),
+    ]
+    for client, method, path, body, status, words in checks:
+        where = (method, path, status)
+        page = client.request(method, path, json=body, headers={"Accept": BROWSER_ACCEPT})
+        assert page.status_code == status, (*where, page.text[:300])
+        assert page.headers["content-type"].startswith("text/html"), where
+        assert f'<p class="error-status" id="error-status">{status}</p>' in page.text, where
+        assert words in html.unescape(page.text), where
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'"), where
+        assert page.headers["Cache-Control"] == "no-store", where
+        assert ("Sign in" in page.text) == (status == 401), where
+        api = client.request(method, path, json=body, headers={"Accept": "application/json"})
+        assert api.status_code == status, where
+        assert api.headers["content-type"] == "application/json", where
+        assert words in json.dumps(api.json()["detail"]), where
+        for name in ("WWW-Authenticate", "Allow"):  # kept on both
+            assert page.headers.get(name) == api.headers.get(name), (where, name)
+        # */* (fetch, curl, httpx): JSON from the API, a page from the pages
+        either = client.request(method, path, json=body)
+        expected = "application/json" if path.startswith("/api/") else "text/html"
+        assert either.status_code == status, where
+        assert either.headers["content-type"].startswith(expected), where
+    assert station.case(tech)["version"] == case["version"]  # nothing changed
+
+
+@sqlite_only
+def test_an_internal_error_is_a_500_page_or_json_with_the_request_id(station: Station) -> None:
+    """A real failure: the comments table is gone, as after a botched manual migration."""
+    tech = station.client("tech")
+    with station.runtime.db.session() as session:
+        session.execute(text("DROP TABLE case_comments"))
+    page = tech.get(
+        f"/cases/{station.case_id}", headers={"Accept": BROWSER_ACCEPT, "X-Request-ID": "req-42"}
+    )
+    assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
+    assert "Internal Server Error" in page.text and "req-42" in page.text
+    assert "case_comments" not in page.text  # the exception's text stays in the log
+    assert page.headers["X-Request-ID"] == "req-42"
+    api = tech.get(f"/api/cases/{station.case_id}/comments", headers={"X-Request-ID": "req-43"})
+    assert api.status_code == 500 and api.headers["Cache-Control"] == "no-store"
+    assert api.json()["request_id"] == "req-43" and "case_comments" not in api.text

@@ -340,6 +340,24 @@ def test_review_station_from_sign_in_to_the_final_result(
     wait.until(lambda d: d_path(d) != f"/cases/{case_id}")
     assert d_path(browser).startswith("/cases/")
 
+    # Errors are pages of the station, whatever address the browser was sent to (the status
+    # codes are checked in test_review_api).
+    for path, status, words in (
+        ("/cases/999999", "404", "no case 999999"),
+        ("/api/cases/999999", "404", "no case 999999"),
+        (f"/api/cases/{case_id}/signout", "405", "Method Not Allowed"),
+        ("/api/cases/not-a-number", "422", "case_id"),
+    ):
+        browser.get(f"{url}{path}")
+        shown = wait.until(ec.visibility_of_element_located((By.ID, "error-status")))
+        assert shown.text == status, path
+        assert words in browser.find_element(By.TAG_NAME, "main").text, path
+        assert browser.title.startswith(status), path
+        assert browser.find_element(By.CSS_SELECTOR, ".who-name").text == "paul"
+    browser.save_screenshot(str(ARTIFACTS / "review-error.png"))
+    browser.find_element(By.LINK_TEXT, "Back to the worklist").click()
+    wait.until(lambda d: d_path(d) == "/worklist")
+
 
 def test_two_stage_review_in_the_browser(
     browser: webdriver.Chrome, two_stage_station: tuple[LisSimulator, str]

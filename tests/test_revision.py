@@ -9,10 +9,11 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import yaml
 
-from lisplugin.config import DEFAULT_CONFIG_DIR, AnalysisSettings
+from lisplugin.config import DEFAULT_CONFIG_DIR, DEFAULT_MODELS_DIR, AnalysisSettings
 from lisplugin.core.analysis import aggregate
 from lisplugin.core.reference import parse_reference_ranges
 from lisplugin.core.report import specimen_to_json
@@ -20,6 +21,8 @@ from lisplugin.core.revision import DERIVED_KEYS, RevisionError, reclassify, rev
 from lisplugin.core.rules import PatientContext, PreviousResult, parse_rules
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
 from lisplugin.core.types import LEUKOCYTE_CLASSES, Cell, FieldQuality, FieldResult
+from lisplugin.inference.classifier import OnnxLeukocyteClassifier, single_view_graph
+from lisplugin.inference.registry import load_card
 
 SETTINGS = AnalysisSettings()
 RULES = parse_rules(yaml.safe_load((DEFAULT_CONFIG_DIR / "rules.yaml").read_text()), SETTINGS)
@@ -170,3 +173,76 @@ def test_occlusion_saliency_finds_what_the_answer_rests_on() -> None:
     assert overlay.shape == crop.shape and overlay.dtype == np.uint8
     assert np.array_equal(overlay[0, 0], crop[0, 0])  # no evidence there: left as it is
     assert not np.array_equal(overlay[80, 80], crop[80, 80])
+
+
+class CountingClassifier:
+    """The shipped classifier, counting how often and with how many windows it is asked."""
+
+    def __init__(self, inner: OnnxLeukocyteClassifier) -> None:
+        self.inner = inner
+        self.version, self.classes, self.centre = inner.version, inner.classes, inner.centre
+        self.input_size = inner.input_size
+        self.seen_batches: list[int] = []
+
+    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        return self.inner.classify(crops)
+
+    def seen_colours(self, crop: np.ndarray) -> np.ndarray:
+        return self.inner.seen_colours(crop)
+
+    def classify_seen(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        self.seen_batches.append(len(windows))
+        assert {w.shape for w in windows} == {(self.input_size, self.input_size, 3)}
+        return self.inner.classify_seen(windows)
+
+
+@pytest.fixture(scope="module")
+def shipped_classifier() -> OnnxLeukocyteClassifier:
+    return OnnxLeukocyteClassifier(load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier"))
+
+
+def test_saliency_of_the_shipped_model_covers_what_it_sees_in_one_batch(
+    shipped_classifier: OnnxLeukocyteClassifier,
+) -> None:
+    crop = np.full((160, 160, 3), (228, 222, 232), dtype=np.uint8)
+    yy, xx = np.mgrid[:160, :160]
+    crop[(yy - 80) ** 2 + (xx - 80) ** 2 < 26**2] = (150, 110, 190)  # cytoplasm
+    crop[(yy - 80) ** 2 + (xx - 74) ** 2 < 14**2] = (70, 40, 120)  # nucleus
+    counting = CountingClassifier(shipped_classifier)
+    found = occlusion_sensitivity(crop, counting)
+    side = round(shipped_classifier.centre * 160)  # the centre window the model sees
+    offset = (160 - side) // 2
+    assert found.window == (offset, offset, side)
+    assert found.heat.shape == (side, side) == found.seen(crop).shape[:2]
+    assert np.isfinite(found.heat).all()
+    # one batch: the unoccluded window and the 5 x 5 occluded copies of it
+    assert counting.seen_batches == [1 + 5 * 5]
+    answer = shipped_classifier.classify([crop])[0]
+    assert found.top_class == shipped_classifier.classes[int(np.argmax(answer))]
+    assert found.probability == pytest.approx(float(answer.max()))
+
+
+def test_single_view_graph_is_one_of_the_models_test_time_views(
+    shipped_classifier: OnnxLeukocyteClassifier,
+) -> None:
+    """The views the whole graph makes, each run through the cut-out graph and averaged, give
+    the whole graph's logits: the cut-out is exactly its backbone and head."""
+    onnx = pytest.importorskip("onnx")
+    path = load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier").onnx_path
+    single = single_view_graph(path)
+    assert single is not None
+    model = onnx.load(str(path))
+    concat = next(n for n in model.graph.node if n.op_type == "Concat")
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(concat.output[0], onnx.TensorProto.FLOAT, None)
+    )
+    whole = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(3, 3, 96, 96)).astype(np.float32)
+    logits, views = whole.run(None, {"input": x})
+    assert views.shape == (4 * 3, 3, 96, 96)
+    one = ort.InferenceSession(single, providers=["CPUExecutionProvider"])
+    per_view = one.run(None, {one.get_inputs()[0].name: views})[0]
+    assert np.allclose(per_view.reshape(4, 3, -1).mean(axis=0), logits, atol=1e-4)
+    # and the adapter's single view agrees with the whole model on what it sees
+    window = np.full((112, 112, 3), 225, dtype=np.uint8)
+    assert shipped_classifier.classify_seen([window]).shape == (1, 8)

@@ -11,20 +11,37 @@ is occluded and mapped, and every occluded view goes to the classifier in one ba
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from scipy import ndimage
 
-from lisplugin.core.crops import background_colour, centre_window
+from lisplugin.core.crops import background_colour, centre_window, resize_rgb
 from lisplugin.core.types import LeukocyteClassifier
 
 #: Side of the occluding patch and the step between positions, in PBC pixels (crop is 160):
 #: a patch about the size of a nuclear lobe, so covering one lobe moves the answer; over the
 #: 112 px the classifier sees (centre 0.7) that is 5 x 5 overlapping views, in one batch with the
-#: crop itself (occlusion costs one classifier run per view).
+#: unoccluded window (occlusion costs one classifier run per view).
 PATCH_PX = 32
 STRIDE_PX = 20
+
+
+@runtime_checkable
+class ViewClassifier(Protocol):
+    """A classifier that can score the window it looks at directly, one view per window
+    (:class:`lisplugin.inference.classifier.OnnxLeukocyteClassifier`)."""
+
+    centre: float
+    input_size: int
+
+    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    def seen_colours(self, crop: np.ndarray) -> np.ndarray: ...
+
+    def classify_seen(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -52,38 +69,57 @@ def occlusion_sensitivity(
     stride: int = STRIDE_PX,
 ) -> Saliency:
     """Heat map of the top-class probability drop when each part the classifier sees of
-    ``crop`` is hidden."""
+    ``crop`` is hidden.
+
+    The top class and its probability are the classifier's answer for the crop (what the
+    result reports). With a :class:`ViewClassifier` the occluded windows are scored in one
+    batch, one view each, at the model's input size and in the colours of the unoccluded crop;
+    any other classifier gets occluded copies of the whole crop.
+    """
     height, width = crop.shape[:2]
-    seen = centre_window(crop, float(getattr(classifier, "centre", 1.0)))
+    fast = isinstance(classifier, ViewClassifier)
+    coloured = classifier.seen_colours(crop) if fast else crop[..., :3]
+    seen = centre_window(coloured, float(getattr(classifier, "centre", 1.0)))
     side = seen.shape[0]
     top, left = (height - side) // 2, (width - side) // 2
     patch = min(patch, side)
-    fill = background_colour(crop)
-    windows = [
-        (top + y, left + x)
-        for y in _positions(side, patch, stride)
-        for x in _positions(side, patch, stride)
+    fill = background_colour(coloured)
+    offsets = [
+        (y, x) for y in _positions(side, patch, stride) for x in _positions(side, patch, stride)
     ]
-    occluded = []
-    for y, x in windows:
-        image = crop.copy()
-        image[y : y + patch, x : x + patch] = fill
-        occluded.append(image)
-    probabilities = np.asarray(classifier.classify([crop, *occluded]))
-    best = int(np.argmax(probabilities[0]))
-    drops = probabilities[0, best] - probabilities[1:, best]
-    total = np.zeros((height, width))
-    covered = np.zeros((height, width))
-    for (y, x), drop in zip(windows, drops, strict=True):
+    if fast:
+        # Occluded at the model's input size: the window is resized once, not once per view.
+        size = int(classifier.input_size)  # type: ignore[attr-defined]
+        base = resize_rgb(seen, size)
+        at = [round(v * size / side) for v in range(side + 1)]
+        windows = []
+        for y, x in offsets:
+            window = base.copy()
+            window[at[y] : at[y + patch], at[x] : at[x + patch]] = fill
+            windows.append(window)
+        answer = np.asarray(classifier.classify([crop]))[0]
+        scored = np.asarray(classifier.classify_seen([base, *windows]))  # type: ignore[attr-defined]
+    else:
+        occluded = []
+        for y, x in offsets:
+            image = crop[..., :3].copy()
+            image[top + y : top + y + patch, left + x : left + x + patch] = fill
+            occluded.append(image)
+        scored = np.asarray(classifier.classify([crop, *occluded]))
+        answer = scored[0]
+    best = int(np.argmax(answer))
+    drops = scored[0, best] - scored[1:, best]
+    total = np.zeros((side, side))
+    covered = np.zeros((side, side))
+    for (y, x), drop in zip(offsets, drops, strict=True):
         total[y : y + patch, x : x + patch] += drop
         covered[y : y + patch, x : x + patch] += 1
     # Smoothed over about a stride, so the patch grid does not show as blocks.
     heat = ndimage.gaussian_filter(total / np.maximum(covered, 1), sigma=stride / 2)
-    best = int(np.argmax(probabilities[0]))
     return Saliency(
-        heat=heat[top : top + side, left : left + side],
+        heat=heat,
         top_class=str(classifier.classes[best]),
-        probability=float(probabilities[0, best]),
+        probability=float(answer[best]),
         window=(top, left, side),
     )
 

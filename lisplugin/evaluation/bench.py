@@ -125,6 +125,7 @@ MODES = {
     "worklist": "lisplugin.evaluation.bench_worklist",
     "ingest": "lisplugin.evaluation.bench_ingest",
     "slide": "lisplugin.evaluation.bench_slide",
+    "saliency": "lisplugin.evaluation.bench_saliency",
 }
 
 
@@ -134,7 +135,7 @@ def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lisplugin bench",
         description=__doc__,
-        epilog="other modes: lisplugin bench ingest | slide | worklist --help",
+        epilog="other modes: lisplugin bench ingest | slide | worklist | saliency --help",
     )
     parser.add_argument("--fields", type=int, default=30, help="timed fields (default 30)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

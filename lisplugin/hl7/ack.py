@@ -35,6 +35,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED_EVENT_CODE = 201
     UNSUPPORTED_PROCESSING_ID = 202
     UNSUPPORTED_VERSION_ID = 203
+    UNKNOWN_KEY_IDENTIFIER = 204
     APPLICATION_INTERNAL_ERROR = 207
 
     @property
@@ -51,6 +52,7 @@ _ERROR_TEXT = {
     ErrorCode.UNSUPPORTED_EVENT_CODE: "Unsupported event code",
     ErrorCode.UNSUPPORTED_PROCESSING_ID: "Unsupported processing id",
     ErrorCode.UNSUPPORTED_VERSION_ID: "Unsupported version id",
+    ErrorCode.UNKNOWN_KEY_IDENTIFIER: "Unknown key identifier",
     ErrorCode.APPLICATION_INTERNAL_ERROR: "Application internal error",
 }
 

@@ -25,6 +25,7 @@ from hl7.mllp import InvalidBlockError, open_hl7_connection, start_hl7_server
 from hl7.mllp.streams import HL7StreamReader, HL7StreamWriter
 
 from lisplugin.hl7.ack import ErrorCode, MessageRejected, ReceivedHeader, build_ack
+from lisplugin.hl7.analyser import RESULT_MESSAGES, AnalyserCounts, parse_analyser_result
 from lisplugin.hl7.orders import Order, parse_order
 from lisplugin.hl7.oru import parse_ack
 
@@ -39,6 +40,7 @@ MAX_CONNECTIONS = 64
 
 Handler = Callable[[str], str]
 OrderCallback = Callable[[Order, str], None]
+ResultCallback = Callable[[AnalyserCounts, str], None]
 
 
 class LisUnreachable(ConnectionError):
@@ -252,13 +254,15 @@ class BackgroundServer:
 
 
 class MllpOrderListener(MllpServer):
-    """Receives ORM^O01 / OML^O21 orders and acknowledges each.
+    """Receives ORM^O01 / OML^O21 orders, and with ``on_result`` the analyser's ORU^R01 /
+    OUL^R22 / OUL^R21 counts, and acknowledges each.
 
-    ``on_order(order, message)`` gets the parsed order and the message text. It runs in a
-    worker thread, one call at a time, and may raise ``MessageRejected`` (e.g.
-    ``OrderRejected``) to answer AE/AR with that error; any other exception answers AR 207 so
-    the LIS sends the order again later. The same order can arrive twice (the LIS resends when
-    an ACK is lost), so ``on_order`` must be idempotent.
+    ``on_order(order, message)`` gets the parsed order and the message text;
+    ``on_result(counts, message)`` the analyser's counts. They run in a worker thread, one
+    call at a time, and may raise ``MessageRejected`` (e.g. ``OrderRejected``) to answer AE/AR
+    with that error; any other exception answers AR 207 so the LIS sends the message again
+    later. The same message can arrive twice (the LIS resends when an ACK is lost), so both
+    must be idempotent.
     """
 
     def __init__(
@@ -267,6 +271,7 @@ class MllpOrderListener(MllpServer):
         port: int,
         on_order: OrderCallback,
         *,
+        on_result: ResultCallback | None = None,
         application: str = "LISPLUGIN",
         facility: str = "",
         max_message_bytes: int = MAX_BLOCK,
@@ -289,6 +294,7 @@ class MllpOrderListener(MllpServer):
         #: ``APP`` or ``APP^FACILITY`` (MSH-3, MSH-4) that may send orders; empty allows any.
         self.allowed_senders = {s.upper() for s in allowed_senders}
         self._on_order = on_order
+        self._on_result = on_result
         self._application = application
         self._facility = facility
 
@@ -323,33 +329,42 @@ class MllpOrderListener(MllpServer):
             return build_ack(
                 message, refused, application=self._application, facility=self._facility
             )
+        header = ReceivedHeader(message)
+        result = self._on_result is not None and header.field(9).upper() in RESULT_MESSAGES
+        kind = "analyser result" if result else "order"
         try:
-            order = parse_order(message)
-            self._on_order(order, message)
+            if result:
+                assert self._on_result is not None
+                counts = parse_analyser_result(message)
+                self._on_result(counts, message)
+                done = f"analyser result {counts.control_id} accepted"
+            else:
+                order = parse_order(message)
+                self._on_order(order, message)
+                done = (
+                    f"order {order.control_id} accepted: {order.order_control} "
+                    f"{order.accession_number}"
+                )
         except MessageRejected as exc:
             error = exc
         except Exception as exc:
             # The exception's text may quote the message (names, birth dates): the kind only,
             # the traceback at DEBUG level.
             log.error(
-                "order %s could not be processed: %s",
-                ReceivedHeader(message).control_id or "(no control id)",
+                "%s %s could not be processed: %s",
+                kind,
+                header.control_id or "(no control id)",
                 type(exc).__name__,
             )
             log.debug("traceback", exc_info=True)
             error = MessageRejected(
                 ErrorCode.APPLICATION_INTERNAL_ERROR,
-                "the order could not be stored; send it again later",
+                f"the {kind} could not be stored; send it again later",
             )
         else:
-            log.info(
-                "order %s accepted: %s %s",
-                order.control_id,
-                order.order_control,
-                order.accession_number,
-            )
+            log.info("%s", done)
             return build_ack(message, application=self._application, facility=self._facility)
-        log.warning("order answered %s", error)
+        log.warning("%s answered %s", kind, error)
         return build_ack(message, error, application=self._application, facility=self._facility)
 
 

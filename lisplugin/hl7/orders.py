@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -172,7 +172,7 @@ def parse_order(text: str) -> Order:
     collected_at = _timestamp(reader, obr, 7) or _timestamp(reader, order_group.first("SPM"), 17)
     provider = obr if reader.value(obr, 16) else orc
     provider_field = 16 if provider is obr else 12
-    counts = _counts(reader, order_group)
+    counts = counts_of(reader, [r for r in order_group.segments() if r.name == "OBX"])
     return Order(
         control_id=reader.value(msh, 10),
         message_type=message_type,
@@ -201,14 +201,15 @@ def parse_order(text: str) -> Order:
     )
 
 
-def _counts(reader: _Reader, order_group: _Group) -> dict[str, float]:
-    """WBC and platelet counts of the order's OBX segments (prior results left out), x10^9/L.
+def counts_of(reader: _Reader, segments: Iterable[_Ref]) -> dict[str, float]:
+    """WBC and platelet counts of these OBX segments, x10^9/L (an order's: prior results left
+    out; an analyser result's: all).
 
     An OBX-5 that is no number, units that are not a count per volume, or a count beyond
     ``MAX_COUNTS`` is refused (AE): a wrong count would make wrong absolute counts.
     """
     found: dict[str, float] = {}
-    for obx in (ref for ref in order_group.segments() if ref.name == "OBX"):
+    for obx in segments:
         code = reader.value(obx, 3)
         kind = (
             "wbc" if code in WBC_COUNT_CODES else "platelet" if code in PLATELET_COUNT_CODES else ""
@@ -282,29 +283,40 @@ class _Reader:
         return str(value).strip()
 
 
-def _check_header(reader: _Reader, msh: _Ref) -> tuple[str, str]:
-    """MSH-9, -10, -11 and -12 acceptable, else AR; returns message type and version."""
+def _check_header(
+    reader: _Reader, msh: _Ref, accepted: Mapping[str, tuple[str, ...]] | None = None
+) -> tuple[str, str]:
+    """MSH-9, -10, -11 and -12 acceptable, else AR; returns message type and version.
+
+    ``accepted`` maps message types to their triggers, the first being the one assumed when
+    MSH-9.2 is empty (default: the orders, ``SUPPORTED_MESSAGES``).
+    """
+    accepted = accepted or {k: (v,) for k, v in SUPPORTED_MESSAGES.items()}
+    wanted = " or ".join(f"{k}^{t}" for k, triggers in accepted.items() for t in triggers)
+    wanted = wanted.replace(" or ", ", ", wanted.count(" or ") - 1)
     if _CONTROL.search(reader.raw(msh, 9)):  # hl7apy would fail on it later, as a TypeError
         raise OrderRejected(
             ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
-            "MSH-9 message type contains control characters: send ORM^O01 or OML^O21",
+            f"MSH-9 message type contains control characters: send {wanted}",
             msh.at(9),
         )
     message_type = reader.value(msh, 9).upper()
     trigger = reader.value(msh, 9, 2).upper()
-    if message_type not in SUPPORTED_MESSAGES:
+    if message_type not in accepted:
         raise OrderRejected(
             ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
-            f"message type {message_type or '(empty)'} is not accepted: send ORM^O01 or OML^O21",
+            f"message type {message_type or '(empty)'} is not accepted: send {wanted}",
             msh.at(9),
         )
-    expected = SUPPORTED_MESSAGES[message_type]
-    if trigger and trigger != expected:
+    triggers = accepted[message_type]
+    if trigger and trigger not in triggers:
         raise OrderRejected(
             ErrorCode.UNSUPPORTED_EVENT_CODE,
-            f"{message_type}^{trigger} is not accepted: {message_type} must be {expected}",
+            f"{message_type}^{trigger} is not accepted: {message_type} must be "
+            f"{' or '.join(triggers)}",
             f"{msh.at(9)}^1^2",
         )
+    expected = trigger or triggers[0]
     if not reader.value(msh, 10):
         raise OrderRejected(
             ErrorCode.REQUIRED_FIELD_MISSING,

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, defer
 from swagger_ui_bundle import swagger_ui_path
 
 from lisplugin import __version__
-from lisplugin.http import dicomweb, pages, reports
+from lisplugin.http import dicomweb, errors, pages, reports
 from lisplugin.http import review as review_api
 from lisplugin.http.auth import PrincipalDep, signed_in_user
 from lisplugin.http.deps import RuntimeDep, SessionDep, case_or_404
@@ -115,6 +115,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         openapi_url=None,
     )
     app.state.runtime = runtime
+    errors.install(app)
     install_request_context(app)
     signed_in = [Depends(signed_in_user)]
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 from starlette.routing import Match
 
+from lisplugin.http.errors import server_error
 from lisplugin.logging_setup import bound_contextvars
 from lisplugin.service.metrics import HTTP_SECONDS
 
@@ -40,11 +41,15 @@ def install_request_context(app: FastAPI) -> None:
     ) -> Response:
         given = request.headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        request.state.request_id = request_id  # for error pages made outside this middleware
         started = time.perf_counter()
         with bound_contextvars(request_id=request_id):
             status = 500
             try:
-                response = await call_next(request)
+                try:
+                    response = await call_next(request)
+                except Exception as exc:  # answered here, so the connection stays usable
+                    response = server_error(request, exc)
                 status = response.status_code
             finally:
                 elapsed = time.perf_counter() - started

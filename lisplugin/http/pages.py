@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -255,10 +255,8 @@ def case_page(case_id: int, request: Request, runtime: RuntimeDep, session: Sess
     if principal is None:
         return _to_sign_in(request)
     case = session.get(Case, case_id)
-    if case is None:
-        return _page(
-            request, "missing.html", {**_chrome(principal), "case_id": case_id}, status_code=404
-        )
+    if case is None:  # the error page (lisplugin.http.errors), with the status it says
+        raise HTTPException(404, detail=f"no case {case_id}")
     comments = session.scalars(
         select(CaseComment).where(CaseComment.case_id == case.id).order_by(CaseComment.id)
     ).all()

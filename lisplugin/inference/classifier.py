@@ -5,17 +5,63 @@ The card front matter gives the input size, the central part of the crop the mod
 (``colour_normalisation``: none, or ``white-point``), the normalisation, the order of the output
 classes and the temperature fitted on the validation split; the graph outputs raw logits and the
 calibrated probabilities are ``softmax(logits / temperature)``.
+
+For occlusion saliency the adapter also runs the graph without its test-time views
+(``classify_seen``): the shipped graph averages the logits of four rotated/mirrored copies of
+each input, which makes every occluded view cost four; the backbone alone is cut out of the graph
+once, on first use (needs the ``onnx`` package; a graph of another shape runs whole).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from lisplugin.core.crops import COLOUR_NORMALISATIONS, classifier_input
+from lisplugin.core.crops import (
+    COLOUR_NORMALISATIONS,
+    classifier_input,
+    resize_rgb,
+    white_balanced,
+)
 from lisplugin.inference.registry import ModelCard, ModelCardError
+
+log = logging.getLogger(__name__)
+
+
+def single_view_graph(path: Path) -> bytes | None:
+    """The graph at ``path`` without its test-time views: the backbone's logits of one view.
+
+    The exported graph concatenates the input with its rotated/mirrored copies, runs the
+    backbone on all of them and averages the logits (Reshape to views x N, ReduceMean). The
+    part from that Concat's output to the Reshape's input is one view's backbone and head.
+    ``None`` when the graph is not of that shape (then the whole graph is used).
+    """
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producers = {name: node for node in graph.node for name in node.output}
+    mean = producers.get(graph.output[0].name)
+    reshape = producers.get(mean.input[0]) if mean is not None else None
+    source = graph.input[0].name
+    concat = next((n for n in graph.node if n.op_type == "Concat" and source in n.input), None)
+    if (
+        mean is None
+        or mean.op_type != "ReduceMean"
+        or reshape is None
+        or reshape.op_type != "Reshape"
+        or concat is None
+    ):
+        return None
+    inferred = onnx.shape_inference.infer_shapes(model)
+    single = Extractor(inferred).extract_model([concat.output[0]], [reshape.input[0]])
+    return bytes(single.SerializeToString())
 
 
 class OnnxLeukocyteClassifier:
@@ -46,6 +92,11 @@ class OnnxLeukocyteClassifier:
             str(card.onnx_path), options, providers=["CPUExecutionProvider"]
         )
         self._input = self._session.get_inputs()[0].name
+        self._options = options
+        self._onnx_path = Path(card.onnx_path)
+        self._views = int(card.get("test_time_views", 1))
+        self._single: ort.InferenceSession | None = None
+        self._single_lock = threading.Lock()
 
     def logits(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """Uncalibrated logits, (N, len(classes)), computed in batches."""
@@ -63,7 +114,50 @@ class OnnxLeukocyteClassifier:
 
     def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities, (N, len(classes)); each row sums to 1."""
-        z = self.logits(crops).astype(np.float64) / self.temperature
+        return self._calibrated(self.logits(crops))
+
+    def _calibrated(self, logits: np.ndarray) -> np.ndarray:
+        z = logits.astype(np.float64) / self.temperature
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
+
+    def seen_colours(self, crop: np.ndarray) -> np.ndarray:
+        """``crop`` in the colours the model sees it: white-balanced when the card says so.
+
+        Occluded copies of a crop are made from this, so that all share the unoccluded
+        crop's white point (a patch of glass would otherwise shift their colours a little).
+        """
+        crop = crop[..., :3]
+        return white_balanced(crop) if self.colour == "white-point" else crop
+
+    def _single_view(self) -> ort.InferenceSession:
+        """The graph without its test-time views, cut out once (the whole graph if it cannot)."""
+        with self._single_lock:
+            if self._single is None:
+                graph = single_view_graph(self._onnx_path) if self._views > 1 else None
+                if graph is None:
+                    self._single = self._session
+                    if self._views > 1:
+                        log.warning(
+                            "%s: test-time views not found; saliency runs all views",
+                            self._onnx_path.name,
+                        )
+                else:
+                    self._single = ort.InferenceSession(
+                        graph, self._options, providers=["CPUExecutionProvider"]
+                    )
+            return self._single
+
+    def classify_seen(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """Calibrated probabilities of one view of each window, all in one run.
+
+        ``windows`` are the part of a crop the model looks at (its ``centre`` window of
+        :meth:`seen_colours`), any size: occluded copies for saliency. One view instead of the
+        card's test-time views makes each copy cost a quarter.
+        """
+        session = self._single_view()
+        batch = np.stack([resize_rgb(w[..., :3], self.input_size) for w in windows])
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) * self._scale + self._shift
+        name = session.get_inputs()[0].name
+        return self._calibrated(session.run(None, {name: x})[0])

@@ -21,6 +21,7 @@ from lisplugin.config import InstanceLimits
 from lisplugin.core.revision import reclassified
 from lisplugin.dicom.decode import validate_header
 from lisplugin.hl7.orders import Order
+from lisplugin.service.pipeline import ANALYSER_KEY
 from lisplugin.storage.db import Database
 from lisplugin.storage.files import safe_name, write_durably
 from lisplugin.storage.orm import Case, CaseStatus, Instance, OrderMessage, QuarantinedInstance
@@ -217,7 +218,8 @@ def _apply_order(session: Session, order: Order, order_json: dict[str, Any], mes
     if case.status == CaseStatus.CANCELLED:  # ordered again after a cancellation
         case.status = CaseStatus.RECEIVING if case.instances else CaseStatus.AWAITING_IMAGES
         case.last_instance_at = datetime.now(UTC)
-    case.order = order_json
+    kept = (case.order or {}).get(ANALYSER_KEY)  # the analyser's later word stays
+    case.order = {**order_json, ANALYSER_KEY: kept} if kept else order_json
     case.patient = _patient_of(order)
     return case
 

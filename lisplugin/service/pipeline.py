@@ -35,7 +35,11 @@ from lisplugin.dicom.decode import (
 from lisplugin.dicom.frames import whole_slide_levels
 from lisplugin.service.models import load_models
 
-__all__ = ["Pipeline", "PreviousResult", "read_fields"]
+__all__ = ["ANALYSER_KEY", "Pipeline", "PreviousResult", "read_fields"]
+
+#: Key in a case's order (``Case.order``) of the counts the analyser sent in a result message
+#: of its own (``lisplugin.service.analyser``); an order update keeps them.
+ANALYSER_KEY = "analyser_counts"
 
 
 def age_in_years(birth_date: str, on: date) -> float | None:
@@ -56,14 +60,20 @@ def patient_context(
     at: datetime,
     previous: PreviousResult | None = None,
 ) -> PatientContext:
-    """What the rules and values know of the patient: age and sex, the analyser's counts the
-    order carried, and the earlier result to compare with."""
+    """What the rules and values know of the patient: age and sex, the analyser's counts (from
+    its own result message, else those the order carried), and the earlier result to compare
+    with."""
     order = order or {}
+    analyser = order.get(ANALYSER_KEY) or {}
+
+    def count(key: str) -> Any:
+        return analyser[key] if analyser.get(key) is not None else order.get(key)
+
     return PatientContext(
         age_years=age_in_years(str(patient.get("birth_date") or ""), at.date()),
         sex=str(patient.get("sex") or "") or None,
-        wbc_count=order.get("wbc_count"),
-        platelet_count=order.get("platelet_count"),
+        wbc_count=count("wbc_count"),
+        platelet_count=count("platelet_count"),
         analysed_at=at,
         previous=previous,
     )

@@ -16,6 +16,7 @@ from lisplugin.config import Settings
 from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.scp import StorageSCP
 from lisplugin.hl7.ack import ErrorCode
+from lisplugin.hl7.analyser import AnalyserCounts
 from lisplugin.hl7.mllp import (
     BackgroundServer,
     LisUnreachable,
@@ -27,6 +28,7 @@ from lisplugin.hl7.orders import Order, OrderRejected
 from lisplugin.inference.registry import ModelCardError, load_card
 from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
+from lisplugin.service.analyser import apply_analyser_counts
 from lisplugin.service.cases import CaseScheduler, ReportWriter
 from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
@@ -111,6 +113,7 @@ class Runtime:
             settings.hl7.listen_host,
             settings.hl7.listen_port,
             self.accept_order,
+            on_result=self.accept_analyser_counts,
             application=settings.hl7.sending_application,
             facility=settings.hl7.sending_facility,
             max_message_bytes=settings.hl7.max_message_bytes,
@@ -163,6 +166,16 @@ class Runtime:
             ) from exc
         ORDERS.labels("AA").inc()
         self.scheduler.wake()
+
+    def accept_analyser_counts(self, counts: AnalyserCounts, message: str) -> None:
+        """The analyser's WBC/platelet counts: kept with the case, its result evaluated again
+        and, where due, a new result queued (``lisplugin.service.analyser``)."""
+        applied = apply_analyser_counts(self.db, self.pipeline(), counts)
+        # An analysis running meanwhile finds its case changed and leaves it queued: redo it now.
+        self.scheduler.wake()
+        if applied.control_id is not None:
+            self.outbox.notify()
+            self.reports.request(applied.case_id)
 
     def wake_scheduler(self) -> None:
         self.scheduler.wake()
