@@ -226,3 +226,86 @@ def test_write_copies_lists_txl_relabelled_bccd_test_fields(shared_data: Path, t
     copies = read_yolo(shared_data / "txl-pbc", out, "bccd_test_copy")
     assert len(copies) >= 40  # most of the 60 test fields are re-published at 640 x 480
     assert all((f.width, f.height) == (640, 480) for f in copies)
+
+
+def _giou_loss_hand_written(pred, target, weight):
+    """The loss as written before torchvision.ops.generalized_box_iou_loss replaced it."""
+    sel = weight > 0
+    p, t, wt = pred.permute(0, 2, 3, 1)[sel], target.permute(0, 2, 3, 1)[sel], weight[sel]
+    area_p = (p[:, 0] + p[:, 2]) * (p[:, 1] + p[:, 3])
+    area_t = (t[:, 0] + t[:, 2]) * (t[:, 1] + t[:, 3])
+    iw = torch.min(p[:, 0], t[:, 0]) + torch.min(p[:, 2], t[:, 2])
+    ih = torch.min(p[:, 1], t[:, 1]) + torch.min(p[:, 3], t[:, 3])
+    inter = iw * ih
+    union = area_p + area_t - inter
+    ew = torch.max(p[:, 0], t[:, 0]) + torch.max(p[:, 2], t[:, 2])
+    eh = torch.max(p[:, 1], t[:, 1]) + torch.max(p[:, 3], t[:, 3])
+    enclose = ew * eh + 1e-6
+    giou = inter / union.clamp(min=1e-6) - (enclose - union) / enclose
+    return ((1 - giou) * wt).sum() / wt.sum().clamp(min=1e-6)
+
+
+def test_giou_loss_is_the_hand_written_one():
+    from lisplugin.training.detector import giou_loss
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.01, 1.0, 30.0):  # tiny, cell-sized and large side distances
+        pred = (torch.rand(2, 4, 16, 20, generator=g) * scale).requires_grad_()
+        target = torch.rand(2, 4, 16, 20, generator=g) * 30 + 0.5
+        weight = torch.rand(2, 16, 20, generator=g) * (torch.rand(2, 16, 20, generator=g) < 0.3)
+        got, ref = giou_loss(pred, target, weight), _giou_loss_hand_written(pred, target, weight)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+        (g_got,) = torch.autograd.grad(got, pred)
+        (g_ref,) = torch.autograd.grad(ref, pred)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-8)
+    empty = giou_loss(pred, target, torch.zeros(2, 16, 20))
+    assert empty.item() == 0 and empty.requires_grad
+
+
+def _flip_rotate_hand_written(image, boxes, k, flip):
+    """numpy flips and turns, as written before torchvision's transforms v2 replaced them."""
+    img, b = image, boxes.copy()
+    if flip:
+        w = img.shape[1]
+        img = img[:, ::-1]
+        b[:, [0, 2]] = w - b[:, [2, 0]]
+    for _ in range(k % 4):
+        w = img.shape[1]
+        img = np.rot90(img)
+        b = np.stack([b[:, 1], w - b[:, 2], b[:, 3], w - b[:, 0]], axis=1)
+    return np.ascontiguousarray(img), b.astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_rotate_is_the_hand_written_one(k: int, flip: bool):
+    rng = np.random.default_rng(k)
+    image = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    xy = rng.uniform(0, 1, (50, 2, 2)) * [128, 96]
+    boxes = np.concatenate([xy.min(axis=1), xy.max(axis=1)], axis=1).astype(np.float32)
+    img, b = flip_rotate(image, boxes, k, flip)
+    ref_img, ref_b = _flip_rotate_hand_written(image, boxes, k, flip)
+    assert img.dtype == np.uint8 and img.flags.c_contiguous and b.dtype == np.float32
+    np.testing.assert_array_equal(img, ref_img)
+    np.testing.assert_array_equal(b, ref_b)
+    _, none = flip_rotate(image, np.zeros((0, 4), np.float32), k, flip)
+    assert none.shape == (0, 4)
+
+
+def test_conv_blocks_keep_the_layers_keys_and_initial_weights():
+    from torch import nn
+
+    from lisplugin.training.detector import CellNet, conv_bn
+
+    torch.manual_seed(0)
+    block = conv_bn(16, 32, 2)
+    torch.manual_seed(0)
+    hand = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True))
+    assert str(list(block)) == str(list(hand))
+    sd, ref = block.state_dict(), hand.state_dict()
+    assert list(sd) == list(ref)
+    for key in sd:
+        torch.testing.assert_close(sd[key], ref[key], rtol=0, atol=0)
+    keys = list(CellNet().state_dict())
+    assert {"s2.0.weight", "s8.1.b.1.running_var"} <= set(keys)
+    assert "s8.1.b.2.weight" not in keys  # the residual's second convolution has no ReLU

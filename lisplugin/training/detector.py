@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.ops import Conv2dNormActivation, generalized_box_iou_loss
 
 from lisplugin.core.types import CELL_KINDS
 from lisplugin.progress import bar, progress
@@ -37,16 +38,16 @@ MAX_SCALE = 1.4  # random scale range of training crops: 0.7 .. 1.4 x the runtim
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
+    """3x3 convolution (no bias), batch norm, ReLU: the layers (and state-dict keys ``.0``,
+    ``.1``) of the hand-written ``nn.Sequential`` it replaces."""
+    return Conv2dNormActivation(cin, cout, 3, stride)
 
 
 class Residual(nn.Module):
     def __init__(self, c: int) -> None:
         super().__init__()
         self.a = conv_bn(c, c)
-        self.b = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+        self.b = Conv2dNormActivation(c, c, 3, 1, activation_layer=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x + self.b(self.a(x)))
@@ -153,18 +154,13 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) ->
     p = pred.permute(0, 2, 3, 1)[sel]
     t = target.permute(0, 2, 3, 1)[sel]
     wt = weight[sel]
-    # boxes relative to the position: (-l, -t, r, b)
-    area_p = (p[:, 0] + p[:, 2]) * (p[:, 1] + p[:, 3])
-    area_t = (t[:, 0] + t[:, 2]) * (t[:, 1] + t[:, 3])
-    iw = torch.min(p[:, 0], t[:, 0]) + torch.min(p[:, 2], t[:, 2])
-    ih = torch.min(p[:, 1], t[:, 1]) + torch.min(p[:, 3], t[:, 3])
-    inter = iw * ih
-    union = area_p + area_t - inter
-    ew = torch.max(p[:, 0], t[:, 0]) + torch.max(p[:, 2], t[:, 2])
-    eh = torch.max(p[:, 1], t[:, 1]) + torch.max(p[:, 3], t[:, 3])
-    enclose = ew * eh + 1e-6
-    giou = inter / union.clamp(min=1e-6) - (enclose - union) / enclose
-    return ((1 - giou) * wt).sum() / wt.sum().clamp(min=1e-6)
+    # boxes relative to the position: (-l, -t, r, b); eps 1e-6 as the hand-written loss had
+    loss = generalized_box_iou_loss(_relative_box(p), _relative_box(t), eps=1e-6)
+    return (loss * wt).sum() / wt.sum().clamp(min=1e-6)
+
+
+def _relative_box(ltrb: torch.Tensor) -> torch.Tensor:
+    return torch.cat([-ltrb[:, :2], ltrb[:, 2:]], dim=1)
 
 
 def detector_loss(

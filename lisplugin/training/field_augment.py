@@ -4,12 +4,20 @@ Smears have no preferred orientation, so flips and quarter turns are free extra 
 scale covers magnification differences between microscopes, and random crops cut cells at the
 field border the way real fields do: a cut cell keeps the visible part of its box, as the
 public annotations do, and is dropped once too little of it is left to recognise.
+
+Flips and turns are torchvision's transforms v2, which move an image's boxes (and masks) with
+its pixels. Scale-and-crop stays PIL's extent transform: its window starts and ends between
+pixels and may reach past the field, filled with the field's mean colour, which none of
+torchvision's crops reproduce pixel for pixel.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
 
 
 def clip_boxes(
@@ -61,16 +69,21 @@ def flip_rotate(
     image: np.ndarray, boxes: np.ndarray, k: int, flip: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Optionally mirror left-right, then turn ``k`` quarter turns counter-clockwise."""
-    img, b = image, boxes.copy()
+    h, w = image.shape[:2]
+    img = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # a copy
+    b = tv_tensors.BoundingBoxes(
+        torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)),
+        format=tv_tensors.BoundingBoxFormat.XYXY,
+        canvas_size=(h, w),
+    )
     if flip:
-        w = img.shape[1]
-        img = img[:, ::-1]
-        b[:, [0, 2]] = w - b[:, [2, 0]]
+        img, b = TF.horizontal_flip(img), TF.horizontal_flip(b)
     for _ in range(k % 4):
-        w = img.shape[1]
-        img = np.rot90(img)  # (x, y) -> (y, w - x)
-        b = np.stack([b[:, 1], w - b[:, 2], b[:, 3], w - b[:, 0]], axis=1)
-    return np.ascontiguousarray(img), b.astype(np.float32)
+        # A quarter turn moves the pixels by torch.rot90 and the boxes by a rotation matrix,
+        # applied in float64 and rounded once per turn: the float32 values of (y, w - x).
+        img = TF.rotate(img, 90.0, expand=True)
+        b = TF.rotate(b.to(torch.float64), 90.0, expand=True).to(torch.float32)
+    return np.ascontiguousarray(img.permute(1, 2, 0).numpy()), b.numpy().astype(np.float32)
 
 
 def random_geometric(
