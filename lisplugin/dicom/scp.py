@@ -184,7 +184,7 @@ class StorageSCP:
         except Exception as exc:
             log.exception("C-STORE %s from %s: storing failed", sop_uid, calling)
             return OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}"
-        log.info("C-STORE %s from %s stored", sop_uid, calling)
+        log.debug("C-STORE %s from %s stored", sop_uid, calling)  # ingest logs the case
         return SUCCESS, ""
 
     def _refuse(self, exc: UnusableInstance, raw: bytes, calling: str, sop_uid: str) -> Dataset:

@@ -148,7 +148,7 @@ class Runtime:
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
         self.store.store(ds, raw)
         INSTANCES.labels("stored").inc()
-        self.scheduler.wake()  # the case's stability clock restarted: no poll finds it late
+        self.scheduler.capture_stored()  # its case's stability clock restarted
 
     def quarantine_instance(self, raw: bytes, reason: str, sop_uid: str, calling: str) -> None:
         self.store.quarantine(raw, reason, sop_uid, calling)
