@@ -134,8 +134,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def lisplugin_daemon(folder: Path, with_analysis: bool) -> Iterator[tuple[int, Path]]:
-    """``lisplugin serve`` on loopback; yields its DICOM port and its instances folder."""
+def lisplugin_daemon(
+    folder: Path, with_analysis: bool, processes: int = 1
+) -> Iterator[tuple[int, Path]]:
+    """``lisplugin serve`` on loopback (``processes`` accepting on its DICOM port); yields its
+    DICOM port and its instances folder."""
     port = free_port()
     env = {
         **os.environ,
@@ -147,6 +150,7 @@ def lisplugin_daemon(folder: Path, with_analysis: bool) -> Iterator[tuple[int, P
         "LISPLUGIN_HTTP__PORT": str(http := free_port()),
         "LISPLUGIN_STORAGE__PATH": str(folder),
         "LISPLUGIN_CASES__STABLE_SECONDS": "0" if with_analysis else "86400",
+        "LISPLUGIN_DICOM__INGEST_PROCESSES": str(processes),
     }
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "daemon.log"
@@ -224,14 +228,20 @@ def _files(folder: Path) -> int:
 
 
 def measure(
-    peer: str, count: int, associations: int, rounds: int, cases: int, with_analysis: bool
+    peer: str,
+    count: int,
+    associations: int,
+    rounds: int,
+    cases: int,
+    with_analysis: bool,
+    processes: int = 1,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         batches = [make_instances(root / f"in{r}", count, cases, str(r)) for r in range(rounds)]
         ours: list[float] = []
         theirs: list[float] = []
-        with lisplugin_daemon(root / "lisplugin", with_analysis) as (port, stored):
+        with lisplugin_daemon(root / "lisplugin", with_analysis, processes) as (port, stored):
             for batch in batches:
                 ours.append(len(batch) / send(port, LISPLUGIN_AET, batch, associations))
             kept = _files(stored)
@@ -251,6 +261,7 @@ def measure(
             "instances": count,
             "instance_kb": round(batches[0][0].stat().st_size / 1024, 1),
             "associations": associations,
+            "lisplugin_processes": processes,
             "cases_interleaved": cases,
             "rounds": rounds,
             "analysis_running": with_analysis,
@@ -272,13 +283,25 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--cases", type=int, default=8, help="accession numbers interleaved")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="the daemon's dicom.ingest_processes (processes sharing the port)",
+    )
+    parser.add_argument(
         "--with-analysis", action="store_true", help="let the daemon analyse while it ingests"
     )
     args = parser.parse_args(argv)
-    if args.instances < 1 or args.associations < 1 or args.rounds < 1 or args.cases < 1:
-        parser.error("--instances, --associations, --rounds and --cases must be positive")
+    if min(args.instances, args.associations, args.rounds, args.cases, args.processes) < 1:
+        parser.error("--instances, --associations, --rounds, --cases, --processes: positive")
     report = measure(
-        args.peer, args.instances, args.associations, args.rounds, args.cases, args.with_analysis
+        args.peer,
+        args.instances,
+        args.associations,
+        args.rounds,
+        args.cases,
+        args.with_analysis,
+        args.processes,
     )
     print(json.dumps(report, indent=2))
     return 0
