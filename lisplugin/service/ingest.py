@@ -288,9 +288,7 @@ def _insert_instance(session: Session, case_id: int, capture: _Capture) -> None:
 
 def _filed(session: Session, case_id: int) -> FiledCase:
     row = session.execute(
-        select(Case.id, Case.case_key, Case.status, Case.last_instance_at).where(
-            Case.id == case_id
-        )
+        select(Case.id, Case.case_key, Case.status, Case.last_instance_at).where(Case.id == case_id)
     ).one()
     return FiledCase(row.id, row.case_key, row.status, row.last_instance_at)
 
