@@ -63,7 +63,7 @@ class DicomSettings(BaseModel):
     #: Processes accepting associations on the port (SO_REUSEPORT, Linux): the daemon and
     #: ``ingest_processes - 1`` ingest workers, so that several associations use several CPU
     #: cores. The association limits below hold per process.
-    ingest_processes: int = Field(default=1, ge=1, le=64)
+    ingest_processes: int = Field(default=1, ge=1)
     #: Concurrent associations (connections not yet associated count too).
     max_associations: int = 32
     #: Concurrent connections from one address (a modality, or an idle or hostile host).

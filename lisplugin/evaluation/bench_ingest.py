@@ -8,7 +8,8 @@ each (23 kB VL Microscopic Images, new UIDs every round, ``--cases`` accession n
 interleaved) over ``--associations`` parallel associations, with ``TCP_NODELAY=1`` in every
 DCMTK process's environment (otherwise each C-STORE waits ~40-90 ms for a delayed ACK and every
 server looks alike). Rates are instances per second of wall time, median of ``--rounds``; the
-ratio is lisplugin's rate over the peer's, both measured in the same run on the same machine.
+ratio is lisplugin's rate over the peer's, both measured in the same run on the same machine,
+with both servers up and their rounds alternating.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -241,19 +242,25 @@ def measure(
         batches = [make_instances(root / f"in{r}", count, cases, str(r)) for r in range(rounds)]
         ours: list[float] = []
         theirs: list[float] = []
-        with lisplugin_daemon(root / "lisplugin", with_analysis, processes) as (port, stored):
+        with ExitStack() as servers:
+            port, stored = servers.enter_context(
+                lisplugin_daemon(root / "lisplugin", with_analysis, processes)
+            )
+            if peer == "storescp":
+                peer_port, peer_stored = servers.enter_context(
+                    storescp(root / "storescp" / "in", associations)
+                )
+            else:
+                peer_port, url = servers.enter_context(orthanc(root / "orthanc"))
+            # Rounds alternate between the two servers, both up the whole time: on a shared
+            # machine whose load changes by the minute, each pair of rounds sees the same load.
             for batch in batches:
                 ours.append(len(batch) / send(port, LISPLUGIN_AET, batch, associations))
+                theirs.append(len(batch) / send(peer_port, PEER_AET, batch, associations))
             kept = _files(stored)
-        if peer == "storescp":
-            with storescp(root / "storescp" / "in", associations) as (port, stored):
-                for batch in batches:
-                    theirs.append(len(batch) / send(port, PEER_AET, batch, associations))
-                peer_kept = _files(stored)
-        else:
-            with orthanc(root / "orthanc") as (port, url):
-                for batch in batches:
-                    theirs.append(len(batch) / send(port, PEER_AET, batch, associations))
+            if peer == "storescp":
+                peer_kept = _files(peer_stored)
+            else:
                 peer_kept = int(httpx.get(f"{url}/statistics").json()["CountInstances"])
         ours_rate, peer_rate = float(np.median(ours)), float(np.median(theirs))
         return {
@@ -268,6 +275,11 @@ def measure(
             "lisplugin_per_s": round(ours_rate, 1),
             "peer_per_s": round(peer_rate, 1),
             "ratio": round(ours_rate / peer_rate, 3),
+            # each round's ratio to the peer round right after it, median: the figure least
+            # moved by the machine's load changing between rounds
+            "paired_ratio_median": round(
+                float(np.median([a / b for a, b in zip(ours, theirs, strict=True)])), 3
+            ),
             "lisplugin_refused": count * rounds - kept,
             "peer_refused": count * rounds - peer_kept,
             "lisplugin_rounds_per_s": [round(r, 1) for r in ours],
