@@ -60,6 +60,10 @@ class DicomSettings(BaseModel):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     #: Answer Modality Worklist C-FIND queries with the scheduled orders (same AE and port).
     worklist: bool = True
+    #: Processes accepting associations on the port (SO_REUSEPORT, Linux): the daemon and
+    #: ``ingest_processes - 1`` ingest workers, so that several associations use several CPU
+    #: cores. The association limits below hold per process.
+    ingest_processes: int = Field(default=1, ge=1)
     #: Concurrent associations (connections not yet associated count too).
     max_associations: int = 32
     #: Concurrent connections from one address (a modality, or an idle or hostile host).

@@ -8,6 +8,7 @@ Error Comments are documented in interfaces/dicom-conformance.md (a test keeps t
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import zlib
 from collections.abc import Callable
@@ -67,11 +68,15 @@ class StorageSCP:
         store: StoreCallback,
         refused: RefusedCallback | None = None,
         worklist: WorklistSCP | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
         self._store = store
         self._refused = refused
         self._worklist = worklist
+        #: Bind with SO_REUSEPORT: several processes listen on one port and the kernel spreads
+        #: the connections among them (``dicom.ingest_processes``; Linux).
+        self.reuse_port = reuse_port
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> ThreadedAssociationServer:
@@ -97,13 +102,19 @@ class StorageSCP:
         if self._worklist is not None:  # Modality Worklist C-FIND on the same AE (dicom/mwl.py)
             ae.add_supported_context(ModalityWorklistInformationFind, list(TRANSFER_SYNTAXES[:2]))
             handlers.append((evt.EVT_C_FIND, self._worklist.handle))
-        self._server = ae.start_server(
+        server_class = _SharedPortServer if self.reuse_port else ThreadedAssociationServer
+        self._server = ae.make_server(
             (self.settings.host, self.settings.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=server_context(settings.tls),
+            server_class=server_class,
+            request_handler=_BoundedRequestHandler,
         )
-        self._server.RequestHandlerClass = _BoundedRequestHandler
+        ae._servers.append(self._server)  # as start_server does: shutdown() removes it
+        thread = threading.Thread(
+            target=self._server.serve_forever, name=f"dicom-acceptor-{self.port}", daemon=True
+        )
+        thread.start()
         self._server.peers = _PeerCounter(settings.max_associations_per_peer)  # type: ignore[attr-defined]
         self._server.read_limits = (  # type: ignore[attr-defined]
             _pdu_read_limit(settings.max_pdu),
@@ -184,7 +195,7 @@ class StorageSCP:
         except Exception as exc:
             log.exception("C-STORE %s from %s: storing failed", sop_uid, calling)
             return OUT_OF_RESOURCES, f"storage failed: {type(exc).__name__}"
-        log.info("C-STORE %s from %s stored", sop_uid, calling)
+        log.debug("C-STORE %s from %s stored", sop_uid, calling)  # ingest logs the case
         return SUCCESS, ""
 
     def _refuse(self, exc: UnusableInstance, raw: bytes, calling: str, sop_uid: str) -> Dataset:
@@ -262,6 +273,15 @@ class _BoundedSocket(AssociationSocket):
             log.warning("association aborted: data set over %d bytes", self.budget)
             raise OSError(f"data set exceeds {self.budget} bytes")
         return data
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other processes may listen on too (SO_REUSEPORT)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class _PeerCounter:

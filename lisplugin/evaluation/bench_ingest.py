@@ -8,7 +8,8 @@ each (23 kB VL Microscopic Images, new UIDs every round, ``--cases`` accession n
 interleaved) over ``--associations`` parallel associations, with ``TCP_NODELAY=1`` in every
 DCMTK process's environment (otherwise each C-STORE waits ~40-90 ms for a delayed ACK and every
 server looks alike). Rates are instances per second of wall time, median of ``--rounds``; the
-ratio is lisplugin's rate over the peer's, both measured in the same run on the same machine.
+ratio is lisplugin's rate over the peer's, both measured in the same run on the same machine,
+with both servers up and their rounds alternating.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def lisplugin_daemon(folder: Path, with_analysis: bool) -> Iterator[tuple[int, Path]]:
-    """``lisplugin serve`` on loopback; yields its DICOM port and its instances folder."""
+def lisplugin_daemon(
+    folder: Path, with_analysis: bool, processes: int = 1
+) -> Iterator[tuple[int, Path]]:
+    """``lisplugin serve`` on loopback (``processes`` accepting on its DICOM port); yields its
+    DICOM port and its instances folder."""
     port = free_port()
     env = {
         **os.environ,
@@ -148,6 +152,7 @@ def lisplugin_daemon(folder: Path, with_analysis: bool) -> Iterator[tuple[int, P
         "LISPLUGIN_HTTP__PORT": str(http := free_port()),
         "LISPLUGIN_STORAGE__PATH": str(folder),
         "LISPLUGIN_CASES__STABLE_SECONDS": "0" if with_analysis else "86400",
+        "LISPLUGIN_DICOM__INGEST_PROCESSES": str(processes),
     }
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "daemon.log"
@@ -225,7 +230,13 @@ def _files(folder: Path) -> int:
 
 
 def measure(
-    peer: str, count: int, associations: int, rounds: int, cases: int, with_analysis: bool
+    peer: str,
+    count: int,
+    associations: int,
+    rounds: int,
+    cases: int,
+    with_analysis: bool,
+    processes: int = 1,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -235,19 +246,25 @@ def measure(
         ]
         ours: list[float] = []
         theirs: list[float] = []
-        with lisplugin_daemon(root / "lisplugin", with_analysis) as (port, stored):
-            for batch in progress(batches, desc="lisplugin rounds", unit="round"):
+        with ExitStack() as servers:
+            port, stored = servers.enter_context(
+                lisplugin_daemon(root / "lisplugin", with_analysis, processes)
+            )
+            if peer == "storescp":
+                peer_port, peer_stored = servers.enter_context(
+                    storescp(root / "storescp" / "in", associations)
+                )
+            else:
+                peer_port, url = servers.enter_context(orthanc(root / "orthanc"))
+            # Rounds alternate between the two servers, both up the whole time: on a shared
+            # machine whose load changes by the minute, each pair of rounds sees the same load.
+            for batch in progress(batches, desc="rounds", unit="round"):
                 ours.append(len(batch) / send(port, LISPLUGIN_AET, batch, associations))
+                theirs.append(len(batch) / send(peer_port, PEER_AET, batch, associations))
             kept = _files(stored)
-        if peer == "storescp":
-            with storescp(root / "storescp" / "in", associations) as (port, stored):
-                for batch in progress(batches, desc="storescp rounds", unit="round"):
-                    theirs.append(len(batch) / send(port, PEER_AET, batch, associations))
-                peer_kept = _files(stored)
-        else:
-            with orthanc(root / "orthanc") as (port, url):
-                for batch in progress(batches, desc="orthanc rounds", unit="round"):
-                    theirs.append(len(batch) / send(port, PEER_AET, batch, associations))
+            if peer == "storescp":
+                peer_kept = _files(peer_stored)
+            else:
                 peer_kept = int(httpx.get(f"{url}/statistics").json()["CountInstances"])
         ours_rate, peer_rate = float(np.median(ours)), float(np.median(theirs))
         return {
@@ -255,12 +272,18 @@ def measure(
             "instances": count,
             "instance_kb": round(batches[0][0].stat().st_size / 1024, 1),
             "associations": associations,
+            "lisplugin_processes": processes,
             "cases_interleaved": cases,
             "rounds": rounds,
             "analysis_running": with_analysis,
             "lisplugin_per_s": round(ours_rate, 1),
             "peer_per_s": round(peer_rate, 1),
             "ratio": round(ours_rate / peer_rate, 3),
+            # each round's ratio to the peer round right after it, median: the figure least
+            # moved by the machine's load changing between rounds
+            "paired_ratio_median": round(
+                float(np.median([a / b for a, b in zip(ours, theirs, strict=True)])), 3
+            ),
             "lisplugin_refused": count * rounds - kept,
             "peer_refused": count * rounds - peer_kept,
             "lisplugin_rounds_per_s": [round(r, 1) for r in ours],
@@ -276,13 +299,25 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--cases", type=int, default=8, help="accession numbers interleaved")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="the daemon's dicom.ingest_processes (processes sharing the port)",
+    )
+    parser.add_argument(
         "--with-analysis", action="store_true", help="let the daemon analyse while it ingests"
     )
     args = parser.parse_args(argv)
-    if args.instances < 1 or args.associations < 1 or args.rounds < 1 or args.cases < 1:
-        parser.error("--instances, --associations, --rounds and --cases must be positive")
+    if min(args.instances, args.associations, args.rounds, args.cases, args.processes) < 1:
+        parser.error("--instances, --associations, --rounds, --cases, --processes: positive")
     report = measure(
-        args.peer, args.instances, args.associations, args.rounds, args.cases, args.with_analysis
+        args.peer,
+        args.instances,
+        args.associations,
+        args.rounds,
+        args.cases,
+        args.with_analysis,
+        args.processes,
     )
     print(json.dumps(report, indent=2))
     return 0

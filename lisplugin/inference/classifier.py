@@ -86,6 +86,9 @@ class OnnxLeukocyteClassifier:
         self._scale = (1.0 / (255.0 * std)).reshape(1, 3, 1, 1)
         self._shift = (-mean / std).reshape(1, 3, 1, 1)
         options = ort.SessionOptions()
+        # Idle pool threads sleep instead of spinning: on a CPU shared with ingest, the web
+        # server and other work, spinning threads took the cores the computation needed.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(

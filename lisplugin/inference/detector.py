@@ -242,6 +242,9 @@ class OnnxCellDetector:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # Idle pool threads sleep instead of spinning: on a CPU shared with ingest, the web
+        # server and other work, spinning threads took the cores the computation needed.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(

@@ -7,6 +7,7 @@ either re-analyses a queued case or finds its message already waiting: never bot
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -180,9 +181,23 @@ class CaseScheduler:
         self.reports = reports or ReportWriter(db, settings, on_outbox)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        #: ``time.monotonic()`` of the next pass while asleep; infinite during a pass.
+        self._next_pass = math.inf
 
     def wake(self) -> None:
         self._wake.set()
+
+    def wake_within(self, seconds: float) -> None:
+        """Wake up unless a pass is already due within ``seconds``: a capture makes a case
+        stable ``stable_seconds`` later, which only matters when that is before the planned
+        pass (a first capture, or ``stable_seconds: 0``); otherwise each of hundreds of
+        captures a second would cost a pass of database queries for nothing."""
+        if time.monotonic() + seconds < self._next_pass:
+            self._wake.set()
+
+    def capture_stored(self) -> None:
+        """A capture restarted its case's stability clock."""
+        self.wake_within(self.settings.cases.stable_seconds)
 
     def queue_stable(self, now: datetime | None = None) -> list[int]:
         """Mark cases whose last capture is older than the stability delay as queued."""
@@ -357,6 +372,7 @@ class CaseScheduler:
         captures, orders and API requests wake the scheduler at once.
         """
         while not self._stop.is_set():
+            self._next_pass = math.inf  # a capture during the pass wakes the next sleep
             self._wake.clear()  # before the pass: a wake-up during it is not lost
             wait = max_wait_seconds
             try:
@@ -367,6 +383,7 @@ class CaseScheduler:
             except Exception:
                 log.exception("scheduler pass failed")
                 wait = 1.0
+            self._next_pass = time.monotonic() + wait
             self._wake.wait(wait)
 
     def stop(self) -> None:

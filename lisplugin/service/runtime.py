@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,7 @@ from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.analyser import apply_analyser_counts
 from lisplugin.service.cases import CaseScheduler, ReportWriter
 from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
+from lisplugin.service.ingest_worker import QUARANTINED, READY, STORED
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
 from lisplugin.service.outbox import (
     Delivery,
@@ -107,8 +110,13 @@ class Runtime:
             WorklistSCP(lambda: scheduled_orders(self.db)) if settings.dicom.worklist else None
         )
         self.scp = StorageSCP(
-            settings.dicom, self.store_instance, self.quarantine_instance, worklist
+            settings.dicom,
+            self.store_instance,
+            self.quarantine_instance,
+            worklist,
+            reuse_port=settings.dicom.ingest_processes > 1,
         )
+        self.ingest_workers: list[subprocess.Popen[str]] = []
         listener = MllpOrderListener(
             settings.hl7.listen_host,
             settings.hl7.listen_port,
@@ -151,7 +159,7 @@ class Runtime:
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
         self.store.store(ds, raw)
         INSTANCES.labels("stored").inc()
-        self.scheduler.wake()  # the case's stability clock restarted: no poll finds it late
+        self.scheduler.capture_stored()  # its case's stability clock restarted
 
     def quarantine_instance(self, raw: bytes, reason: str, sop_uid: str, calling: str) -> None:
         self.store.quarantine(raw, reason, sop_uid, calling)
@@ -220,7 +228,8 @@ class Runtime:
     def alive(self) -> bool:
         """Every listener and worker thread is running (what systemd's watchdog is told)."""
         threads = all(thread.is_alive() for thread in self._threads)
-        return threads and self.scp_running and self.mllp.running
+        workers = all(worker.poll() is None for worker in self.ingest_workers)
+        return threads and workers and self.scp_running and self.mllp.running
 
     def degradations(self) -> dict[str, int]:
         """Non-zero counts need a person (results parked or overdue) but do not stop work."""
@@ -237,10 +246,56 @@ class Runtime:
     def start(self) -> None:
         self.pipeline()
         self.scp.start()
+        for _ in range(self.settings.dicom.ingest_processes - 1):
+            self._start_ingest_worker()
         self.mllp.start()
         self._spawn("scheduler", self.scheduler.run_forever)
         self._spawn("outbox", self.outbox.run_forever)
         self._spawn("reports", self.reports.run_forever)
+
+    def _start_ingest_worker(self) -> None:
+        """One more process accepting associations on the SCP's port (``ingest_worker``);
+        returns once it listens. Its captures count and wake the scheduler as ours do."""
+        settings = self.settings.model_copy(deep=True)
+        settings.dicom.port = self.scp.port  # the port actually bound (settings may say 0)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "lisplugin.service.ingest_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(settings.model_dump_json() + "\n")
+        worker.stdin.flush()
+        if worker.stdout.readline().strip() != READY:
+            worker.kill()
+            raise RuntimeError(f"ingest worker exited with {worker.wait()} before listening")
+        self.ingest_workers.append(worker)
+        self._spawn(f"ingest-worker-{worker.pid}", lambda: self._relay(worker))
+
+    def _relay(self, worker: subprocess.Popen[str]) -> None:
+        assert worker.stdout is not None
+        for line in worker.stdout:
+            word = line.strip()
+            if word == STORED:
+                INSTANCES.labels("stored").inc()
+                self.scheduler.capture_stored()
+            elif word == QUARANTINED:
+                INSTANCES.labels("quarantined").inc()
+        if self.scp_running:  # it died while the daemon runs: alive() turns false
+            log.error("ingest worker %d exited with %s", worker.pid, worker.wait())
+
+    def _stop_ingest_workers(self) -> None:
+        for worker in self.ingest_workers:
+            if worker.stdin is not None:
+                worker.stdin.close()  # the worker's signal to finish its associations and stop
+        for worker in self.ingest_workers:
+            try:
+                worker.wait(timeout=self.settings.dicom.network_timeout)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        self.ingest_workers = []
 
     def _spawn(self, name: str, target: Callable[[], Any]) -> None:
         thread = threading.Thread(target=target, name=f"lisplugin-{name}", daemon=True)
@@ -253,6 +308,7 @@ class Runtime:
         self.outbox.stop()
         self.mllp.stop()
         self.scp.stop()
+        self._stop_ingest_workers()
         for thread in self._threads:
             thread.join(timeout=15)
         self.db.dispose()
