@@ -15,11 +15,9 @@ from lisplugin.core.crops import (
     PBC_RBC_PX,
     PBC_UM_PER_PX,
     centre_window,
-    combine_hypotheses,
     leukocyte_crop,
     pbc_scale,
     resize_rgb,
-    size_hypotheses,
 )
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.evaluation.differential import differential_metrics, expected_calibration_error
@@ -260,67 +258,28 @@ def test_class_box_sizes_are_what_the_detector_measures_on_pbc(shared_data: Path
         assert float(np.median(sides)) == pytest.approx(CLASS_BOX_PX[name], rel=0.1), name
 
 
-def test_size_hypotheses_group_similar_classes_and_read_each_at_its_size() -> None:
-    classes = list(LEUKOCYTE_CLASSES)
-    hypotheses = size_hypotheses(classes)
-    sizes = [size for size, _ in hypotheses]
-    assert sizes == sorted(sizes) and len(hypotheses) < len(classes)
-    members = sorted(i for _, group in hypotheses for i in group)
-    assert members == list(range(len(classes)))  # every class read exactly once
-    together = {classes[i] for _, g in hypotheses for i in g if classes.index("lymphocyte") in g}
-    assert together == {"lymphocyte", "erythroblast"}
-    # each class is read from the rendering at its own size
-    rows = np.eye(len(hypotheses))[:, [0] * len(classes)]  # rendering h votes for class 0 only
-    for h, (_, group) in enumerate(hypotheses):
-        rows[h] = 0.0
-        rows[h, list(group)] = 1.0 / len(group)
-    combined = combine_hypotheses(rows, hypotheses)
-    assert combined.sum() == pytest.approx(1.0)
-    assert combined.min() > 0
+def test_a_labelled_crop_without_scale_is_cut_at_its_class_size() -> None:
+    """Training on single-cell crops: the labelled cell keeps PBC's size for its class, while
+    the daemon (no label) assumes a 60 px box."""
+    from lisplugin.core.analysis import most_confident_leukocyte
+    from lisplugin.core.types import Detection, Field, FieldDetections
 
-
-def test_a_field_without_scale_is_read_under_each_class_size() -> None:
-    """A crop without red cells: a lymphocyte whose look says lymphocyte is not called a larger
-    class because one assumed box size (60 px) drew it too large."""
-    from lisplugin.core.analysis import classify_leukocytes, leukocyte_crops
-    from lisplugin.core.types import Detection, Field
-
-    classes = tuple(LEUKOCYTE_CLASSES)
-
-    class LookAndSize:
-        """Logits from the dark disc's look (its grey level names lymphocyte) and its size."""
-
-        version = "look-and-size"
-
-        def __init__(self) -> None:
-            self.classes = classes
-
-        def classify(self, crops):  # type: ignore[no-untyped-def]
-            out = []
-            sizes = np.array([CLASS_BOX_PX[c] for c in classes])
-            look = np.array([4.0 if c == "lymphocyte" else 0.0 for c in classes])
-            for crop in crops:
-                width = int((crop[80, :, 0] < 128).sum())
-                logits = look - np.abs(sizes - width) / 3.0
-                p = np.exp(logits - logits.max())
-                out.append(p / p.sum())
-            return np.stack(out)
+    class OneCell:
+        def detect(self, image, pixel_spacing_um=None, masks=True):  # type: ignore[no-untyped-def]
+            return FieldDetections((Detection("WBC", 0.9, (30.0, 30.0, 90.0, 90.0)),))
 
     image = np.full((120, 120, 3), 230, np.uint8)
     yy, xx = np.mgrid[:120, :120]
-    image[(yy - 60) ** 2 + (xx - 60) ** 2 <= 30**2] = 40
+    image[(yy - 60) ** 2 + (xx - 60) ** 2 <= 30**2] = 40  # a 60 px cell
     field = Field(image, "crop")
-    cell = Detection("WBC", 0.9, (30.0, 30.0, 90.0, 90.0))
-    model = LookAndSize()
-    one_size = model.classify(leukocyte_crops(field, [cell], None))[0]
-    assert classes[int(np.argmax(one_size))] != "lymphocyte"  # drawn at 60 px: too large
-    probabilities = classify_leukocytes(field, [cell], None, model)
-    assert probabilities.shape == (1, len(classes))
-    assert probabilities.sum() == pytest.approx(1.0)
-    assert classes[int(np.argmax(probabilities[0]))] == "lymphocyte"
-    # a field that tells its scale is read once, at that scale
-    known = classify_leukocytes(field, [cell], 37.0, model)
-    assert np.allclose(known, model.classify(leukocyte_crops(field, [cell], 37.0)))
+
+    def width(crop: np.ndarray) -> int:
+        return int((crop[80, :, 0] < 128).sum())
+
+    _, daemon = most_confident_leukocyte(field, OneCell())  # type: ignore[misc]
+    _, lymphocyte = most_confident_leukocyte(field, OneCell(), "lymphocyte")  # type: ignore[misc]
+    assert abs(width(daemon) - 60) <= 2
+    assert abs(width(lymphocyte) - CLASS_BOX_PX["lymphocyte"]) <= 2
 
 
 def test_crop_at_pbc_scale_is_centred_window() -> None:

@@ -26,10 +26,8 @@ from lisplugin.core.crops import (
     CLASS_BOX_PX,
     PBC_UM_PER_PX,
     PBC_WBC_BOX_PX,
-    combine_hypotheses,
     leukocyte_crop,
     pbc_scale,
-    size_hypotheses,
     usable_spacing,
 )
 from lisplugin.core.quality import assess
@@ -124,38 +122,6 @@ def leukocyte_crops(
     ]
 
 
-def scale_known(field: Field, rbc_diameter: float | None) -> bool:
-    """Whether the field tells its scale (a usable Pixel Spacing, or enough whole red cells)."""
-    return usable_spacing(field.pixel_spacing_um) is not None or rbc_diameter is not None
-
-
-def classify_leukocytes(
-    field: Field,
-    leukocytes: Sequence[Detection],
-    rbc_diameter: float | None,
-    classifier: LeukocyteClassifier,
-) -> np.ndarray:
-    """Class probabilities (cells x classes) of the field's leukocytes, in one classifier call.
-
-    A field that tells its scale gives one crop per cell. One that does not (single-cell crops
-    without whole red cells) gives one crop per class size (:func:`size_hypotheses`), each class
-    read at its own size: an assumed single size would make a lymphocyte as large as a monocyte.
-    """
-    classes = list(classifier.classes)
-    if not leukocytes:
-        return np.zeros((0, len(classes)))
-    if scale_known(field, rbc_diameter):
-        return np.asarray(classifier.classify(leukocyte_crops(field, leukocytes, rbc_diameter)))
-    hypotheses = size_hypotheses(classes)
-    crops = [
-        leukocyte_crop(field.image, d.box, pbc_scale(None, None, d.box, size))
-        for d in leukocytes
-        for size, _ in hypotheses
-    ]
-    rows = np.asarray(classifier.classify(crops)).reshape(len(leukocytes), len(hypotheses), -1)
-    return np.stack([combine_hypotheses(r, hypotheses) for r in rows])
-
-
 def measured_spacing_um(
     field: Field, detections: Sequence[Detection], rbc_diameter: float | None
 ) -> float | None:
@@ -176,8 +142,9 @@ def most_confident_leukocyte(
 
     An image of one labelled leukocyte (a lab's class folders for ``evaluate cells`` and
     ``adapt``) may show others at its edges: the most confident detection is the labelled one.
-    With its ``label`` known (training, adaptation), a field without a scale is cut at that
-    class's own size, the rendering :func:`classify_leukocytes` reads the class from.
+    With its ``label`` known (training on a site of single-cell crops), a field without a
+    scale is cut at that class's measured PBC size (``CLASS_BOX_PX``), so that the site's cells
+    keep the sizes PBC's have; the daemon, which knows no label, assumes 60 px.
     """
     detections = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um).cells
     wbcs = [d for d in detections if d.kind == "WBC"]
@@ -222,8 +189,8 @@ def analyse_field(
         return FieldResult(index, field.source, width, height, quality, cells=())
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
-    leukocytes = [d for d in detections if d.kind == "WBC"]
-    probabilities = classify_leukocytes(field, leukocytes, rbc_diameter, classifier)
+    crops = leukocyte_crops(field, detections, rbc_diameter)
+    probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
     wbc_rows = iter(probabilities)

@@ -10,8 +10,6 @@ Everything here is plain numpy so it runs the same in training, evaluation and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from PIL import Image
 
@@ -31,7 +29,7 @@ PBC_WBC_BOX_PX = 60.0
 #: Median detector box side of each class in PBC pixels (PBC val crops through the shipped
 #: detector, scaled by their red cells; ``tests/test_classifier.py`` keeps it measured). Cells
 #: keep their size across labs (Zheng et al.'s neutrophil/lymphocyte box ratio is 1.34, PBC's
-#: 1.41), which lets a crop without red cells be read under each class's own size.
+#: 1.41), so a labelled training crop without red cells can be cut at its class's size.
 CLASS_BOX_PX: dict[str, float] = {
     "neutrophil": 65.0,
     "lymphocyte": 46.3,
@@ -42,8 +40,6 @@ CLASS_BOX_PX: dict[str, float] = {
     "erythroblast": 44.9,
     "platelet": 28.8,
 }
-#: Class sizes closer than this (relative) share one size hypothesis, and one crop.
-SIZE_HYPOTHESIS_TOLERANCE = 0.06
 
 
 def usable_spacing(pixel_spacing_um: float | None) -> float | None:
@@ -65,7 +61,7 @@ def pbc_scale(
     The physical pixel spacing (DICOM Pixel Spacing) is exact when present; otherwise the
     median red-cell diameter in the field calibrates the magnification (red cells vary far less
     than leukocytes); as a last resort the leukocyte box itself is assumed to be ``box_px``
-    PBC px wide (60 px, or a class's own size: :func:`size_hypotheses`).
+    PBC px wide (60 px; a labelled training crop may take its class's ``CLASS_BOX_PX``).
     """
     spacing = usable_spacing(pixel_spacing_um)
     if spacing is not None:
@@ -75,44 +71,6 @@ def pbc_scale(
     x0, y0, x1, y1 = wbc_box
     side = max((x1 - x0 + y1 - y0) / 2.0, 1.0)
     return box_px / side
-
-
-def size_hypotheses(classes: Sequence[str]) -> list[tuple[float, tuple[int, ...]]]:
-    """Box sides (PBC px) to render a crop at when its scale is unknown, each with the indices
-    of the classes read from that rendering.
-
-    A field without red cells or a pixel spacing (a lab's single-cell crops) gives no scale,
-    and one assumed box size makes every cell the same size: a lymphocyte then looks as large
-    as a monocyte, and small-cell classes are lost (Zheng et al.'s lymphocytes, box 61 px, were
-    drawn 30 % too large). Rendering the cell once per typical class size and reading each
-    class's probability at its own size keeps the classifier's size cue consistent with the
-    class it names. Classes of similar size share a rendering; classes of unknown size are read
-    at :data:`PBC_WBC_BOX_PX`.
-    """
-    groups: list[tuple[float, list[int]]] = []
-    for index, name in sorted(
-        enumerate(classes), key=lambda item: CLASS_BOX_PX.get(item[1], PBC_WBC_BOX_PX)
-    ):
-        size = CLASS_BOX_PX.get(name, PBC_WBC_BOX_PX)
-        if groups and size <= groups[-1][0] * (1 + SIZE_HYPOTHESIS_TOLERANCE):
-            groups[-1][1].append(index)
-        else:
-            groups.append((size, [index]))
-    return [(float(np.median([CLASS_BOX_PX.get(classes[i], PBC_WBC_BOX_PX) for i in members])),
-             tuple(members)) for _, members in groups]  # fmt: skip
-
-
-def combine_hypotheses(
-    probabilities: np.ndarray, hypotheses: Sequence[tuple[float, tuple[int, ...]]]
-) -> np.ndarray:
-    """One distribution from the classifier's reading of each size hypothesis (rows in the order
-    of ``hypotheses``): each class's probability from the rendering at its own size, then
-    renormalised."""
-    out = np.zeros(probabilities.shape[1], dtype=np.float64)
-    for row, (_, members) in zip(probabilities, hypotheses, strict=True):
-        out[list(members)] = row[list(members)]
-    total = out.sum()
-    return out / total if total > 0 else np.full_like(out, 1.0 / len(out))
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:

@@ -49,8 +49,7 @@ def collect_folder(
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
     crops, labels, missed = [], [], 0
     for sample in progress(samples, desc="cells", unit="img"):
-        field = Field(load_rgb(sample.path), str(sample.path))
-        found = most_confident_leukocyte(field, detector, sample.label)
+        found = most_confident_leukocyte(Field(load_rgb(sample.path), str(sample.path)), detector)
         if found is None:
             missed += 1
             continue
