@@ -149,6 +149,7 @@ class ReceivedHeader:
     def __init__(self, received: str) -> None:
         self.application = self.facility = self.trigger = ""
         self.control_id = self.processing_id = ""
+        self._message: hl7.Message | None = None
         try:
             self._message = hl7.parse(normalise_segments(received))
         except Exception:  # unparseable input simply has no header to echo
@@ -160,6 +161,8 @@ class ReceivedHeader:
         self.processing_id = self.field(11)
 
     def field(self, number: int, component: int = 1) -> str:
+        if self._message is None:  # not HL7 at all: no header to read
+            return ""
         try:
             return str(self._message.extract_field("MSH", 1, number, 1, component))
         except (IndexError, KeyError):
