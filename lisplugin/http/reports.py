@@ -79,23 +79,32 @@ def get_annotation(
     return FileResponse(paths[number - 1], media_type=DICOM, filename=paths[number - 1].name)
 
 
-@router.get(
-    "/pdf", response_class=FileResponse, responses={200: {"content": {"application/pdf": {}}}}
-)
-def get_pdf(case_id: int, runtime: RuntimeDep, session: SessionDep) -> FileResponse:
+def _current(path: Path, case_id: int) -> bytes:
+    """The whole file as it is now. ``report.pdf`` and ``report.json`` keep their names and
+    are replaced by every new report version: a streamed file could be swapped between the
+    size the answer announces and the bytes it sends, and the client would get a cut body."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise HTTPException(404, f"case {case_id} has no reports yet") from None
+
+
+@router.get("/pdf", response_class=Response, responses={200: {"content": {"application/pdf": {}}}})
+def get_pdf(case_id: int, runtime: RuntimeDep, session: SessionDep) -> Response:
     """The report for people."""
     folder = _folder(case_id, runtime, session)
     _report(folder, case_id)  # 404 before any report
-    return FileResponse(
-        folder / REPORT_PDF, media_type="application/pdf", filename=f"case-{case_id}.pdf"
+    return Response(
+        _current(folder / REPORT_PDF, case_id),
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="case-{case_id}.pdf"'},
     )
 
 
 @router.get(
-    "/json", response_class=FileResponse, responses={200: {"content": {"application/json": {}}}}
+    "/json", response_class=Response, responses={200: {"content": {"application/json": {}}}}
 )
-def get_json(case_id: int, runtime: RuntimeDep, session: SessionDep) -> FileResponse:
+def get_json(case_id: int, runtime: RuntimeDep, session: SessionDep) -> Response:
     """The JSON report (interfaces/schemas/case-report.schema.json)."""
     folder = _folder(case_id, runtime, session)
-    _report(folder, case_id)
-    return FileResponse(folder / REPORT_JSON, media_type="application/json")
+    return Response(_current(folder / REPORT_JSON, case_id), media_type="application/json")
