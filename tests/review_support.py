@@ -11,7 +11,6 @@ with the real ONNX classifier, rules and reference ranges, reported through the 
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,6 +22,7 @@ import numpy as np
 import pydicom
 import uvicorn
 import yaml
+from daemon import free_port as free_port  # re-exported: one port allocator for the suite
 from PIL import Image
 
 from lisplugin.config import DEFAULT_CONFIG_DIR, Settings
@@ -122,12 +122,6 @@ class ServerThread:
     def __exit__(self, *exc_info: object) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def obx_values(message: str) -> dict[str, tuple[str, str]]:

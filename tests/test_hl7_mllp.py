@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon import free_port
 from hl7.client import MLLPClient
 
 from lisplugin.config import Hl7Settings
@@ -72,12 +73,6 @@ def listener() -> Iterator[tuple[MllpOrderListener, Application]]:
     yield server, application
     background.run(server.stop())
     background.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def unframe(block: bytes) -> str:
