@@ -73,10 +73,15 @@ def from_lab(lab: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,bjhw->bihw", _LMS_TO_RGB.to(lab), lms)
 
 
+def _lab_stats(lab: torch.Tensor) -> torch.Tensor:
+    """(B, 6): mean and standard deviation of each channel of l-alpha-beta images."""
+    flat = lab.flatten(2)
+    return torch.cat([flat.mean(dim=2), flat.std(dim=2).clamp(min=1e-3)], dim=1)
+
+
 def style_of(images: torch.Tensor) -> torch.Tensor:
     """(B, 6): mean and standard deviation of each l-alpha-beta channel of each image."""
-    lab = to_lab(images).flatten(2)
-    return torch.cat([lab.mean(dim=2), lab.std(dim=2).clamp(min=1e-3)], dim=1)
+    return _lab_stats(to_lab(images))
 
 
 def restyle(
@@ -102,7 +107,7 @@ def restyle(
     target = styles[torch.randint(len(styles), (n,), generator=generator)].to(images)
     target = target * (1 + jitter * (2 * torch.rand((n, 6), generator=generator) - 1)).to(images)
     lab = to_lab(images[chosen])
-    own = torch.cat([lab.flatten(2).mean(dim=2), lab.flatten(2).std(dim=2).clamp(min=1e-3)], 1)
+    own = _lab_stats(lab)
     amount = (0.5 + 0.5 * torch.rand((n, 1), generator=generator)).to(images)
     goal = own + amount * (target - own)
     normed = (lab - own[:, :3, None, None]) / own[:, 3:, None, None]
