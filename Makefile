@@ -12,12 +12,12 @@ FONT_FILES := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf \
 	/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf \
 	/usr/share/fonts/truetype/nanum/NanumGothic.ttf
 
-.PHONY: demo test setup system-deps lint
+.PHONY: demo test setup system-deps lint soak fuzz
 
 $(BIN)/lisplugin: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[train,test]"
+	$(BIN)/pip install --quiet -e ".[train,test,fuzz]"
 	touch $@
 
 setup: $(BIN)/lisplugin
@@ -39,3 +39,21 @@ lint: setup
 
 test: setup system-deps lint
 	$(BIN)/python -m pytest -q
+
+# Hours-long checks, on demand (README "Reliability figures"). PostgreSQL: POSTGRES (libpq DSN).
+POSTGRES ?= host=127.0.0.1 port=5432 dbname=postgres user=postgres
+SOAK_CAPTURES ?= 2000
+SOAK_ACCESSIONS ?= 200
+soak: setup
+	$(BIN)/lisplugin soak --captures $(SOAK_CAPTURES) --accessions $(SOAK_ACCESSIONS) \
+	  --kill-every 20 --outage-at 60 --outage-seconds 20 --rate 10 --settle-timeout 900
+	$(BIN)/lisplugin soak --captures $(SOAK_CAPTURES) --accessions $(SOAK_ACCESSIONS) \
+	  --postgres "$(POSTGRES)" --kill-every 20 --outage-at 60 --outage-seconds 20 --rate 10 --settle-timeout 900
+	$(BIN)/lisplugin soak --captures $(SOAK_CAPTURES) --accessions $(SOAK_ACCESSIONS) \
+	  --postgres "$(POSTGRES)" --processes 3 --kill-every 20 --outage-at 60 --outage-seconds 20 --rate 10 --settle-timeout 900
+
+# The fuzzers for longer than the test suite gives them (FUZZ_SECONDS per atheris harness).
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_RUNS=100000000 FUZZ_EXAMPLES=200 \
+	  $(BIN)/python -m pytest -q -m fuzz tests/test_fuzz.py

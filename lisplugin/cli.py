@@ -32,6 +32,7 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("purge",): "lisplugin.service.lifecycle:purge_cli",
     ("backup",): "lisplugin.service.lifecycle:backup_cli",
     ("db",): "lisplugin.service.lifecycle:db_cli",
+    ("soak",): "lisplugin.service.soak",
 }
 
 
@@ -57,6 +58,7 @@ SUMMARIES: dict[tuple[str, ...], str] = {
     ("purge",): "remove what the retention settings no longer keep (--dry-run: only say)",
     ("backup",): "back up the database and storage.path into a folder",
     ("db",): "database schema: upgrade | current",
+    ("soak",): "captures against daemons killed with SIGKILL and an LIS outage: lost/dup/order",
 }
 
 
@@ -130,10 +132,15 @@ def _serve(args: argparse.Namespace) -> int:
     from lisplugin.http.app import create_app
     from lisplugin.service.notify import Watchdog, notify
     from lisplugin.service.runtime import Runtime
-    from lisplugin.storage.db import SchemaOutdated
+    from lisplugin.storage.db import DatabaseInUse, SchemaOutdated, serve_exclusively
 
     settings = load_settings(args.config)
     _configure_logging(args.config, args.verbose)
+    try:
+        lock = serve_exclusively(settings.database_url)  # noqa: F841 - held until exit
+    except DatabaseInUse as exc:
+        print(f"lisplugin serve: {exc}", file=sys.stderr)
+        return 2
     # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it still lets the
     # runtime finish the message in flight and record it, instead of dying mid-delivery.
     signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -131,6 +131,17 @@ class DatabaseSettings(BaseModel):
     #: Upgrade the schema when the daemon starts; false: ``lisplugin db upgrade`` does it, and
     #: the daemon refuses to start on an older schema (production: see deploy/README.md).
     migrate_on_start: bool = True
+    #: Each process looks in the database for work at least this often (seconds): with several
+    #: processes on one PostgreSQL database, captures another process received and work a
+    #: killed process left are found within this time. One process is woken at once anyway.
+    poll_seconds: float = 5.0
+    #: A process claims a queued case for this long (seconds) and renews the claim every third
+    #: of it while analysing; if the process dies, another one analyses the case once the claim
+    #: has run out.
+    analysis_lease_seconds: float = 60.0
+    #: A process claims an outgoing message for this long (seconds) while it sends it; no other
+    #: process sends it meanwhile. Longer than a connection attempt plus the ACK timeout.
+    send_lease_seconds: float = 120.0
 
 
 class StorageSettings(BaseModel):

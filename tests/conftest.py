@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from phi_guard import _no_patient_names_in_logs, pytest_configure  # noqa: F401 - the plugin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

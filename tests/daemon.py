@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from phi_guard import watch_log_file
 
 _HANDED_OUT: set[int] = set()
 
@@ -109,6 +110,7 @@ class Daemon:
         if self.starts == 0:
             self.add_user(self.username, "admin", self.password)
         self.starts += 1
+        watch_log_file(self.log_path)
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [self.python, "-m", "lisplugin", "serve"],

@@ -140,7 +140,7 @@ def test_a_cases_messages_leave_in_order_and_resends_keep_msh10(db: Database, li
     queue(db, case, "LP2-2", "C")
     queue(db, other, "LP3-1", "F")
     lis.up()
-    outbox.run_once(now + timedelta(seconds=1))  # C waits behind F; the other case goes
+    outbox.run_once(now + timedelta(seconds=BACKOFF / 2))  # C waits behind F; the other goes
     assert lis.control_ids() == ["LP3-1"]
     outbox.run_once(now + timedelta(seconds=BACKOFF + 1))  # F, then C behind it
     assert lis.control_ids() == ["LP3-1", "LP2-1", "LP2-2"]

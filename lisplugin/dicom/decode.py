@@ -152,7 +152,10 @@ def validate_header(ds: Dataset, limits: InstanceLimits) -> int:
     if ds["PixelData"].is_undefined_length:
         _check_codestreams(ds, transfer_syntax, frames, rows, columns)
     else:
-        expected = get_expected_length(ds)
+        try:
+            expected = get_expected_length(ds)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # found by fuzzing
+            raise UnusableInstance(f"pixel description incomplete: {exc}") from exc
         actual = len(ds.PixelData)
         if not expected <= actual <= expected + 1:  # one byte of padding to an even length
             raise UnusableInstance(f"pixel data {actual} bytes, header declares {expected}")

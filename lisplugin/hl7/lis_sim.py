@@ -16,6 +16,7 @@ import argparse
 import re
 import sys
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -60,6 +61,8 @@ class LisSimulator:
         self.application = application
         self.facility = facility
         self.received: list[str] = []
+        #: ``time.monotonic()`` of each message in ``received``, in the same order.
+        self.arrived_at: list[float] = []
         self._arrived = threading.Condition()
         self._server = MllpServer(host, port, self.answer)
         self._background = BackgroundServer(self._server, "lis-sim")
@@ -91,6 +94,7 @@ class LisSimulator:
         """Store the message and build its ACK (the MLLP handler)."""
         with self._arrived:
             self.received.append(message)
+            self.arrived_at.append(time.monotonic())
             number = len(self.received)
             self._arrived.notify_all()
         error = self._judge(message, number)

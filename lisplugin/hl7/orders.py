@@ -455,7 +455,8 @@ def _as_group(element: Any, counts: dict[str, int]) -> _Ref | _Group:
         counts[element.name] = counts.get(element.name, 0) + 1
         return _Ref(element.name, counts[element.name])
     items = tuple(_as_group(child, counts) for child in element.children)
-    return _Group(element.name, () if "PRIOR" in element.name else items)
+    name = element.name or ""  # hl7apy names no group when MSH-9.3 is garbled
+    return _Group(name, () if "PRIOR" in name else items)
 
 
 def _check_new_order(reader: _Reader, pid: _Ref | None, obr: _Ref | None) -> None:

@@ -193,7 +193,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         session: SessionDep,
         status: Annotated[CaseStatus | None, Query(description="only cases in this state")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=100_000_000)] = 0,  # SQL OFFSET is 64-bit
     ) -> list[dict[str, Any]]:
         """Newest first, ``limit`` cases from ``offset``."""
         query = (

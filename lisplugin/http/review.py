@@ -270,7 +270,7 @@ def get_worklist(
     session: SessionDep,
     response: Response,
     limit: Annotated[int, Query(ge=1, le=review.WORKLIST_MAX)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=100_000_000)] = 0,  # SQL OFFSET is 64-bit
 ) -> Any:
     """Cases waiting for review, STAT first, then the longest waiting; ``limit`` entries from
     ``offset``. Header ``X-Total-Count`` says how many cases wait in all."""

@@ -2,6 +2,8 @@
 
 The result, the case state and the outbox row are committed in one transaction, so a restart
 either re-analyses a queued case or finds its message already waiting: never both, never none.
+Processes sharing a database each claim a queued case before analysing it (``service.claims``):
+one analyses it; a killed one's case is taken over when its claim runs out.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -27,6 +30,7 @@ from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
 from lisplugin.logging_setup import bound_contextvars
+from lisplugin.service.claims import process_name
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline, patient_context, read_fields
@@ -173,8 +177,12 @@ class CaseScheduler:
         pipeline: Callable[[], Pipeline],
         on_outbox: Callable[[], None] = lambda: None,
         reports: ReportWriter | None = None,
+        owner: str | None = None,
     ) -> None:
         self.db = db
+        #: This process's name in the claims it writes.
+        self.owner = owner or process_name()
+        self.lease = timedelta(seconds=settings.database.analysis_lease_seconds)
         self.settings = settings
         self._pipeline = pipeline  # built lazily: loading models is slow
         self.on_outbox = on_outbox
@@ -203,17 +211,23 @@ class CaseScheduler:
         """Mark cases whose last capture is older than the stability delay as queued."""
         now = now or datetime.now(UTC)
         limit = now - timedelta(seconds=self.settings.cases.stable_seconds)
-        with self.db.session() as session:
+
+        def queue(session: Session) -> list[int]:
             receiving = session.execute(
                 select(Case.id, Case.last_instance_at).where(Case.status == CaseStatus.RECEIVING)
             ).all()
             stable = [i for i, last in receiving if last and as_utc(last) <= limit]
             if stable:
                 for case in session.scalars(
-                    select(Case).where(Case.id.in_(stable)).options(defer(Case.result))
-                ):
+                    select(Case)
+                    .where(Case.id.in_(stable), Case.status == CaseStatus.RECEIVING)
+                    .options(defer(Case.result))
+                ):  # still receiving: another process may have queued and analysed it since
                     case.status = CaseStatus.QUEUED
             return stable
+
+        # Another process queueing the same cases, or a capture arriving, conflicts: run again.
+        return self.db.transaction(queue)
 
     def seconds_to_next_event(self, now: datetime | None = None) -> float | None:
         """Until the next receiving case becomes stable or owed reports fall due; None when
@@ -224,7 +238,14 @@ class CaseScheduler:
                 select(func.min(Case.last_instance_at)).where(Case.status == CaseStatus.RECEIVING)
             )
             due = session.scalar(select(func.min(PendingReport.due_at)))
+            lease_ends = session.scalar(  # a claim of a (perhaps killed) other process
+                select(func.min(Case.claimed_until)).where(
+                    Case.status == CaseStatus.QUEUED, Case.claimed_until.is_not(None)
+                )
+            )
         moments = []
+        if lease_ends is not None:
+            moments.append(as_utc(lease_ends))
         if last is not None:
             moments.append(as_utc(last) + timedelta(seconds=self.settings.cases.stable_seconds))
         if due is not None:  # owed reports that failed again are retried a grace period later
@@ -235,16 +256,51 @@ class CaseScheduler:
         return max((min(moments) - now).total_seconds(), 0.0)
 
     def run_once(self) -> list[int]:
+        """Queue the stable cases, then analyse queued cases one claim at a time until none
+        is left that another process does not hold."""
         self.queue_stable()
-        with self.db.session() as session:
-            queued = session.scalars(
-                select(Case.id).where(Case.status == CaseStatus.QUEUED).order_by(Case.id)
-            ).all()
-        for case_id in queued:
+        analysed: list[int] = []
+        while not self._stop.is_set() and (case_id := self.claim_case()) is not None:
+            if case_id in analysed:  # left queued by this pass (changed meanwhile): next pass
+                break
             with bound_contextvars(case_id=case_id):
                 self.analyse_case(case_id)
+            analysed.append(case_id)
         self.catch_up_reports()
-        return list(queued)
+        return analysed
+
+    def claim_case(self, now: datetime | None = None) -> int | None:
+        """Claim the oldest queued case that nobody holds, or whose claim ran out (its process
+        died): ``SELECT ... FOR UPDATE SKIP LOCKED``, so processes never wait on each other."""
+        moment = now or datetime.now(UTC)
+
+        def claim(session: Session) -> int | None:
+            case = session.scalar(
+                select(Case)
+                .where(
+                    Case.status == CaseStatus.QUEUED,
+                    or_(
+                        Case.claimed_until.is_(None),
+                        Case.claimed_until <= moment,
+                        Case.claimed_by == self.owner,
+                    ),
+                )
+                .order_by(Case.id)
+                .limit(1)
+                .options(defer(Case.result))
+                .with_for_update(skip_locked=True)
+            )
+            if case is None:
+                return None
+            if case.claimed_by not in (None, self.owner):
+                log.warning("case %s: taking over from %s", case.id, case.claimed_by)
+            case.claimed_by = self.owner
+            case.claimed_until = moment + self.lease
+            session.flush()
+            return case.id
+
+        # A capture changing the case meanwhile (or SQLite's busy writer) conflicts: again.
+        return self.db.transaction(claim)
 
     def catch_up_reports(self, now: datetime | None = None) -> list[int]:
         """Make the reports a stop or a failure left owed (after a grace period in which the
@@ -262,6 +318,8 @@ class CaseScheduler:
             case = session.get(Case, case_id)
             if case is None or case.status != CaseStatus.QUEUED:
                 return
+            if case.claimed_by not in (None, self.owner):
+                return  # another process claimed it first
             version = case.version
             paths = [i.path for i in case.instances]
             patient = dict(case.patient or {})
@@ -271,19 +329,23 @@ class CaseScheduler:
             # a reviewer asked to add new captures to a case they have worked on
             before = dict(case.result) if (case.result or {}).get(EXTEND_MARK) else None
         try:
-            fields = read_fields([Path(p) for p in paths])
-            pipeline = self._pipeline()
-            result = pipeline.analyse(fields, patient, previous, order)
-            result_json = {
-                **pipeline.to_json(result),
-                "previous": previous.to_json() if previous else None,
-            }
-            if before is not None:
-                context = patient_context(patient, order, datetime.now(UTC), previous)
-                result, result_json = revise(
-                    carry_decisions(before, result_json), pipeline.rules, pipeline.ranges, context
-                )
-            values = pipeline.values(result, patient, order)
+            with self._renewing(case_id):
+                fields = read_fields([Path(p) for p in paths])
+                pipeline = self._pipeline()
+                result = pipeline.analyse(fields, patient, previous, order)
+                result_json = {
+                    **pipeline.to_json(result),
+                    "previous": previous.to_json() if previous else None,
+                }
+                if before is not None:
+                    context = patient_context(patient, order, datetime.now(UTC), previous)
+                    result, result_json = revise(
+                        carry_decisions(before, result_json),
+                        pipeline.rules,
+                        pipeline.ranges,
+                        context,
+                    )
+                values = pipeline.values(result, patient, order)
         except Exception as exc:
             log.exception("analysis of case %s failed", case_id)
             self._fail(case_id, f"analysis failed: {exc}")
@@ -323,6 +385,33 @@ class CaseScheduler:
         log.info("case %s analysed: %s, ORU %s queued", case_id, status, control_id)
         self.reports.request(case_id)
 
+    @contextmanager
+    def _renewing(self, case_id: int) -> Iterator[None]:
+        """Keep this process's claim on the case alive while it is analysed (every third of the
+        lease), so a slow analysis is not taken over; a killed process stops renewing."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lease.total_seconds() / 3):
+                try:
+                    with self.db.session() as session:
+                        # Core UPDATE: the case's version stays, the analysis can still commit.
+                        session.execute(
+                            update(Case)
+                            .where(Case.id == case_id, Case.claimed_by == self.owner)
+                            .values(claimed_until=datetime.now(UTC) + self.lease)
+                        )
+                except Exception:  # the next renewal tries again; the lease is the bound
+                    log.warning("case %s: claim not renewed", case_id, exc_info=True)
+
+        thread = threading.Thread(target=renew, name="lisplugin-claim", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     def _previous_result(self, session: Session, case: Case) -> PreviousResult | None:
         """The same patient's latest verified (F/C) result within the delta-check window.
 
@@ -360,17 +449,20 @@ class CaseScheduler:
     def _fail(self, case_id: int, error: str) -> None:
         with self.db.session() as session:
             case = session.get(Case, case_id)
-            if case is not None:
+            if case is not None and case.claimed_by in (None, self.owner):
                 case.status = CaseStatus.FAILED
                 case.error = error[:2000]
         CASES_ANALYSED.labels("failed").inc()
 
-    def run_forever(self, max_wait_seconds: float = 60.0) -> None:
+    def run_forever(self, max_wait_seconds: float | None = None) -> None:
         """Work, then sleep until woken or until the next case can become stable.
 
-        ``max_wait_seconds`` only bounds the sleep as a safeguard (e.g. a clock change): new
-        captures, orders and API requests wake the scheduler at once.
+        ``max_wait_seconds`` (default ``database.poll_seconds``) bounds the sleep: new captures,
+        orders and API requests of this process wake the scheduler at once; those of other
+        processes sharing the database are found by the next look.
         """
+        if max_wait_seconds is None:
+            max_wait_seconds = self.settings.database.poll_seconds
         while not self._stop.is_set():
             self._next_pass = math.inf  # a capture during the pass wakes the next sleep
             self._wake.clear()  # before the pass: a wake-up during it is not lost

@@ -13,6 +13,10 @@ Answers (policy in interfaces/hl7-interface.md section 5):
 
 When a receiver does not answer, the rest of its channel waits for the next pass, so a silent
 LIS costs every other channel at most one ACK timeout per pass.
+
+Several processes may share the outbox (PostgreSQL): a message is claimed before it is sent
+(``service.claims``), and a case's queue is worked only up to a message another process holds,
+so no two processes send the same message and a case's messages still leave in order.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
+from lisplugin.service.claims import held_by_other, process_name
 from lisplugin.service.metrics import OUTBOX_FAILURES, RESULTS_REJECTED
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage, OutboxStatus
@@ -69,11 +74,16 @@ class OutboxWorker:
         senders: dict[str, Sender],
         backoff: Backoff,
         max_attempts_refused: int = 5,
+        owner: str | None = None,
+        lease_seconds: float = 120.0,
     ) -> None:
         self.db = db
         self.senders = senders
         self.backoff = backoff
         self.max_attempts_refused = max_attempts_refused
+        #: This process's name in the claims it writes.
+        self.owner = owner or process_name()
+        self.lease = timedelta(seconds=lease_seconds)
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -93,8 +103,10 @@ class OutboxWorker:
             for message_id, channel in queue:
                 if channel in down:
                     break
-                attempted += 1
                 outcome = self._attempt(message_id)
+                if outcome == "busy":  # another process holds it: the queue is theirs for now
+                    break
+                attempted += 1
                 if outcome == "down":
                     down.add(channel)
                 if outcome != "done":
@@ -114,6 +126,8 @@ class OutboxWorker:
                     OutboxMessage.control_id,
                     OutboxMessage.result_status,
                     OutboxMessage.next_attempt_at,
+                    OutboxMessage.claimed_by,
+                    OutboxMessage.claimed_until,
                 )
                 .where(OutboxMessage.status == OutboxStatus.PENDING)
                 .order_by(OutboxMessage.id)
@@ -122,14 +136,16 @@ class OutboxWorker:
             for row in pending:
                 queues.setdefault((row.case_id, row.channel), []).append(row)
             due: list[list[tuple[int, str]]] = []
-            superseded: list[int] = []
             for queue in queues.values():
                 ready: list[tuple[int, str]] = []
                 for n, row in enumerate(queue):
+                    if held_by_other(row.claimed_by, row.claimed_until, self.owner, now):
+                        break  # being sent by another process: what follows waits for it
                     if row.result_status == "P" and any(
                         later.result_status in SUPERSEDING for later in queue[n + 1 :]
                     ):
-                        superseded.append(row.id)
+                        if not self._supersede(session, row.id, now):
+                            break  # claimed meanwhile: it may be on its way
                         log.info("%s %s superseded, not sent", row.channel, row.control_id)
                         continue
                     if as_utc(row.next_attempt_at) > now:
@@ -137,28 +153,67 @@ class OutboxWorker:
                     ready.append((row.id, row.channel))
                 if ready:
                     due.append(ready)
-            if superseded:
-                session.execute(
-                    update(OutboxMessage)
-                    .where(
-                        OutboxMessage.id.in_(superseded),
-                        OutboxMessage.status == OutboxStatus.PENDING,
-                    )
-                    .values(status=OutboxStatus.SUPERSEDED)
-                )
         return sorted(due)
 
+    def _supersede(self, session: Session, message_id: int, now: datetime) -> bool:
+        """Mark an unsent preliminary superseded unless another process is sending it."""
+        marked = session.execute(
+            update(OutboxMessage)
+            .where(
+                OutboxMessage.id == message_id,
+                OutboxMessage.status == OutboxStatus.PENDING,
+                or_(
+                    OutboxMessage.claimed_until.is_(None),
+                    OutboxMessage.claimed_until <= now,
+                    OutboxMessage.claimed_by == self.owner,
+                ),
+            )
+            .values(status=OutboxStatus.SUPERSEDED, claimed_by=None, claimed_until=None)
+        )
+        return bool(marked.rowcount)  # type: ignore[attr-defined]
+
+    def _claim(self, message_id: int) -> OutboxMessage | str:
+        """The message, claimed for this process; or "done" (no longer pending) or "busy"
+        (another process holds it, or is claiming it right now)."""
+        return self.db.transaction(lambda session: self._claim_in(session, message_id))
+
+    def _claim_in(self, session: Session, message_id: int) -> OutboxMessage | str:
+        """``_claim`` in the caller's transaction (run again on a conflict)."""
+        now = datetime.now(UTC)
+        message = session.scalar(
+            select(OutboxMessage)
+            .where(OutboxMessage.id == message_id)
+            .with_for_update(skip_locked=True)
+        )
+        if message is None:
+            exists_now = session.get(OutboxMessage, message_id) is not None
+            return "busy" if exists_now else "done"
+        if message.status != OutboxStatus.PENDING:
+            return "done"
+        if held_by_other(message.claimed_by, message.claimed_until, self.owner, now):
+            return "busy"
+        message.claimed_by = self.owner
+        message.claimed_until = now + self.lease
+        session.flush()
+        session.expunge(message)
+        return message
+
     def _attempt(self, message_id: int) -> str:
-        """One try: "done" (delivered, parked or gone), "later" (refused for now, scheduled)
-        or "down" (no answer: its channel is skipped for the rest of the pass)."""
+        """One try: "done" (delivered, parked or gone), "later" (refused for now, scheduled),
+        "down" (no answer: its channel is skipped for the rest of the pass) or "busy" (another
+        process is sending it)."""
         with self.db.session() as session:
-            message = session.get(OutboxMessage, message_id)
-            if message is None or message.status != OutboxStatus.PENDING:
-                return "done"
-            session.expunge(message)
-        sender = self.senders.get(message.channel)
+            channel = session.scalar(
+                select(OutboxMessage.channel).where(OutboxMessage.id == message_id)
+            )
+            sender = self.senders.get(channel) if channel else None
+        if channel is None:
+            return "done"
         if sender is None:
             return "later"
+        message = self._claim(message_id)
+        if isinstance(message, str):
+            return message
         try:
             delivery = sender(message)
         except ReceiverUnavailable as exc:
@@ -168,6 +223,7 @@ class OutboxWorker:
         with self.db.session() as session:
             row = session.get(OutboxMessage, message_id)
             assert row is not None
+            self._release(row)
             row.attempts += 1
             row.ack_code = delivery.code
             if delivery.accepted:
@@ -198,9 +254,22 @@ class OutboxWorker:
         with self.db.session() as session:
             row = session.get(OutboxMessage, message_id)
             assert row is not None
+            self._release(row)
             row.attempts += 1
             row.last_error = error
             self._schedule(row, error)
+
+    def _release(self, row: OutboxMessage) -> None:
+        """The try is over: the message is free again (a lost claim is only logged)."""
+        if row.claimed_by not in (None, self.owner):
+            log.warning(
+                "%s %s: claim ran out while sending; %s holds it now",
+                row.channel,
+                row.control_id,
+                row.claimed_by,
+            )
+        row.claimed_by = None
+        row.claimed_until = None
 
     def _schedule(self, row: OutboxMessage, why: str) -> None:
         row.next_attempt_at = datetime.now(UTC) + timedelta(seconds=self.backoff(row.attempts))

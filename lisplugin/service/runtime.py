@@ -32,6 +32,7 @@ from lisplugin.inference.store import active_models_dir
 from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.analyser import apply_analyser_counts
 from lisplugin.service.cases import CaseScheduler, ReportWriter
+from lisplugin.service.claims import process_name
 from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
 from lisplugin.service.ingest_worker import QUARANTINED, READY, STORED
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
@@ -87,6 +88,8 @@ class Runtime:
         else:
             self.db.check_schema()
         self.store = InstanceStore(self.db, settings.storage.path, settings.dicom.limits)
+        #: This process's name in the work claims it writes (``service.claims``).
+        self.owner = process_name()
         hl7 = settings.hl7
         self.outbox = OutboxWorker(
             self.db,
@@ -98,13 +101,20 @@ class Runtime:
                 attempt, hl7.retry_initial_seconds, hl7.retry_max_seconds
             ),
             max_attempts_refused=hl7.max_attempts_refused,
+            owner=self.owner,
+            lease_seconds=settings.database.send_lease_seconds,
         )
         self._pipeline: Pipeline | None = None
         self._pipeline_models: Path | None = None
         self._pipeline_lock = threading.Lock()
         self.reports = ReportWriter(self.db, settings, on_outbox=self.outbox.notify)
         self.scheduler = CaseScheduler(
-            self.db, settings, self.pipeline, on_outbox=self.outbox.notify, reports=self.reports
+            self.db,
+            settings,
+            self.pipeline,
+            on_outbox=self.outbox.notify,
+            reports=self.reports,
+            owner=self.owner,
         )
         worklist = (
             WorklistSCP(lambda: scheduled_orders(self.db)) if settings.dicom.worklist else None

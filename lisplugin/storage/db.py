@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -60,6 +61,34 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+class DatabaseInUse(RuntimeError):
+    """Another daemon process already serves from this SQLite file."""
+
+
+def serve_exclusively(url: str) -> IO[bytes] | None:
+    """Hold a lock beside a SQLite database for as long as the returned file stays open.
+
+    SQLite is the single-process embedded default: two daemons on one file would both analyse
+    and send everything. Several processes need PostgreSQL, where they share the work (claims).
+    The kernel drops the lock when the process ends, even by kill -9. None for other databases.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    lock_path = Path(f"{parsed.database}.serve-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock_path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DatabaseInUse(
+            f"another lisplugin serve already uses {parsed.database}: SQLite serves one process; "
+            "to run several processes, point them all at one PostgreSQL database"
+        ) from None
+    return handle
 
 
 class SchemaOutdated(RuntimeError):

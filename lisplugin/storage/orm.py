@@ -80,6 +80,10 @@ class Case(Base):
     )
     #: Optimistic-locking counter: concurrent editors see a conflict instead of overwriting.
     version: Mapped[int] = mapped_column(Integer, default=1)
+    #: The process analysing the case and until when its claim holds (``service.claims``):
+    #: another process takes a queued case over only once the claim has run out.
+    claimed_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="case", order_by="Instance.id")
 
@@ -95,6 +99,12 @@ def _derive_summary(_mapper: Mapper[Case], _connection: Any, case: Case) -> None
         case.summary = result_summary(case.result)
     if state.pending or state.attrs.order.history.has_changes():
         case.stat = (case.order or {}).get("priority") == "S"
+    moved_on = state.attrs.status.history.has_changes()
+    if moved_on and not state.attrs.claimed_by.history.has_changes():
+        # A case whose state moved on (analysed, re-opened by a capture, re-queued) is nobody's
+        # work any more: whoever queues it next must not wait for an old claim to run out.
+        case.claimed_by = None
+        case.claimed_until = None
 
 
 class Instance(Base):
@@ -169,3 +179,6 @@ class OutboxMessage(Base):
     ack_code: Mapped[str | None] = mapped_column(String(16))  # HL7 MSA-1 or DICOM status
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The process sending the message and until when (no other process sends it meanwhile).
+    claimed_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
