@@ -30,6 +30,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, VLMicroscopicImageStorage, generate_uid
 from pynetdicom.dsutils import decode
 
+from fuzz.corpus import fuzz
 from lisplugin.config import DicomSettings, InstanceLimits
 from lisplugin.dicom.decode import UnusableInstance, iter_fields, validate_header
 from lisplugin.dicom.scp import StorageSCP
@@ -126,20 +127,9 @@ def seeds() -> list[bytes]:
 
 
 def main(argv: list[str]) -> None:
-    import atheris
-
     logging.disable(logging.CRITICAL)  # a line per refused input would set the pace
     with tempfile.TemporaryDirectory(prefix="fuzz-dicom-") as folder:
-        target = Target(Path(folder))
-        corpus = [a for a in argv[1:] if not a.startswith("-")]
-        for directory in corpus:
-            for n, seed in enumerate(seeds()):
-                path = Path(directory) / f"seed-{n}"
-                if not path.exists():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(seed)
-        atheris.Setup(argv, target.one_input)
-        atheris.Fuzz()
+        fuzz(argv, Target(Path(folder)).one_input, seeds())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import hl7
 
+from fuzz.corpus import fuzz
 from lisplugin.hl7.ack import ErrorCode, MessageRejected
 from lisplugin.hl7.lis_sim import build_test_order
 from lisplugin.hl7.mllp import MllpOrderListener, _decode
@@ -74,19 +75,9 @@ def seeds() -> list[bytes]:
 
 
 def main(argv: list[str]) -> None:
-    import atheris
-
     logging.disable(logging.CRITICAL)  # a line per refused input would set the pace
     with tempfile.TemporaryDirectory(prefix="fuzz-hl7-") as folder:
-        target = Target(Path(folder))
-        for directory in [a for a in argv[1:] if not a.startswith("-")]:
-            for n, seed in enumerate(seeds()):
-                path = Path(directory) / f"seed-{n}"
-                if not path.exists():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(seed)
-        atheris.Setup(argv, target.one_input)
-        atheris.Fuzz()
+        fuzz(argv, Target(Path(folder)).one_input, seeds())
 
 
 if __name__ == "__main__":

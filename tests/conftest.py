@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from phi_guard import _no_patient_names_in_logs, pytest_configure  # noqa: F401 - the plugin
+
+from lisplugin.storage.db import Database
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,3 +62,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'lisplugin.db'}"
     return _postgres_database(request)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """A migrated database of ``database_url`` (SQLite and PostgreSQL), disposed after."""
+    database = Database(database_url)
+    database.migrate()
+    yield database
+    database.dispose()

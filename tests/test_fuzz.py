@@ -24,7 +24,7 @@ SECONDS = int(os.environ.get("FUZZ_SECONDS", "8"))
 RUNS = int(os.environ.get("FUZZ_RUNS", "400"))
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "4"))
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.reliability]
 
 
 @pytest.mark.parametrize("harness", ["dicom", "hl7"])

@@ -31,6 +31,8 @@ from lisplugin.service.ingest import InstanceStore
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Instance, QuarantinedInstance
 
+pytestmark = pytest.mark.reliability
+
 LIMITS = InstanceLimits(
     max_pixels_per_frame=5_000_000,
     max_frames=4,

@@ -14,6 +14,8 @@ from test_hl7_mllp import ORDER, listener, unframe  # noqa: F401 - listener is a
 
 from lisplugin.hl7.oru import parse_ack
 
+pytestmark = pytest.mark.reliability
+
 SURNAME, BIRTH_DATE = "MUSTERMANN", "19640812"
 
 HOSTILE = {

@@ -21,6 +21,8 @@ from lisplugin.service.ingest import InstanceStore
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, Instance
 
+pytestmark = pytest.mark.reliability
+
 MODALITIES = 8
 
 

@@ -25,6 +25,8 @@ from lisplugin.dicom.scp import StorageSCP
 from lisplugin.hl7.mllp import MllpOrderListener
 from lisplugin.hl7.oru import parse_ack
 
+pytestmark = pytest.mark.reliability
+
 
 def closed_within(conn: socket.socket, seconds: float) -> bool:
     """True when the peer closes ``conn`` (EOF or reset) within ``seconds``, data discarded."""

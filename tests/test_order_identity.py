@@ -22,6 +22,8 @@ from lisplugin.hl7.oru import parse_ack
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.orm import Case, CaseStatus, OrderMessage
 
+pytestmark = pytest.mark.reliability
+
 ORIGINAL = {"accession": "ACC-ID1", "patient_id": "PAT-1", "family": "ROE", "given": "ANN"}
 
 

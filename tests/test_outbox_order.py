@@ -25,16 +25,10 @@ from lisplugin.service.runtime import hl7_sender
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
 
+pytestmark = pytest.mark.reliability
+
 LOINC = yaml.safe_load((REPO_ROOT / "config" / "loinc.yaml").read_text(encoding="utf-8"))
 BACKOFF = 30.0
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
 
 
 class Lis:

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from phi_guard import TESTS_DIR, find_names, patient_names
+
+pytestmark = pytest.mark.reliability
 
 INNER_CONFTEST = "from phi_guard import _no_patient_names_in_logs, pytest_configure  # noqa\n"
 INNER_TESTS = """

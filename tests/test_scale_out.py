@@ -28,13 +28,7 @@ from lisplugin.service.soak import Options, soak
 from lisplugin.storage.db import Database, DatabaseInUse, serve_exclusively
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
 
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
+pytestmark = pytest.mark.reliability
 
 
 @pytest.fixture
@@ -213,19 +207,21 @@ def test_serve_refuses_a_sqlite_file_another_daemon_serves(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_three_processes_on_postgresql_one_killed(
-    request: pytest.FixtureRequest, tmp_path: Path
+@pytest.mark.parametrize("database", ["sqlite-1", "postgresql-3"])
+def test_soak_daemons_killed_and_the_lis_away(
+    database: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """Captures to all three, one SIGKILLed mid-run, the LIS away: each accepted capture
-    analysed once, no MSH-10 twice at the LIS, each case's results in order."""
+    """Captures to the daemons (SQLite: one; PostgreSQL: three), one SIGKILLed every 2.5 s
+    during ingest, analysis and delivery, the LIS away for 3 s: each accepted capture analysed
+    once, no message sent twice, each case's results in order."""
     from conftest import _postgres_database
 
-    url = _postgres_database(request)
+    postgres = database.startswith("postgresql")
     options = Options(
         captures=60,
         accessions=20,
-        processes=3,
-        database_url=url,
+        processes=3 if postgres else 1,
+        database_url=_postgres_database(request) if postgres else "",
         kill_every=2.5,
         outage_at=1.0,
         outage_seconds=3.0,

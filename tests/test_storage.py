@@ -13,14 +13,6 @@ from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
 
 
-@pytest.fixture
-def db(database_url: str) -> Database:
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
-
-
 def _case_with_message(db: Database, control_id: str = "LP1-1") -> int:
     with db.session() as session:
         case = Case(case_key=f"acc:{control_id}", status=CaseStatus.REVIEW, patient={})

@@ -24,6 +24,8 @@ from lisplugin.service.runtime import hl7_sender
 from lisplugin.storage.orm import OutboxMessage
 from lisplugin.tls import client_context, server_context
 
+pytestmark = pytest.mark.reliability
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:

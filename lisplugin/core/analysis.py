@@ -103,22 +103,20 @@ def leukocyte_crops(
     field: Field,
     detections: Sequence[Detection],
     rbc_diameter: float | None,
-    owned: tuple[float, float, float, float] | None = None,
     box_px: float = PBC_WBC_BOX_PX,
 ) -> list[np.ndarray]:
     """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
 
     The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
     leukocyte box taken as ``box_px`` PBC px (``pbc_scale``); training, adaptation and the
-    daemon all cut crops here. With ``owned``, only the leukocytes whose box centre lies there
-    are cut (the scale still comes from every red cell of the field, ``field_rbc_diameter``).
+    daemon all cut crops here.
     """
     return [
         leukocyte_crop(
             field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box, box_px)
         )
         for d in detections
-        if d.kind == "WBC" and (owned is None or _centre_in(d.box, owned))
+        if d.kind == "WBC"
     ]
 
 
