@@ -35,7 +35,7 @@ demo: setup
 	$(BIN)/lisplugin demo $(if $(IMAGE),--image $(IMAGE),)
 
 lint: setup
-	$(BIN)/ruff check lisplugin tests
+	$(BIN)/ruff check lisplugin tests fuzz
 
 test: setup system-deps lint
 	$(BIN)/python -m pytest -q
