@@ -26,3 +26,20 @@ def test_outline_keeps_to_the_cell_not_to_a_neighbours_fragment() -> None:
     radii = np.hypot(outline[:, 0] - 120, outline[:, 1] - 220)
     assert radii.max() < 15.5, radii.max()
     assert abs(polygon_area(outline[:, 0], outline[:, 1]) - np.pi * 14**2) < 0.05 * np.pi * 14**2
+
+
+def test_white_point_is_the_median_of_the_brightest_tenth() -> None:
+    """The histogram-based white point equals its definition computed with np.quantile."""
+    from lisplugin.core.crops import WHITE_QUANTILE, white_point
+
+    rng = np.random.default_rng(5)
+    for clip in (False, True):
+        image = rng.integers(0, 256, (61, 47, 3), dtype=np.uint8)
+        if clip:
+            image[:20] = 255  # saturated glass: left out while enough other pixels remain
+        rgb = image.reshape(-1, 3).astype(np.float32)
+        unclipped = rgb[rgb.max(axis=1) < 254]
+        rgb = unclipped if len(unclipped) >= 0.05 * len(rgb) else rgb
+        grey = rgb.sum(axis=1)
+        expected = np.median(rgb[grey >= np.quantile(grey, WHITE_QUANTILE)], axis=0)
+        np.testing.assert_array_equal(white_point(image), np.maximum(expected, 1.0))

@@ -122,3 +122,17 @@ def test_white_background_alone_is_not_clipping(smear: np.ndarray) -> None:
     assert not any(r.startswith("clipped") for r in quality.reasons)
     washed = assess(Field(scaled(saturated, 1.6), "s"), SETTINGS)
     assert washed.clipped_fraction > SETTINGS.max_clipped_fraction
+
+
+def test_tenth_percentile_check_agrees_with_numpy() -> None:
+    """The washed-out check counts instead of sorting; it must decide as np.percentile does."""
+    from lisplugin.core.quality import _tenth_percentile_above
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 9, 10, 11, 1000, 4097):
+        values = np.round(rng.uniform(0, 255, n), 1).astype(np.float32)
+        p10 = float(np.percentile(values, 10))
+        for limit in (0.0, 100.0, 165.75, 254.9, p10 - 0.01, p10 + 0.01, *values[:5].tolist()):
+            if limit == p10:
+                continue  # the boundary itself is a matter of float rounding
+            assert _tenth_percentile_above(values, limit) == (p10 > limit), (n, limit)

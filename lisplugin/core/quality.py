@@ -91,6 +91,22 @@ def focus_measure(grey: np.ndarray, pixel_spacing_um: float | None = None) -> fl
     return float(ndimage.convolve(small, _LAPLACIAN, mode="reflect").var())
 
 
+def _tenth_percentile_above(values: np.ndarray, limit: float) -> bool:
+    """``np.percentile(values, 10) > limit`` (linear rule) from a count, without sorting: the
+    percentile lies between the sorted values at ``floor(0.1 (n - 1))`` and the next."""
+    n = values.size
+    position = 0.1 * (n - 1)
+    index = int(position)
+    at_most = values <= limit
+    count = int(np.count_nonzero(at_most))
+    if count <= index:  # the value at ``index`` is already above the limit
+        return True
+    if count > index + 1 or count == n:  # the value after it is not above it either
+        return False
+    lower, upper = float(values[at_most].max()), float(values[~at_most].min())
+    return lower + (position - index) * (upper - lower) > limit
+
+
 def assess(
     field: Field, settings: AnalysisSettings, spacing_um: float | None = None
 ) -> FieldQuality:
@@ -106,7 +122,7 @@ def assess(
     bright = rounded >= 255
     dark = float(np.mean(rounded <= 0))
     rest = grey[~bright]
-    washed_out = rest.size == 0 or float(np.percentile(rest, 10)) > WASHED_OUT_P10 * 255
+    washed_out = rest.size == 0 or _tenth_percentile_above(rest, WASHED_OUT_P10 * 255)
     clipped = dark + (float(np.mean(bright)) if washed_out else 0.0)
     low, high = settings.exposure_range
     reasons: list[str] = []
