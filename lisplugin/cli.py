@@ -32,7 +32,7 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("purge",): "lisplugin.service.lifecycle:purge_cli",
     ("backup",): "lisplugin.service.lifecycle:backup_cli",
     ("db",): "lisplugin.service.lifecycle:db_cli",
-    ("soak",): "lisplugin.service.soak",
+    ("soak",): "lisplugin.evaluation.soak",
 }
 
 

@@ -23,8 +23,8 @@ from sqlalchemy import select, update
 from test_outbox_order import Lis, new_case, queue, statuses, worker
 
 from lisplugin.config import Settings
+from lisplugin.evaluation.soak import Options, soak
 from lisplugin.service.cases import CaseScheduler
-from lisplugin.service.soak import Options, soak
 from lisplugin.storage.db import Database, DatabaseInUse, serve_exclusively
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
 

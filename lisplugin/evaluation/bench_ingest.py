@@ -100,7 +100,8 @@ def send(port: int, called: str, paths: Sequence[Path], associations: int) -> fl
     return time.perf_counter() - started
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Until ``url`` answers 200; raise when the server exited or ``timeout`` passed first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -126,7 +127,8 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL after 30 s."""
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -163,10 +165,10 @@ def lisplugin_daemon(
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_http(f"http://127.0.0.1:{http}/readyz", process, log, 180)
+        wait_http(f"http://127.0.0.1:{http}/readyz", process, log, 180)
         yield port, folder / "instances"
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @contextmanager
@@ -187,7 +189,7 @@ def storescp(folder: Path, associations: int) -> Iterator[tuple[int, Path]]:
         _wait_port(port, process, log)
         yield port, folder
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @contextmanager
@@ -219,10 +221,10 @@ def orthanc(folder: Path) -> Iterator[tuple[int, str]]:
     )
     url = f"http://127.0.0.1:{config['HttpPort']}"
     try:
-        _wait_http(f"{url}/system", process, log, 60)
+        wait_http(f"{url}/system", process, log, 60)
         yield int(config["DicomPort"]), url
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _files(folder: Path) -> int:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -30,7 +30,7 @@ from lisplugin.core.types import Flag, ResultValue
 from lisplugin.hl7.orders import parse_order
 from lisplugin.hl7.oru import build_oru
 from lisplugin.logging_setup import bound_contextvars
-from lisplugin.service.claims import process_name
+from lisplugin.service.claims import claimable, process_name
 from lisplugin.service.metrics import ANALYSIS_SECONDS, CASES_ANALYSED
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.pipeline import Pipeline, patient_context, read_fields
@@ -279,11 +279,7 @@ class CaseScheduler:
                 select(Case)
                 .where(
                     Case.status == CaseStatus.QUEUED,
-                    or_(
-                        Case.claimed_until.is_(None),
-                        Case.claimed_until <= moment,
-                        Case.claimed_by == self.owner,
-                    ),
+                    claimable(Case, self.owner, moment),
                 )
                 .order_by(Case.id)
                 .limit(1)

@@ -13,6 +13,9 @@ import os
 import socket
 import uuid
 from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, or_
 
 
 def process_name() -> str:
@@ -30,3 +33,9 @@ def held_by_other(
         and claimed_until is not None
         and (claimed_until if claimed_until.tzinfo else claimed_until.replace(tzinfo=UTC)) > now
     )
+
+
+def claimable(row: Any, me: str, now: datetime) -> ColumnElement[bool]:
+    """SQL for "not held by another process": nobody's, run out, or already ``me``'s (the
+    query form of ``not held_by_other``; ``row`` is a mapped class with the claim columns)."""
+    return or_(row.claimed_until.is_(None), row.claimed_until <= now, row.claimed_by == me)

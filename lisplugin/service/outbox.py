@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
-from lisplugin.service.claims import held_by_other, process_name
+from lisplugin.service.claims import claimable, held_by_other, process_name
 from lisplugin.service.metrics import OUTBOX_FAILURES, RESULTS_REJECTED
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage, OutboxStatus
@@ -162,11 +162,7 @@ class OutboxWorker:
             .where(
                 OutboxMessage.id == message_id,
                 OutboxMessage.status == OutboxStatus.PENDING,
-                or_(
-                    OutboxMessage.claimed_until.is_(None),
-                    OutboxMessage.claimed_until <= now,
-                    OutboxMessage.claimed_by == self.owner,
-                ),
+                claimable(OutboxMessage, self.owner, now),
             )
             .values(status=OutboxStatus.SUPERSEDED, claimed_by=None, claimed_until=None)
         )

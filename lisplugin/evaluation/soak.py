@@ -29,7 +29,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from pydicom.uid import ExplicitVRLittleEndian, VLMicroscopicImageStorage, gener
 from pynetdicom import AE
 from sqlalchemy import select
 
+from lisplugin.evaluation.bench_ingest import free_port, stop_process, wait_http
 from lisplugin.hl7.lis_sim import LisSimulator
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, Instance, OutboxMessage, OutboxStatus
@@ -64,12 +64,6 @@ SEND_LEASE_SECONDS = 45
 CONTROL_ID = re.compile(r"^MSH\|[^\r\n]*", re.MULTILINE)
 #: Case states that mean "analysed and its result released".
 ANALYSED = {CaseStatus.REVIEW, CaseStatus.VERIFIED}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def capture(accession: str, study_uid: str, number: int, pixels: np.ndarray) -> Dataset:
@@ -108,8 +102,6 @@ class Daemon:
     log_paths: list[Path] = field(default_factory=list)
 
     def start(self, timeout: float = 600.0) -> None:
-        import httpx
-
         self.starts += 1
         log_path = self.storage / f"soak-daemon-{self.index}-{self.starts}.log"
         self.log_paths.append(log_path)
@@ -126,17 +118,12 @@ class Daemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon {self.index} exited: {log_path.read_text()[-2000:]}")
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{self.http_port}/readyz", timeout=2).is_success:
-                    return
-            time.sleep(0.2)
-        self.process.kill()  # not half-started on its ports when it is started again
-        self.process.wait()
-        raise TimeoutError(f"daemon {self.index} not ready: {log_path.read_text()[-2000:]}")
+        try:
+            wait_http(f"http://127.0.0.1:{self.http_port}/readyz", self.process, log_path, timeout)
+        except TimeoutError:
+            self.process.kill()  # not half-started on its ports when it is started again
+            self.process.wait()
+            raise
 
     @property
     def alive(self) -> bool:
@@ -163,12 +150,7 @@ class Daemon:
         self.sample_rss()
         if self.alive:
             assert self.process is not None
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process)
 
 
 @dataclass
