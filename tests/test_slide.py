@@ -166,14 +166,22 @@ class DiscDetector:
         return FieldDetections(tuple(found))
 
 
-def test_cells_on_tile_borders_are_counted_once(pipeline: Pipeline) -> None:
+@pytest.mark.parametrize(
+    "window_px", [256, 384, 1536], ids=["one-tile-windows", "2x2-tile-blocks", "one-window"]
+)
+def test_cells_on_tile_borders_are_counted_once(pipeline: Pipeline, window_px: int) -> None:
     pixels = np.full((384, 384, 3), (200, 170, 190), dtype=np.uint8)  # stained: all "monolayer"
     centres = [(128, 60), (256, 200), (128, 128), (300, 256), (60, 300), (250, 128), (200, 40)]
     y, x = np.mgrid[0:384, 0:384]
     for cx, cy in centres:
         pixels[(x - cx) ** 2 + (y - cy) ** 2 <= 14**2] = (60, 30, 90)
     slide = DiscSlide(pixels)
-    settings = AnalysisSettings(min_focus=0.0, exposure_range=(0.0, 1.0), max_clipped_fraction=1.0)
+    settings = AnalysisSettings(
+        min_focus=0.0,
+        exposure_range=(0.0, 1.0),
+        max_clipped_fraction=1.0,
+        slide_window_px=window_px,  # margin 64 px: blocks of 1, 2 x 2 and 3 x 3 tiles of 128 px
+    )
     _, classifier = load_models(Settings())
     results = analyse_slide(slide, 0, DiscDetector(), classifier, settings, analyse_field)
     assert len(results) == 9  # every tile, the target not reached

@@ -5,11 +5,12 @@ It is read tile by tile: the low-resolution pieces of the slide give each tile's
 (:mod:`lisplugin.core.monolayer`), and only the monolayer tiles are analysed at full
 resolution, best first, until the leukocyte target is reached.
 
-Each tile is analysed in a window that adds a margin of its neighbours' pixels on every side,
-so that a cell on a tile border is seen whole. A cell belongs to the tile that holds the centre
-of its box: tiles partition the slide, so every cell is counted exactly once, by one tile, and
-its box is given in that tile's pixel coordinates (it may reach over the tile's edges). Memory
-is one window and a few cached tiles, whatever the slide size.
+Neighbouring tiles are analysed together, a block of them (2 x 2 at 512 px) in one window that
+adds a margin of the surrounding pixels on every side, so that a cell on a block border is seen
+whole. A cell belongs to the tile that holds the centre of its box: tiles partition the slide,
+so every cell is counted exactly once, by one tile, and its box is given in that tile's pixel
+coordinates (it may reach over the tile's edges). Memory is one window and a bounded cache of
+decoded tiles, whatever the slide size.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ FieldAnalyser = Callable[
     ],
     FieldResult,
 ]
-#: Decoded tiles kept for the windows of neighbouring tiles (about 0.8 MB each at 512 px).
+#: Decoded tiles kept for the windows of neighbouring tiles (about 0.8 MB each at 512 px):
+#: at least this many, at most ``TILE_CACHE_BYTES`` of them.
 TILE_CACHE = 24
+TILE_CACHE_BYTES = 48 * 2**20
 #: Window margin when the pixel spacing is unknown (a large leukocyte's radius at 0.25 um/px
 #: is about 40 px; at BCCD's magnification about 100 px).
 DEFAULT_MARGIN_PX = 128
@@ -107,14 +110,40 @@ class TileCache:
         return tile
 
 
-def window(cache: TileCache, column: int, row: int, margin: int) -> tuple[np.ndarray, int, int]:
-    """The tile with ``margin`` pixels of its neighbours around it (clipped to the image, glass
-    white where no tile was scanned), and the tile's top left corner in the window."""
+def cache_size(image: TiledImage, block: int) -> int:
+    """Tiles to keep decoded: a row of blocks and its margins, so that the next row of blocks
+    finds the tiles it shares with this one (bounded by ``TILE_CACHE_BYTES``)."""
+    across, _ = tile_grid(image)
+    wanted = 2 * across + (block + 2) ** 2
+    most = TILE_CACHE_BYTES // max(1, image.tile_width * image.tile_height * 3)
+    return max(TILE_CACHE, min(wanted, most))
+
+
+def block_side(image: TiledImage, margin: int, settings: AnalysisSettings) -> int:
+    """Tiles per side of a block analysed in one window: as many as fit in
+    ``settings.slide_window_px`` with the margin around them (at least one)."""
+    side = max(image.tile_width, image.tile_height)
+    return max(1, (settings.slide_window_px - 2 * margin) // side)
+
+
+def blocks(ranked: list[tuple[int, int]], side: int) -> list[list[tuple[int, int]]]:
+    """The ranked tiles grouped into ``side`` x ``side`` blocks of the tile grid, each block in
+    the rank of its best tile; only ranked tiles are listed (the others are not analysable)."""
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for column, row in ranked:
+        groups.setdefault((column // side, row // side), []).append((column, row))
+    return list(groups.values())
+
+
+def window(
+    cache: TileCache, area: tuple[int, int, int, int], margin: int
+) -> tuple[np.ndarray, int, int]:
+    """The slide's pixels of ``area`` (x0, y0, x1, y1) with ``margin`` pixels around it (clipped
+    to the image, glass white where no tile was scanned), and the window's top left corner."""
     image = cache.image
     tw, th = image.tile_width, image.tile_height
-    x0, y0 = column * tw, row * th
-    left, top = max(0, x0 - margin), max(0, y0 - margin)
-    right, bottom = min(image.width, x0 + tw + margin), min(image.height, y0 + th + margin)
+    left, top = max(0, area[0] - margin), max(0, area[1] - margin)
+    right, bottom = min(image.width, area[2] + margin), min(image.height, area[3] + margin)
     out = np.full((bottom - top, right - left, 3), 255, dtype=np.uint8)
     for r in range(top // th, (bottom - 1) // th + 1):
         for c in range(left // tw, (right - 1) // tw + 1):
@@ -129,7 +158,7 @@ def window(cache: TileCache, column: int, row: int, margin: int) -> tuple[np.nda
                 out[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = tile[
                     sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx
                 ]
-    return out, x0 - left, y0 - top
+    return out, left, top
 
 
 def owned_by_tile(result: FieldResult, dx: int, dy: int, tw: int, th: int) -> FieldResult:
@@ -159,30 +188,51 @@ def analyse_slide(
     analyse_field: FieldAnalyser,
 ) -> list[FieldResult]:
     """Analyse the monolayer of a slide level, best tiles first, until
-    ``settings.slide_leukocyte_target`` leukocytes are counted; one field per analysed tile."""
-    across, down = tile_grid(image)
+    ``settings.slide_leukocyte_target`` leukocytes are counted; one field per analysed tile.
+
+    Neighbouring tiles are analysed together, a block at a time in one window, so that the
+    margin around a window (and the detector's fixed cost) is paid once for several tiles."""
     tw, th = image.tile_width, image.tile_height
-    coverage = coverage_of(image.low_resolution(), across, down, tw, th)
+    coverage = coverage_of(image.low_resolution(), *tile_grid(image), tw, th)
     margin = margin_px(image, settings)
-    cache = TileCache(image)
+    side = block_side(image, margin, settings)
+    cache = TileCache(image, cache_size(image, side))
     results: list[FieldResult] = []
     leukocytes = 0
-    for column, row in rank_tiles(coverage):
+    for group in blocks(rank_tiles(coverage), side):
         if leukocytes >= settings.slide_leukocyte_target:
             break
-        tile = cache.get(column, row)
-        if tile is None:
+        tiles = [(c, r, tile) for c, r in group if (tile := cache.get(c, r)) is not None]
+        if not tiles:
             continue
-        height, width = tile.shape[:2]
-        pixels, dx, dy = window(cache, column, row, margin)
-        index = first_index + len(results)
-        field = Field(pixels, image.tile_source(column, row), image.pixel_spacing_um)
-        # only the tile's own cells are classified: the margin's belong to its neighbours
-        core = (float(dx), float(dy), float(dx + width), float(dy + height))
-        found = analyse_field(index, field, detector, classifier, settings, core)
-        owned = owned_by_tile(found, dx, dy, width, height)
-        results.append(replace(owned, width=width, height=height))
-        leukocytes += sum(1 for c in owned.cells if c.kind == "WBC")
+        area = (
+            min(c * tw for c, _, _ in tiles),
+            min(r * th for _, r, _ in tiles),
+            max(c * tw + t.shape[1] for c, _, t in tiles),
+            max(r * th + t.shape[0] for _, r, t in tiles),
+        )
+        pixels, left, top = window(cache, area, margin)
+        field = Field(pixels, image.tile_source(*group[0]), image.pixel_spacing_um)
+        # only the block's own cells are classified: the margin's belong to its neighbours
+        core = (
+            float(area[0] - left),
+            float(area[1] - top),
+            float(area[2] - left),
+            float(area[3] - top),
+        )
+        found = analyse_field(
+            first_index + len(results), field, detector, classifier, settings, core
+        )
+        for column, row, tile in tiles:
+            height, width = tile.shape[:2]
+            owned = owned_by_tile(found, column * tw - left, row * th - top, width, height)
+            index = first_index + len(results)
+            cells = tuple(replace(c, field_index=index) for c in owned.cells)
+            source = image.tile_source(column, row)
+            results.append(
+                replace(owned, index=index, source=source, width=width, height=height, cells=cells)
+            )
+            leukocytes += sum(1 for c in owned.cells if c.kind == "WBC")
     return results
 
 

@@ -213,23 +213,51 @@ def find_reused(
     return found
 
 
-def training_sets(data: Path) -> tuple[list[AnnotatedField], dict[str, list[AnnotatedField]], dict]:
-    """BCCD cbc train + TXL-PBC train without copies of BCCD cbc val/test images; val sets."""
+#: Detector sites: BCCD, and TXL-PBC's sources told apart by their image sizes (as the style
+#: sources of the classifier). ``txl-bccd`` is BCCD's own fields re-annotated: one site with it.
+DETECTOR_SITES = ("bccd", "raabin", "bcd", "txl-pbc")
+
+
+def _txl_site(field: AnnotatedField) -> str:
+    from lisplugin.training.styles import SOURCE_SITE, STYLE_SOURCES
+
+    for source in STYLE_SOURCES:
+        if source.folder == "txl-pbc" and (field.width, field.height) in (source.sizes or ()):
+            return SOURCE_SITE.get(source.name, source.name)
+    return "txl-pbc"
+
+
+def training_sets(
+    data: Path, leave_out: str | None = None
+) -> tuple[list[AnnotatedField], dict[str, list[AnnotatedField]], dict]:
+    """BCCD cbc train + TXL-PBC train without copies of BCCD cbc val/test images; val sets.
+
+    ``leave_out`` removes one site from training and validation alike (the epoch is chosen and
+    thresholds fitted without it), so that the site can score the model as a new lab would."""
     split = data / "bccd" / "cbc_split.csv"
     bccd = {s: read_voc(data / "bccd", split, s) for s in ("train", "val", "test")}
     txl_train = read_yolo(data / "txl-pbc", split="train")
     txl_val = read_yolo(data / "txl-pbc", split="val")
     held_out = bccd["val"] + bccd["test"]
     reused = find_reused(txl_train, held_out)
-    train = bccd["train"] + [f for f in txl_train if f.name not in reused]
+    left_out = [f for f in txl_train + txl_val if _txl_site(f) == leave_out]
+    if leave_out == "bccd":
+        left_out = bccd["train"] + bccd["val"] + bccd["test"] + left_out
+        bccd = {s: [] for s in bccd}
+    gone = {f.name for f in left_out} | set(reused)
+    train = bccd["train"] + [f for f in txl_train if f.name not in gone]
     info = {
         "bccd_train": len(bccd["train"]),
         "txl_train": len(txl_train),
         "txl_train_excluded_copies_of_bccd_val_test": len(reused),
+        "left_out_site": leave_out,
+        "left_out_images": len(left_out),
         "excluded": reused,
+        "left_out": sorted(f.name for f in left_out),
         "bccd_train_names": [f.name for f in bccd["train"]],
     }
-    return train, {"bccd_val": bccd["val"], "txl_val": txl_val}, info
+    val = {"bccd_val": bccd["val"], "txl_val": [f for f in txl_val if f.name not in gone]}
+    return train, {k: v for k, v in val.items() if v}, info
 
 
 class Preloaded:
@@ -398,7 +426,7 @@ def train(args: argparse.Namespace) -> int:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    train_fields, val_fields, info = training_sets(Path(args.data))
+    train_fields, val_fields, info = training_sets(Path(args.data), args.leave_out)
     if args.limit:
         train_fields = train_fields[: args.limit]
         val_fields = {k: v[: max(2, args.limit // 2)] for k, v in val_fields.items()}
@@ -596,6 +624,9 @@ def finish(
     draw_figures(card, val_sets)
     log(f"wrote {onnx_path} and {card}; thresholds {thresholds}")
     (Path(args.checkpoints) / "excluded.json").write_text(json.dumps(info["excluded"], indent=1))
+    if info["left_out"]:  # a split file for `evaluate detection --format yolo --split left_out`
+        rows = "".join(f"{name},left_out\n" for name in info["left_out"])
+        (out / "left-out.csv").write_text("image,split\n" + rows, encoding="utf-8")
     return 0
 
 
@@ -643,6 +674,12 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--max-minutes", type=float, default=50.0, help="training-loop budget")
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--init", type=Path, help="start from these weights (a previous run)")
+    parser.add_argument(
+        "--leave-out",
+        choices=DETECTOR_SITES,
+        help="train and validate without this site (leave-one-site-out); its images are "
+        "listed in OUT/left-out.csv for `evaluate detection --split-file ... --split left_out`",
+    )
     parser.add_argument(
         "--export-only", action="store_true", help="export best.pt of --checkpoints, no training"
     )
