@@ -228,6 +228,25 @@ def test_write_copies_lists_txl_relabelled_bccd_test_fields(shared_data: Path, t
     assert all((f.width, f.height) == (640, 480) for f in copies)
 
 
+@pytest.mark.parametrize("site", ["raabin", "bccd"])
+def test_leave_out_removes_a_site_from_training_and_validation(shared_data: Path, site: str):
+    """Leave-one-site-out: none of the site's images is trained on or chooses the epoch."""
+    from lisplugin.training import detector as td
+
+    every, every_val, _ = td.training_sets(shared_data)
+    train, val, info = td.training_sets(shared_data, site)
+    gone = set(info["left_out"])
+    assert info["left_out_images"] == len(gone) > 100
+    seen = {f.name for f in train} | {f.name for fields in val.values() for f in fields}
+    assert not seen & gone
+    assert len(train) < len(every)
+    if site == "raabin":  # its 575 x 575 fields, from TXL-PBC train and val
+        assert not any((f.width, f.height) == (575, 575) for f in train)
+        assert len(val["txl_val"]) < len(every_val["txl_val"])
+    else:  # BCCD with its TXL-PBC re-publications: no BCCD validation set is left
+        assert "bccd_val" not in val and not any(f.name.startswith("Blood") for f in train)
+
+
 def _giou_loss_hand_written(pred, target, weight):
     """The loss as written before torchvision.ops.generalized_box_iou_loss replaced it."""
     sel = weight > 0
