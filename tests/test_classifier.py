@@ -327,3 +327,55 @@ def test_resize_rgb_keeps_flat_colour_and_size() -> None:
     assert (resize_rgb(flat, 64) == 77).all() and (resize_rgb(flat, 8) == 77).all()
     image = np.arange(160 * 160 * 3, dtype=np.uint8).reshape(160, 160, 3)
     assert resize_rgb(image, 160) is image
+
+
+# --- colour normalisation against the crop's own red cells and chromatin -----------------------
+
+
+def _pbc_crops(shared_data: Path, count: int) -> list[np.ndarray]:
+    from lisplugin.datasets import load_rgb, read_samples
+
+    samples = read_samples(shared_data / "pbc")
+    return [load_rgb(s.path) for s in samples[:: max(len(samples) // count, 1)][:count]]
+
+
+def test_reference_stain_densities_are_pbcs(shared_data: Path) -> None:
+    """The densities crops are mapped to are what PBC's own crops measure (median)."""
+    from lisplugin.core.crops import (
+        REFERENCE_NUCLEUS_DENSITY,
+        REFERENCE_RBC_DENSITY,
+        stain_densities,
+        white_balanced,
+    )
+
+    found = [d for c in _pbc_crops(shared_data, 160) if (d := stain_densities(white_balanced(c)))]
+    assert len(found) >= 150
+    rbc, nucleus = (np.median(np.array([d[i] for d in found]), axis=0) for i in (0, 1))
+    assert rbc == pytest.approx(REFERENCE_RBC_DENSITY, rel=0.1, abs=0.01)
+    assert nucleus == pytest.approx(REFERENCE_NUCLEUS_DENSITY, rel=0.1, abs=0.03)
+
+
+def test_stain_normalisation_undoes_another_labs_stain(shared_data: Path) -> None:
+    """A PBC crop re-stained (weaker eosin, paler and bluer chromatin, as BCCD's) comes back
+    to PBC's stain; a PBC crop is left almost as it was."""
+    from lisplugin.core.crops import (
+        REFERENCE_WHITE,
+        optical_density,
+        stain_normalised,
+        white_balanced,
+    )
+
+    def restained(image: np.ndarray) -> np.ndarray:
+        od = optical_density(image) * np.array([0.45, 0.6, 0.8], np.float32)
+        return np.clip(np.rint((REFERENCE_WHITE + 1) * np.exp(-od) - 1), 0, 255).astype(np.uint8)
+
+    before, after, untouched = [], [], []
+    for crop in _pbc_crops(shared_data, 40):
+        balanced = white_balanced(crop)
+        other = restained(balanced)
+        reference = balanced.astype(np.float32)
+        before.append(np.abs(other.astype(np.float32) - reference).mean())
+        after.append(np.abs(stain_normalised(other).astype(np.float32) - reference).mean())
+        untouched.append(np.abs(stain_normalised(balanced).astype(np.float32) - reference).mean())
+    assert np.median(after) < 0.35 * np.median(before)
+    assert np.median(untouched) < 0.35 * np.median(before)

@@ -183,8 +183,102 @@ def white_balanced(image: np.ndarray, white: np.ndarray | None = None) -> np.nda
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+#: Optical density (per channel, natural log, glass = 0) of the red cells around PBC's
+#: leukocytes after white balancing: the median over PBC crops (``rbc_density``), kept
+#: measured by ``tests/test_classifier.py``.
+REFERENCE_RBC_DENSITY = (0.201, 0.293, 0.186)
+#: Where a crop's red cells are looked for: outside this fraction of the crop's side around its
+#: centre (the leukocyte), stained but neither glass nor nucleus (total density in range).
+RBC_RING = 0.3
+RBC_DENSITY_RANGE = (0.25, 1.5)
+#: Fewer red-cell pixels than this (a tight crop, a thick area): no correction.
+MIN_RBC_PIXELS = 300
+#: A channel's density is scaled by at most this factor either way.
+MAX_DENSITY_GAIN = 2.5
+
+
+def optical_density(image: np.ndarray) -> np.ndarray:
+    """Per-channel optical density of a white-balanced image (glass at 0, float32)."""
+    return -np.log((image[..., :3].astype(np.float32) + 1.0) / (REFERENCE_WHITE + 1.0))
+
+
+def rbc_density(balanced: np.ndarray) -> np.ndarray | None:
+    """Median optical density of the red cells around the crop's leukocyte (None: too few)."""
+    od = optical_density(balanced)
+    h, w = od.shape[:2]
+    yy, xx = np.ogrid[0:h, 0:w]
+    ring = np.hypot(yy - h / 2, xx - w / 2) > RBC_RING * min(h, w)
+    total = od.sum(axis=-1)
+    keep = ring & (total > RBC_DENSITY_RANGE[0]) & (total < RBC_DENSITY_RANGE[1])
+    if int(keep.sum()) < MIN_RBC_PIXELS:
+        return None
+    return np.median(od[keep], axis=0)
+
+
+def rbc_referenced(balanced: np.ndarray) -> np.ndarray:
+    """The crop with each channel's optical density scaled so that its red cells take the
+    density of PBC's: the red cells are the one stained object every field shows, so their
+    colour measures a lab's stain and camera (unchanged when too few red cells are seen)."""
+    found = rbc_density(balanced)
+    if found is None:
+        return balanced
+    gain = np.clip(np.asarray(REFERENCE_RBC_DENSITY, np.float32) / np.maximum(found, 1e-3),
+                   1 / MAX_DENSITY_GAIN, MAX_DENSITY_GAIN)  # fmt: skip
+    out = (REFERENCE_WHITE + 1.0) * np.exp(-optical_density(balanced) * gain) - 1.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+#: Optical density of the darkest part of PBC's leukocytes (the 15 % densest pixels of the
+#: crop's middle: nuclear chromatin), median over PBC crops.
+REFERENCE_NUCLEUS_DENSITY = (1.12, 1.80, 0.44)
+NUCLEUS_QUANTILE = 0.85
+#: Two stain directions closer than this (cosine) cannot be told apart.
+MAX_STAIN_COSINE = 0.995
+
+
+def stain_densities(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The red cells' and the nucleus's median optical density (None: either not seen)."""
+    rbc = rbc_density(balanced)
+    if rbc is None:
+        return None
+    od = optical_density(balanced)
+    h, w = od.shape[:2]
+    yy, xx = np.ogrid[0:h, 0:w]
+    middle = od[np.hypot(yy - h / 2, xx - w / 2) < RBC_RING * min(h, w)]
+    total = middle.sum(axis=-1)
+    dense = middle[total >= np.quantile(total, NUCLEUS_QUANTILE)]
+    if len(dense) < 50 or float(dense.sum(axis=-1).mean()) < RBC_DENSITY_RANGE[0]:
+        return None
+    return rbc, np.median(dense, axis=0)
+
+
+def stain_normalised(balanced: np.ndarray) -> np.ndarray:
+    """The crop re-expressed in PBC's two stains (object-guided Macenko): each pixel's density
+    split along the red cells' and the nucleus's stain directions of this crop, each stain's
+    amount scaled so that the red cells and the chromatin take PBC's density, and put back
+    along PBC's directions; what the two stains do not explain is kept as it is."""
+    found = stain_densities(balanced)
+    if found is None:
+        return rbc_referenced(balanced)
+    here = np.stack(found, axis=1)  # 3 x 2: red-cell stain, nuclear stain
+    ref = np.stack([np.asarray(REFERENCE_RBC_DENSITY), np.asarray(REFERENCE_NUCLEUS_DENSITY)], 1)
+    units = here / np.linalg.norm(here, axis=0)
+    if float(units[:, 0] @ units[:, 1]) > MAX_STAIN_COSINE:
+        return rbc_referenced(balanced)
+    od = optical_density(balanced).reshape(-1, 3)
+    unmix = np.linalg.pinv(units)  # 2 x 3
+    amounts = od @ unmix.T
+    rest = od - amounts @ units.T
+    ref_units = ref / np.linalg.norm(ref, axis=0)
+    gain = np.clip(np.linalg.norm(ref, axis=0) / np.maximum(np.diag(unmix @ here), 1e-3),
+                   1 / MAX_DENSITY_GAIN, MAX_DENSITY_GAIN)  # fmt: skip
+    out_od = (amounts * gain) @ ref_units.T + rest
+    out = (REFERENCE_WHITE + 1.0) * np.exp(-out_od.reshape(balanced[..., :3].shape)) - 1.0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 #: Colour normalisations a classifier card may name (``colour_normalisation``).
-COLOUR_NORMALISATIONS = (None, "white-point")
+COLOUR_NORMALISATIONS = (None, "white-point", "white-point+rbc", "white-point+stains")
 
 
 def classifier_input(crop: np.ndarray, size: int, centre: float, colour: str | None) -> np.ndarray:
@@ -192,6 +286,10 @@ def classifier_input(crop: np.ndarray, size: int, centre: float, colour: str | N
     central ``centre`` window, resized to ``size``. The adapter and training both call this."""
     if colour not in COLOUR_NORMALISATIONS:
         raise ValueError(f"unknown colour normalisation {colour!r}")
-    if colour == "white-point":
+    if colour is not None:
         crop = white_balanced(crop)
+    if colour == "white-point+rbc":
+        crop = rbc_referenced(crop)
+    elif colour == "white-point+stains":
+        crop = stain_normalised(crop)
     return resize_rgb(centre_window(crop[..., :3], centre), size)

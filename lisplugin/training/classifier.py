@@ -391,9 +391,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--colour",
-        choices=("none", "white-point"),
+        choices=("none", "white-point", "white-point+rbc", "white-point+stains"),
         default="white-point",
         help="colour normalisation of every crop (train and run time)",
+    )
+    parser.add_argument(
+        "--runtime-colour",
+        choices=("none", "white-point", "white-point+rbc", "white-point+stains"),
+        help="colour normalisation the card names for run time, if not --colour's: validation "
+        "(temperature), test and leave-one-site-out crops are cut with it",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -492,6 +498,18 @@ def cli(argv: list[str]) -> int:
     if args.views > 1:
         model = ViewAverage(model, args.views).eval()
 
+    runtime_colour = colour
+    if args.runtime_colour is not None and args.runtime_colour != args.colour:
+        runtime_colour = None if args.runtime_colour == "none" else args.runtime_colour
+        sites = {
+            name: load_site(
+                name, paths[name].parent, classes, args.input_size, args.centre, runtime_colour,
+                detector, args.limit, log,
+            )
+            for name in sites
+        }  # fmt: skip
+        val_x = np.concatenate([v["val"][0] for v in sites.values()])
+        val_y = np.concatenate([v["val"][1] for v in sites.values()])
     val_logits = predict_logits(model, val_x, mean, std)
     temperature = fit_temperature(val_logits, val_y)
     val_raw = differential_metrics(val_y, softmax(val_logits), classes)
@@ -509,7 +527,7 @@ def cli(argv: list[str]) -> int:
         "task": "leukocyte classification of PBC-scale crops (160 px window, RBC ~37 px)",
         "input_size": args.input_size,
         "centre_crop": args.centre,
-        "colour_normalisation": colour,
+        "colour_normalisation": runtime_colour,
         "input_layout": "NCHW float32 RGB, (pixel/255 - mean) / std; output: logits",
         "mean": mean,
         "std": std,
@@ -782,8 +800,10 @@ found in {held_out["found"]}. Recall per class: {recall}.
 
 Classifies one leukocyte crop into the eight PBC classes ({", ".join(meta["classes"])}).
 The crop is a PBC-scale window (160 x 160 px, a red cell ~37 px across; see
-`lisplugin/core/crops.py`), white-balanced against its own glass when the card says
-`colour_normalisation: white-point` (now: {meta["colour_normalisation"]}); the adapter takes its
+`lisplugin/core/crops.py`), colour-normalised as the card's `colour_normalisation` says (now:
+{meta["colour_normalisation"]}; `white-point`: white-balanced against its own glass;
+`white-point+stains`: then re-expressed in PBC's two stains, measured on the crop's red cells and
+chromatin, `stain_normalised`); the adapter takes its
 central {meta["centre_crop"]:.0%} and resizes that to {meta["input_size"]} px. The output is logits
 averaged over {meta["test_time_views"]} rotated/mirrored views (test-time augmentation inside
 the graph); `lisplugin/inference/classifier.py` returns `softmax(logits / temperature)`.
