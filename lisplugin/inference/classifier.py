@@ -2,7 +2,8 @@
 
 The card front matter gives the input size, the central part of the crop the model looks at
 (``centre_crop``, a fraction of the PBC window), the colour normalisation of the crop
-(``colour_normalisation``: none, or ``white-point``), the normalisation, the order of the output
+(``colour_normalisation``: none, ``white-point``, ``white-point+rbc`` or ``white-point+stains``,
+see ``lisplugin.core.crops``), the normalisation, the order of the output
 classes and the temperature fitted on the validation split; the graph outputs raw logits and the
 calibrated probabilities are ``softmax(logits / temperature)``.
 
