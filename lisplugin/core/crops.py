@@ -10,6 +10,8 @@ Everything here is plain numpy so it runs the same in training, evaluation and t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -202,12 +204,20 @@ def optical_density(image: np.ndarray) -> np.ndarray:
     return -np.log((image[..., :3].astype(np.float32) + 1.0) / (REFERENCE_WHITE + 1.0))
 
 
+@functools.lru_cache(maxsize=8)
+def _outside_middle(h: int, w: int) -> np.ndarray:
+    """Pixels farther than ``RBC_RING`` of the side from the crop's centre (read-only)."""
+    yy, xx = np.ogrid[0:h, 0:w]
+    ring = np.hypot(yy - h / 2, xx - w / 2) > RBC_RING * min(h, w)
+    ring.flags.writeable = False
+    return ring
+
+
 def rbc_density(balanced: np.ndarray) -> np.ndarray | None:
     """Median optical density of the red cells around the crop's leukocyte (None: too few)."""
     od = optical_density(balanced)
     h, w = od.shape[:2]
-    yy, xx = np.ogrid[0:h, 0:w]
-    ring = np.hypot(yy - h / 2, xx - w / 2) > RBC_RING * min(h, w)
+    ring = _outside_middle(h, w)
     total = od.sum(axis=-1)
     keep = ring & (total > RBC_DENSITY_RANGE[0]) & (total < RBC_DENSITY_RANGE[1])
     if int(keep.sum()) < MIN_RBC_PIXELS:
@@ -215,16 +225,17 @@ def rbc_density(balanced: np.ndarray) -> np.ndarray | None:
     return np.median(od[keep], axis=0)
 
 
-def rbc_referenced(balanced: np.ndarray) -> np.ndarray:
+def rbc_referenced(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
     """The crop with each channel's optical density scaled so that its red cells take the
     density of PBC's: the red cells are the one stained object every field shows, so their
     colour measures a lab's stain and camera (unchanged when too few red cells are seen)."""
     found = rbc_density(balanced)
+    part = centre_window(balanced, window)  # measured on the whole crop, applied where seen
     if found is None:
-        return balanced
+        return part
     gain = np.clip(np.asarray(REFERENCE_RBC_DENSITY, np.float32) / np.maximum(found, 1e-3),
                    1 / MAX_DENSITY_GAIN, MAX_DENSITY_GAIN)  # fmt: skip
-    out = (REFERENCE_WHITE + 1.0) * np.exp(-optical_density(balanced) * gain) - 1.0
+    out = (REFERENCE_WHITE + 1.0) * np.exp(-optical_density(part) * gain) - 1.0
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -242,9 +253,7 @@ def stain_densities(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     if rbc is None:
         return None
     od = optical_density(balanced)
-    h, w = od.shape[:2]
-    yy, xx = np.ogrid[0:h, 0:w]
-    middle = od[np.hypot(yy - h / 2, xx - w / 2) < RBC_RING * min(h, w)]
+    middle = od[~_outside_middle(*od.shape[:2])]
     total = middle.sum(axis=-1)
     dense = middle[total >= np.quantile(total, NUCLEUS_QUANTILE)]
     if len(dense) < 50 or float(dense.sum(axis=-1).mean()) < RBC_DENSITY_RANGE[0]:
@@ -252,20 +261,21 @@ def stain_densities(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     return rbc, np.median(dense, axis=0)
 
 
-def stain_normalised(balanced: np.ndarray) -> np.ndarray:
+def stain_normalised(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
     """The crop re-expressed in PBC's two stains (object-guided Macenko): each pixel's density
     split along the red cells' and the nucleus's stain directions of this crop, each stain's
     amount scaled so that the red cells and the chromatin take PBC's density, and put back
     along PBC's directions; what the two stains do not explain is kept as it is."""
     found = stain_densities(balanced)
     if found is None:
-        return rbc_referenced(balanced)
+        return rbc_referenced(balanced, window)
     here = np.stack(found, axis=1)  # 3 x 2: red-cell stain, nuclear stain
     ref = np.stack([np.asarray(REFERENCE_RBC_DENSITY), np.asarray(REFERENCE_NUCLEUS_DENSITY)], 1)
     units = here / np.linalg.norm(here, axis=0)
     if float(units[:, 0] @ units[:, 1]) > MAX_STAIN_COSINE:
-        return rbc_referenced(balanced)
-    od = optical_density(balanced).reshape(-1, 3)
+        return rbc_referenced(balanced, window)
+    part = centre_window(balanced, window)  # measured on the whole crop, applied where seen
+    od = optical_density(part).reshape(-1, 3)
     unmix = np.linalg.pinv(units)  # 2 x 3
     amounts = od @ unmix.T
     rest = od - amounts @ units.T
@@ -273,7 +283,7 @@ def stain_normalised(balanced: np.ndarray) -> np.ndarray:
     gain = np.clip(np.linalg.norm(ref, axis=0) / np.maximum(np.diag(unmix @ here), 1e-3),
                    1 / MAX_DENSITY_GAIN, MAX_DENSITY_GAIN)  # fmt: skip
     out_od = (amounts * gain) @ ref_units.T + rest
-    out = (REFERENCE_WHITE + 1.0) * np.exp(-out_od.reshape(balanced[..., :3].shape)) - 1.0
+    out = (REFERENCE_WHITE + 1.0) * np.exp(-out_od.reshape(part[..., :3].shape)) - 1.0
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -289,7 +299,7 @@ def classifier_input(crop: np.ndarray, size: int, centre: float, colour: str | N
     if colour is not None:
         crop = white_balanced(crop)
     if colour == "white-point+rbc":
-        crop = rbc_referenced(crop)
-    elif colour == "white-point+stains":
-        crop = stain_normalised(crop)
+        return resize_rgb(rbc_referenced(crop, centre), size)
+    if colour == "white-point+stains":
+        return resize_rgb(stain_normalised(crop, centre), size)
     return resize_rgb(centre_window(crop[..., :3], centre), size)
