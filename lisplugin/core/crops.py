@@ -215,7 +215,10 @@ def _outside_middle(h: int, w: int) -> np.ndarray:
 
 def rbc_density(balanced: np.ndarray) -> np.ndarray | None:
     """Median optical density of the red cells around the crop's leukocyte (None: too few)."""
-    od = optical_density(balanced)
+    return _rbc_density(optical_density(balanced))
+
+
+def _rbc_density(od: np.ndarray) -> np.ndarray | None:
     h, w = od.shape[:2]
     ring = _outside_middle(h, w)
     total = od.sum(axis=-1)
@@ -249,10 +252,10 @@ MAX_STAIN_COSINE = 0.995
 
 def stain_densities(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The red cells' and the nucleus's median optical density (None: either not seen)."""
-    rbc = rbc_density(balanced)
+    od = optical_density(balanced)
+    rbc = _rbc_density(od)
     if rbc is None:
         return None
-    od = optical_density(balanced)
     middle = od[~_outside_middle(*od.shape[:2])]
     total = middle.sum(axis=-1)
     dense = middle[total >= np.quantile(total, NUCLEUS_QUANTILE)]
