@@ -77,9 +77,16 @@ def test_fit_temperature_recovers_overconfidence() -> None:
 def test_train_cli_on_a_handful_of_pbc_images(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "models"
     argv = ["--data", str(shared_data / "pbc"), "--out", str(out), "--limit", "16"]
-    assert training.cli([*argv, "--epochs", "1", "--input-size", "32", "--batch-size", "8"]) == 0
+    argv += ["--epochs", "1", "--input-size", "32", "--batch-size", "8"]
+    assert training.cli([*argv, "--runtime-colour", "white-point+stains"]) == 0
     card = load_card(out, "leukocyte-classifier")
     assert card["input_size"] == 32 and card["classes"] == list(LEUKOCYTE_CLASSES)
+    # trained white-balanced, run with the stain normalisation: the card says which; only the
+    # scored splits are cut again, the training crops stay counted
+    assert card["colour_normalisation"] == "white-point+stains"
+    row = next(r for r in (out / "leukocyte-classifier.md").read_text().splitlines()
+               if r.startswith("| pbc |"))  # fmt: skip
+    assert [int(n) for n in row.strip("| ").split(" | ")[1:]] == [16, 16, 16]
     probs = OnnxLeukocyteClassifier(card).classify([np.zeros((160, 160, 3), np.uint8)])
     assert probs.shape == (1, 8) and probs.sum() == pytest.approx(1.0)
     linked = {p.name for p in card_figures(out / "leukocyte-classifier.md") if p.is_file()}

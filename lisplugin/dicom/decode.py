@@ -123,9 +123,9 @@ def iter_fields(ds: Dataset, limits: InstanceLimits | None = None) -> Iterator[F
 
 def _pixels(ds: Dataset, photometric: str) -> Iterator[np.ndarray]:
     """Decoded frames. Baseline JPEG in YCbCr (what slide scanners write) goes to Pillow, whose
-    libjpeg-turbo decodes and converts to RGB in one call: about twice as fast per tile as
-    pydicom's default decoder followed by its YCbCr conversion in numpy, and within 4 grey
-    levels of it. Everything else is decoded by pydicom."""
+    libjpeg-turbo decodes and converts to RGB in one call: about five times as fast per tile
+    (1.5 against 7.7 ms) as pydicom's default decoder followed by its YCbCr conversion in numpy,
+    and within 4 grey levels of it. Everything else is decoded by pydicom."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax != JPEGBaseline8Bit or photometric not in ("YBR_FULL_422", "YBR_FULL"):
         yield from iter_pixels(ds)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lisplugin.core.crops import COLOUR_NORMALISATIONS
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.progress import progress
 from lisplugin.training.augment import photometric
@@ -359,6 +360,10 @@ def time_inference(card_dir: Path, crops: np.ndarray) -> dict[str, float]:
     return {"batched_ms_per_crop": round(batched, 3), "single_ms_per_crop": round(single, 3)}
 
 
+#: ``--colour`` names: the run-time normalisations of ``core.crops``, "none" for None.
+COLOUR_CHOICES = tuple(c or "none" for c in COLOUR_NORMALISATIONS)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lisplugin train classifier",
@@ -391,13 +396,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--colour",
-        choices=("none", "white-point", "white-point+rbc", "white-point+stains"),
+        choices=COLOUR_CHOICES,
         default="white-point",
         help="colour normalisation of every crop (train and run time)",
     )
     parser.add_argument(
         "--runtime-colour",
-        choices=("none", "white-point", "white-point+rbc", "white-point+stains"),
+        choices=COLOUR_CHOICES,
         help="colour normalisation the card names for run time, if not --colour's: validation "
         "(temperature), test and leave-one-site-out crops are cut with it",
     )
@@ -501,10 +506,10 @@ def cli(argv: list[str]) -> int:
     runtime_colour = colour
     if args.runtime_colour is not None and args.runtime_colour != args.colour:
         runtime_colour = None if args.runtime_colour == "none" else args.runtime_colour
-        sites = {
-            name: load_site(
+        sites = {  # only what is scored is cut again: validation (temperature) and test
+            name: sites[name] | load_site(
                 name, paths[name].parent, classes, args.input_size, args.centre, runtime_colour,
-                detector, args.limit, log,
+                detector, args.limit, log, splits=("val", "test"),
             )
             for name in sites
         }  # fmt: skip

@@ -91,15 +91,17 @@ def load_site(
     detector: CellDetector | None = None,
     limit: int | None = None,
     log: Callable[[str], None] = print,
+    splits: Sequence[str] = ("train", "val", "test"),
 ) -> dict[str, Split]:
-    """``train``/``val``/``test`` crops of one site (``limit``: at most N per split, tests)."""
+    """The ``splits`` (``train``/``val``/``test``) of one site as crops (``limit``: at most N
+    per split, tests)."""
     folder = Path(root) / SITE_FOLDERS[name]
     out: dict[str, Split] = {}
     if name == "pbc":
         from lisplugin.datasets import load_rgb, read_samples, select
 
         samples = read_samples(folder, classes=classes)
-        for split in ("train", "val", "test"):
+        for split in splits:
             part = _limited(select(samples, split), limit)
             crops = [prepare(load_rgb(s.path), size, centre, colour) for s in part]
             out[split] = _stack(crops, [list(classes).index(s.label) for s in part], size)
@@ -107,7 +109,7 @@ def load_site(
         from lisplugin.training.bccd_wbc import main_leukocyte_crop, read_field_samples
 
         samples = read_field_samples(folder)
-        for split in ("train", "val", "test"):
+        for split in splits:
             crops, labels = [], []
             for s in _limited([s for s in samples if s.split == split], limit):
                 crop = main_leukocyte_crop(s)
@@ -119,7 +121,7 @@ def load_site(
         if detector is None:
             raise ValueError("the wbc-seg site is cut through the detector: pass one")
         samples = wbc_seg_samples(folder)
-        for split in ("train", "val", "test"):
+        for split in splits:
             items = [(p, c) for p, c, s in _limited([x for x in samples if x[2] == split], limit)]
             out[split], missed = detector_crops(items, detector, classes, size, centre, colour)
             if missed:
