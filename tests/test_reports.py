@@ -54,6 +54,7 @@ from lisplugin.config import (
     StorageSettings,
 )
 from lisplugin.core.analysis import result_values
+from lisplugin.core.delivery import ReceiverUnavailable
 from lisplugin.core.reference import parse_reference_ranges
 from lisplugin.core.rules import PatientContext
 from lisplugin.core.types import SpecimenResult
@@ -67,7 +68,7 @@ from lisplugin.reports.pacs import pacs_sender
 from lisplugin.reports.pdf import build_encapsulated_pdf, build_pdf
 from lisplugin.reports.sources import read_headers
 from lisplugin.reports.sr import SPECIMEN_GROUP, build_sr, field_identifier
-from lisplugin.service.outbox import OutboxWorker, ReceiverUnavailable
+from lisplugin.service.outbox import OutboxWorker
 from lisplugin.service.reports import write_case_reports
 from lisplugin.service.runtime import Runtime
 from lisplugin.storage.db import Database

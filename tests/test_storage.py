@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.orm.exc import StaleDataError
 
-from lisplugin.service.outbox import Delivery, OutboxWorker, ReceiverUnavailable
+from lisplugin.core.delivery import Delivery, ReceiverUnavailable
+from lisplugin.service.outbox import OutboxWorker
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Case, CaseStatus, OutboxMessage, OutboxStatus
 

@@ -13,6 +13,7 @@ syntax offered as a fallback. The PACS's answer decides what the outbox does nex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -22,7 +23,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from lisplugin.config import PacsSettings
-from lisplugin.service.outbox import Delivery, ReceiverUnavailable, Sender
+from lisplugin.core.delivery import Delivery, ReceiverUnavailable
 from lisplugin.storage.orm import OutboxMessage
 
 #: Statuses with which the PACS has stored the object (PS3.4 Table B.2-1).
@@ -32,7 +33,7 @@ SOP_CLASS_NOT_SUPPORTED = "0122"
 TIMEOUT_SECONDS = 30.0
 
 
-def pacs_sender(settings: PacsSettings, calling_aet: str) -> Sender:
+def pacs_sender(settings: PacsSettings, calling_aet: str) -> Callable[[OutboxMessage], Delivery]:
     """A Sender that stores each message's file on the PACS named by ``settings``."""
 
     def send(message: OutboxMessage) -> Delivery:

@@ -24,34 +24,19 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
+from lisplugin.core.delivery import Delivery, ReceiverUnavailable
 from lisplugin.service.claims import claimable, held_by_other, process_name
 from lisplugin.service.metrics import OUTBOX_FAILURES, RESULTS_REJECTED
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import OutboxMessage, OutboxStatus
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a receiver answered: ``accepted`` means done; otherwise ``text`` says why not."""
-
-    accepted: bool
-    code: str
-    text: str = ""
-    #: Not accepted *now* (HL7 AR/CR): resent later, up to the worker's bound.
-    retry: bool = False
-
-
-class ReceiverUnavailable(Exception):
-    """No answer (refused, timed out, connection lost): try again later."""
 
 
 #: Sends one payload and reports the receiver's answer, or raises ReceiverUnavailable.

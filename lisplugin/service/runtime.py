@@ -15,6 +15,7 @@ from pydicom import Dataset
 from sqlalchemy import func, select, text
 
 from lisplugin.config import Settings
+from lisplugin.core.delivery import Delivery, ReceiverUnavailable
 from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.scp import StorageSCP
 from lisplugin.hl7.ack import ErrorCode
@@ -36,13 +37,7 @@ from lisplugin.service.claims import process_name
 from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
 from lisplugin.service.ingest_worker import QUARANTINED, READY, STORED
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
-from lisplugin.service.outbox import (
-    Delivery,
-    OutboxWorker,
-    ReceiverUnavailable,
-    Sender,
-    needing_attention,
-)
+from lisplugin.service.outbox import OutboxWorker, Sender, needing_attention
 from lisplugin.service.pipeline import Pipeline
 from lisplugin.service.worklist import scheduled_orders
 from lisplugin.storage.db import Database
