@@ -25,7 +25,7 @@ DELEGATED: dict[tuple[str, ...], str] = {
     ("bench",): "lisplugin.evaluation.bench",
     ("send",): "lisplugin.dicom.scu",
     ("lis-sim",): "lisplugin.hl7.lis_sim",
-    ("demo",): "lisplugin.service.demo",
+    ("demo",): "lisplugin.demo",
     ("user",): "lisplugin.service.users",
     ("adapt",): "lisplugin.training.adapt",
     ("models",): "lisplugin.service.model_admin",

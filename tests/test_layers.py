@@ -24,6 +24,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "storage": ("lisplugin.service", "lisplugin.http", "lisplugin.reports"),
     "reports": ("lisplugin.service", "lisplugin.http"),
     "inference": ("lisplugin.service", "lisplugin.http", "lisplugin.training"),
+    # the wiring serves the web front, which is mounted on it by the entry points (cli, demo)
+    "service": ("lisplugin.http",),
 }  # fmt: skip
 
 
