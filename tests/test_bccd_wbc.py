@@ -11,15 +11,15 @@ import torch
 
 from lisplugin.core.crops import PBC_CROP_PX, centre_window, resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES
-from lisplugin.training import classifier as training
-from lisplugin.training.bccd_wbc import (
+from lisplugin.datasets.bccd_wbc import (
     load_field_crops,
     main_leukocyte_crop,
     read_boxes,
     read_field_samples,
 )
+from lisplugin.datasets.pbc import load_rgb
+from lisplugin.training import classifier as training
 from lisplugin.training.onnx_init import load_onnx_weights, max_abs_difference
-from lisplugin.training.pbc import load_rgb
 
 
 @pytest.fixture(scope="module")

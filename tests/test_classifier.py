@@ -151,7 +151,7 @@ def test_shipped_model_loads_through_its_card_and_gives_probabilities() -> None:
 
 def test_shipped_model_recognises_pbc_crops(shared_data: Path) -> None:
     classifier = OnnxLeukocyteClassifier(load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier"))
-    from lisplugin.training.pbc import load_rgb, read_samples, select
+    from lisplugin.datasets.pbc import load_rgb, read_samples, select
 
     test = select(read_samples(shared_data / "pbc"), "test")
     picked = [next(s for s in test if s.label == c) for c in classifier.classes]

@@ -28,8 +28,8 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 def test_train_steps_then_onnx_matches_torch(shared_data: Path, tmp_path: Path):
     import onnxruntime as ort
 
+    from lisplugin.datasets.fields import read_voc
     from lisplugin.training import detector as td
-    from lisplugin.training.fields import read_voc
 
     torch.manual_seed(0)
     fields = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "train")[:4]
@@ -75,8 +75,8 @@ def test_targets_mark_centres_and_regression_region():
 def test_shipped_model_finds_cells(shared_data: Path):
     if not (MODELS / "cell-detector.md").is_file():
         pytest.skip("no shipped cell detector yet")
+    from lisplugin.datasets.fields import read_voc
     from lisplugin.inference.detector import OnnxCellDetector
-    from lisplugin.training.fields import read_voc
 
     detector = OnnxCellDetector.from_models_dir(MODELS)
     f = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "test")[0]
@@ -123,8 +123,8 @@ def test_absurd_pixel_spacing_is_not_used():
 def test_large_field_at_the_same_magnification_is_tiled_not_shrunk(shared_data: Path):
     """3 x 3 BCCD fields in one 1920 x 1440 image: shrunk to the 320 px long side its cells
     would be a few pixels wide and nearly all missed; rescaled and tiled they are found."""
+    from lisplugin.datasets.fields import mosaics, read_voc
     from lisplugin.inference.detector import OnnxCellDetector
-    from lisplugin.training.fields import mosaics, read_voc
 
     detector = OnnxCellDetector.from_models_dir(MODELS)
     fields = read_voc(shared_data / "bccd", shared_data / "bccd" / "cbc_split.csv", "test")
@@ -218,8 +218,8 @@ def test_scale_crop_cuts_cells_at_the_border():
 
 
 def test_write_copies_lists_txl_relabelled_bccd_test_fields(shared_data: Path, tmp_path: Path):
+    from lisplugin.datasets.fields import read_yolo
     from lisplugin.training import detector as td
-    from lisplugin.training.fields import read_yolo
 
     out = tmp_path / "copies.csv"
     assert td.cli(["--data", str(shared_data), "--write-copies", str(out)]) == 0

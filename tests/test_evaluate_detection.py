@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lisplugin.datasets.fields import read_fields
 from lisplugin.evaluation import detection as ev
-from lisplugin.training.fields import read_fields
 
 
 def _b(boxes, labels, scores=None) -> ev.Boxes:
@@ -174,7 +174,7 @@ def test_readers_voc_and_yolo(tmp_path: Path):
 
 
 def test_cli_on_tiny_voc_and_yolo(tmp_path: Path, capsys, shared_data: Path, shipped_models: Path):
-    from lisplugin.training.fields import read_voc
+    from lisplugin.datasets.fields import read_voc
 
     src = shared_data / "bccd"
     bccd = read_voc(src, src / "cbc_split.csv", "test")[:3]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.datasets.pbc import read_samples, select
 from lisplugin.evaluation.differential import cli
-from lisplugin.training.pbc import read_samples, select
 
 
 @pytest.fixture

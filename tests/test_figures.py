@@ -183,8 +183,8 @@ def test_detector_training_draws_and_links_its_figures(
     pytest.importorskip("torch", reason="the detector's training module needs torch")
     import shutil
 
+    from lisplugin.datasets.fields import read_voc
     from lisplugin.training import detector as td
-    from lisplugin.training.fields import read_voc
 
     for name in ("cell-detector.md", "cell-detector.onnx"):
         shutil.copy2(DEFAULT_MODELS_DIR / name, tmp_path / name)

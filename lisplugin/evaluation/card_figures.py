@@ -62,7 +62,7 @@ def classifier_test_sets(
         log(f"no {pbc / 'split.csv'}: pbc left out")
     raw: dict[str, tuple[list[np.ndarray], list[int]]] = {}
     if (root / "bccd" / "cbc_split.csv").is_file():
-        from lisplugin.training.bccd_wbc import main_leukocyte_crop, read_field_samples
+        from lisplugin.datasets.bccd_wbc import main_leukocyte_crop, read_field_samples
 
         crops, labels = [], []
         samples = [s for s in read_field_samples(root / "bccd") if s.split == "test"]
@@ -75,8 +75,8 @@ def classifier_test_sets(
     else:
         log(f"no {root / 'bccd'}: bccd left out")
     if (root / "wbc-seg").is_dir():
+        from lisplugin.datasets.sites import detector_crops, wbc_seg_samples
         from lisplugin.service.models import load_models
-        from lisplugin.training.sites import detector_crops, wbc_seg_samples
 
         detector = _detector(models, load_models)
         items = [(p, c) for p, c, s in wbc_seg_samples(root / "wbc-seg") if s == "test"]
@@ -109,9 +109,9 @@ def detection_curves(
     models: Path, root: Path, log: Callable[[str], None] = print
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray, float]]]:
     """``set -> kind -> (recall, precision, AP)`` of the detector's candidates on each set."""
+    from lisplugin.datasets.fields import read_fields
     from lisplugin.evaluation.detection import Boxes, candidate_curves
     from lisplugin.inference.detector import OnnxCellDetector
-    from lisplugin.training.fields import read_fields
 
     detector = OnnxCellDetector.from_models_dir(models, DETECTOR)
     curves = {}

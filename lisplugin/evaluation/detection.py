@@ -294,8 +294,8 @@ def _nan_to_none(value):
 def cli(argv: list[str]) -> int:
     """``lisplugin evaluate detection``: run the shipped detector over an annotated folder."""
     from lisplugin.config import DEFAULT_MODELS_DIR
+    from lisplugin.datasets.fields import mosaics, read_fields
     from lisplugin.inference.detector import OnnxCellDetector
-    from lisplugin.training.fields import mosaics, read_fields
 
     parser = argparse.ArgumentParser(prog="lisplugin evaluate detection", description=__doc__)
     parser.add_argument("--data", type=Path, required=True)

@@ -11,7 +11,6 @@ counts as a miss).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -21,36 +20,12 @@ import numpy as np
 from lisplugin.config import load_settings
 from lisplugin.core.analysis import analyse_field
 from lisplugin.core.types import UNIDENTIFIED
+from lisplugin.datasets.bccd_wbc import LABELS, read_labels, read_split
 from lisplugin.dicom.decode import field_from_image_file
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
 from lisplugin.inference.registry import load_card
 from lisplugin.progress import progress
 from lisplugin.service.models import load_models
-
-LABELS = {
-    "NEUTROPHIL": "neutrophil",
-    "LYMPHOCYTE": "lymphocyte",
-    "MONOCYTE": "monocyte",
-    "EOSINOPHIL": "eosinophil",
-    "BASOPHIL": "basophil",
-}
-
-
-def read_labels(path: Path) -> dict[str, str]:
-    """Image stem -> class, for rows naming exactly one known type."""
-    labels = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            names = [n.strip().upper() for n in (row.get("category") or "").split(",")]
-            if len(names) == 1 and names[0] in LABELS:
-                labels[row["image"].strip()] = LABELS[names[0]]
-    return labels
-
-
-def read_split(path: Path) -> dict[str, str]:
-    """Image stem -> split name, from a ``image,split`` CSV such as BCCD's ``cbc_split.csv``."""
-    with path.open(newline="") as fh:
-        return {row["image"].strip(): row["split"].strip() for row in csv.DictReader(fh)}
 
 
 def evaluate(

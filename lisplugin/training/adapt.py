@@ -171,7 +171,7 @@ def adapt(
         ref = read_samples(reference, classes=classes)
         ref_train = [s for s in ref if s.split in ("train", "all")][:: max(len(ref) // 2000, 1)]
         ref_val = [s for s in ref if s.split == "val"][:: max(len(ref) // 4000, 1)]
-        from lisplugin.training.pbc import load_images
+        from lisplugin.datasets.pbc import load_images
 
         rx = load_images(ref_train, size, centre, colour)
         ry = np.asarray([classes.index(s.label) for s in ref_train], dtype=np.int64)

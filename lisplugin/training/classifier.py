@@ -29,9 +29,9 @@ from torch import nn
 
 from lisplugin.core.crops import COLOUR_NORMALISATIONS
 from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.datasets.sites import SITES
 from lisplugin.progress import progress
 from lisplugin.training.augment import photometric
-from lisplugin.training.sites import SITES
 from lisplugin.training.styles import restyle
 
 MODEL_NAME = "leukocyte-classifier"
@@ -442,9 +442,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str]) -> int:
+    from lisplugin.datasets.sites import load_site
     from lisplugin.evaluation.differential import differential_metrics, score_folder
     from lisplugin.inference.registry import file_sha256
-    from lisplugin.training.sites import load_site
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -685,8 +685,8 @@ def _leave_one_site_out(
 ) -> dict[str, Any]:
     """The new classifier (with the shipped detector) on every labelled image of the site it
     never saw, through the daemon's whole path, as ``lisplugin evaluate cells`` scores it."""
+    from lisplugin.datasets.sites import site_samples
     from lisplugin.evaluation.cells import evaluate_samples
-    from lisplugin.training.sites import site_samples
 
     samples = site_samples(site, folder)
     if site == "pbc":  # PBC's test split: the same images as the in-site figure of other models
@@ -815,7 +815,7 @@ the graph); `lisplugin/inference/classifier.py` returns `softmax(logits / temper
 
 ## Data: sites and splits
 
-Trained on the sites {", ".join(meta["sites"])} together (`lisplugin/training/sites.py`: PBC's
+Trained on the sites {", ".join(meta["sites"])} together (`lisplugin/datasets/sites.py`: PBC's
 `split.csv`, BCCD's `cbc_split.csv` with unlisted labelled fields as train, Zheng et al.'s
 Dataset 1 split by image number); {sampling}. Val crops of all sites choose the epoch and fit
 the temperature; test crops are scored once, below.

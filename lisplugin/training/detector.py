@@ -25,9 +25,9 @@ from PIL import Image
 from torchvision.ops import Conv2dNormActivation, generalized_box_iou_loss
 
 from lisplugin.core.types import CELL_KINDS
+from lisplugin.datasets.fields import AnnotatedField, read_voc, read_yolo
 from lisplugin.progress import bar, progress
 from lisplugin.training.field_augment import random_geometric
-from lisplugin.training.fields import AnnotatedField, read_voc, read_yolo
 
 LONG_SIDE = 320
 STRIDE = 4

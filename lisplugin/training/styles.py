@@ -120,7 +120,7 @@ def _source_crops(
     root: Path, source: StyleSource, per_source: int, size: int, centre: float, colour: str | None
 ) -> list[np.ndarray]:
     """Classifier inputs of the annotated leukocytes of one source, cut as the daemon cuts."""
-    from lisplugin.training.fields import read_yolo
+    from lisplugin.datasets.fields import read_yolo
 
     folder = root / source.folder
     if not folder.is_dir():

@@ -106,7 +106,7 @@ def load_site(
             crops = [prepare(load_rgb(s.path), size, centre, colour) for s in part]
             out[split] = _stack(crops, [list(classes).index(s.label) for s in part], size)
     elif name == "bccd":
-        from lisplugin.training.bccd_wbc import main_leukocyte_crop, read_field_samples
+        from lisplugin.datasets.bccd_wbc import main_leukocyte_crop, read_field_samples
 
         samples = read_field_samples(folder)
         for split in splits:
@@ -149,7 +149,7 @@ def site_samples(name: str, folder: Path) -> list[Sample]:
 
         return read_samples(folder)
     if name == "bccd":
-        from lisplugin.training.bccd_wbc import read_field_samples
+        from lisplugin.datasets.bccd_wbc import read_field_samples
 
         return [Sample(s.image, s.label, s.split) for s in read_field_samples(folder)]
     if name == "wbc-seg":

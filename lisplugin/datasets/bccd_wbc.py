@@ -10,6 +10,7 @@ never reach training.
 
 from __future__ import annotations
 
+import csv
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +21,36 @@ import numpy as np
 from lisplugin.core.analysis import median_rbc_diameter
 from lisplugin.core.crops import centre_window, leukocyte_crop, pbc_scale, resize_rgb
 from lisplugin.core.types import Detection
-from lisplugin.evaluation.field_differential import read_labels, read_split
-from lisplugin.training.pbc import load_rgb
+from lisplugin.datasets.pbc import load_rgb
 
 #: Split of labelled fields that ``cbc_split.csv`` does not list.
 UNLISTED_SPLIT = "train"
+
+
+LABELS = {
+    "NEUTROPHIL": "neutrophil",
+    "LYMPHOCYTE": "lymphocyte",
+    "MONOCYTE": "monocyte",
+    "EOSINOPHIL": "eosinophil",
+    "BASOPHIL": "basophil",
+}
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """Image stem -> class, for rows naming exactly one known type."""
+    labels = {}
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            names = [n.strip().upper() for n in (row.get("category") or "").split(",")]
+            if len(names) == 1 and names[0] in LABELS:
+                labels[row["image"].strip()] = LABELS[names[0]]
+    return labels
+
+
+def read_split(path: Path) -> dict[str, str]:
+    """Image stem -> split name, from a ``image,split`` CSV such as BCCD's ``cbc_split.csv``."""
+    with path.open(newline="") as fh:
+        return {row["image"].strip(): row["split"].strip() for row in csv.DictReader(fh)}
 
 
 @dataclass(frozen=True)
