@@ -12,9 +12,11 @@ import torch
 from lisplugin.config import DEFAULT_MODELS_DIR
 from lisplugin.core.crops import (
     CLASS_BOX_PX,
+    COLOUR_NORMALISATIONS,
     PBC_RBC_PX,
     PBC_UM_PER_PX,
     centre_window,
+    classifier_input,
     leukocyte_crop,
     pbc_scale,
     resize_rgb,
@@ -386,3 +388,27 @@ def test_stain_normalisation_undoes_another_labs_stain(shared_data: Path) -> Non
         untouched.append(np.abs(stain_normalised(balanced).astype(np.float32) - reference).mean())
     assert np.median(after) < 0.35 * np.median(before)
     assert np.median(untouched) < 0.35 * np.median(before)
+
+
+@pytest.mark.parametrize("colour", COLOUR_NORMALISATIONS)
+def test_saliency_windows_are_in_the_colours_the_model_sees(
+    shared_data: Path, colour: str | None, tmp_path: Path
+) -> None:
+    """Occluded copies are cut from ``seen_colours``: their unoccluded window must be exactly
+    the classifier's input, whatever the card's colour normalisation (with the stain
+    normalisation the raw crop was scored before)."""
+    card_dir = tmp_path / "models"
+    card_dir.mkdir()
+    shipped = load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier")
+    text = (DEFAULT_MODELS_DIR / "leukocyte-classifier.md").read_text()
+    old = f"colour_normalisation: {shipped['colour_normalisation']}"
+    (card_dir / "leukocyte-classifier.md").write_text(
+        text.replace(old, f"colour_normalisation: {colour or 'null'}", 1)
+    )
+    (card_dir / "leukocyte-classifier.onnx").symlink_to(shipped.onnx_path)
+    classifier = OnnxLeukocyteClassifier(load_card(card_dir, "leukocyte-classifier"))
+    assert classifier.colour == colour
+    size, centre = classifier.input_size, classifier.centre
+    for crop in _pbc_crops(shared_data, 4):
+        seen = resize_rgb(centre_window(classifier.seen_colours(crop), centre), size)
+        assert np.array_equal(seen, classifier_input(crop, size, centre, colour))

@@ -294,15 +294,22 @@ def stain_normalised(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
 COLOUR_NORMALISATIONS = (None, "white-point", "white-point+rbc", "white-point+stains")
 
 
-def classifier_input(crop: np.ndarray, size: int, centre: float, colour: str | None) -> np.ndarray:
-    """A PBC-scale crop as the classifier sees it: white-balanced when its card says so, the
-    central ``centre`` window, resized to ``size``. The adapter and training both call this."""
+def colour_normalised(crop: np.ndarray, colour: str | None, window: float = 1.0) -> np.ndarray:
+    """The central ``window`` of a crop in the colours the classifier sees (its card's
+    ``colour_normalisation``); the statistics are always measured on the whole crop."""
     if colour not in COLOUR_NORMALISATIONS:
         raise ValueError(f"unknown colour normalisation {colour!r}")
-    if colour is not None:
-        crop = white_balanced(crop)
+    if colour is None:
+        return centre_window(crop[..., :3], window)
+    balanced = white_balanced(crop)
     if colour == "white-point+rbc":
-        return resize_rgb(rbc_referenced(crop, centre), size)
+        return rbc_referenced(balanced, window)
     if colour == "white-point+stains":
-        return resize_rgb(stain_normalised(crop, centre), size)
-    return resize_rgb(centre_window(crop[..., :3], centre), size)
+        return stain_normalised(balanced, window)
+    return centre_window(balanced, window)
+
+
+def classifier_input(crop: np.ndarray, size: int, centre: float, colour: str | None) -> np.ndarray:
+    """A PBC-scale crop as the classifier sees it: colour-normalised as its card says, the
+    central ``centre`` window, resized to ``size``. The adapter and training both call this."""
+    return resize_rgb(colour_normalised(crop, colour, centre), size)

@@ -26,8 +26,8 @@ import onnxruntime as ort
 from lisplugin.core.crops import (
     COLOUR_NORMALISATIONS,
     classifier_input,
+    colour_normalised,
     resize_rgb,
-    white_balanced,
 )
 from lisplugin.inference.registry import ModelCard, ModelCardError
 
@@ -127,13 +127,12 @@ class OnnxLeukocyteClassifier:
         return p / p.sum(axis=1, keepdims=True)
 
     def seen_colours(self, crop: np.ndarray) -> np.ndarray:
-        """``crop`` in the colours the model sees it: white-balanced when the card says so.
+        """``crop`` in the colours the model sees it (its card's colour normalisation).
 
         Occluded copies of a crop are made from this, so that all share the unoccluded
-        crop's white point (a patch of glass would otherwise shift their colours a little).
+        crop's white point and stains (a patch of glass would otherwise shift their colours).
         """
-        crop = crop[..., :3]
-        return white_balanced(crop) if self.colour == "white-point" else crop
+        return colour_normalised(crop, self.colour)
 
     def _single_view(self) -> ort.InferenceSession:
         """The graph without its test-time views, cut out once (the whole graph if it cannot)."""

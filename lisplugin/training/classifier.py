@@ -208,9 +208,11 @@ def train(
     epoch_size: int | None = None,
     styles: torch.Tensor | None = None,
     style_p: float = 0.5,
+    keep_best: bool = True,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """AdamW with warm-up and cosine decay; returns the weight-averaged (EMA) model of the epoch
-    with the best validation accuracy, and the per-epoch history.
+    with the best validation accuracy (``keep_best``; otherwise of the last epoch), and the
+    per-epoch history.
 
     With ``sample_weights`` an epoch is ``epoch_size`` draws with replacement in proportion to
     them (how small sites get their share next to PBC); otherwise every image once. With
@@ -285,7 +287,7 @@ def train(
         }
         history.append(row)
         log(json.dumps(row))
-        if val_acc > best[0]:
+        if val_acc > best[0] or not keep_best:
             best = (val_acc, copy.deepcopy(ema.module.state_dict()))
         if step >= total:
             break
