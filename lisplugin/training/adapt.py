@@ -286,6 +286,7 @@ def _card_body(
         else "No reference set was given: `models promote` asks for one (or an explicit skip)."
     )
     per_class = ", ".join(f"{c} {n}" for c, n in r["per_class"].items())
+    per_epoch = ", ".join(f"{h['val_accuracy']:.3f}" for h in history)
     return f"""
 # Leukocyte classifier {meta["version"]} (adapted to one site)
 
@@ -307,7 +308,8 @@ Model in use: accuracy {r["before"]["accuracy"]} (recall {r["before"]["per_class
 Adapted: accuracy **{r["after"]["accuracy"]}** (recall {r["after"]["per_class_recall"]}).
 {reference}
 
-Best epoch {max(history, key=lambda h: h["val_accuracy"])["epoch"]} of {len(history)}.
+{len(history)} epochs of a fixed schedule, the last weights kept; validation accuracy per epoch
+(reference val crops, or the cells trained on): {per_epoch}.
 
 ## Reproduce
 
