@@ -412,3 +412,26 @@ def test_saliency_windows_are_in_the_colours_the_model_sees(
     for crop in _pbc_crops(shared_data, 4):
         seen = resize_rgb(centre_window(classifier.seen_colours(crop), centre), size)
         assert np.array_equal(seen, classifier_input(crop, size, centre, colour))
+
+
+def test_pseudo_labelled_labs_train_as_one_more_site(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The teacher's confident labels of unlabelled labs' leukocytes join training; the card
+    says how many of each lab were kept. A teacher that saw the left-out site is refused."""
+    out = tmp_path / "student"
+    argv = ["--data", str(shared_data / "pbc"), "--limit", "16", "--epochs", "1"]
+    argv += ["--input-size", "32", "--batch-size", "8", "--style-data", str(shared_data)]
+    argv += ["--pseudo-teacher", str(DEFAULT_MODELS_DIR), "--pseudo-threshold", "0.5"]
+    assert training.cli([*argv, "--out", str(out)]) == 0
+    pseudo = load_card(out, "leukocyte-classifier")["pseudo_labels"]
+    assert pseudo["teacher"] == load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier").version
+    assert set(pseudo["sources"]) <= {"raabin", "bcd", "draaslan"}  # no labelled site's lab
+    assert all(0 < kept <= seen <= 16 for kept, seen in pseudo["sources"].values())
+    assert sum(pseudo["per_class"].values()) == sum(k for k, _ in pseudo["sources"].values())
+    leaky = ["--out", str(tmp_path / "leaky"), "--leave-out", "pbc"]
+    leaky += ["--wbc-seg", str(shared_data / "wbc-seg")]
+    with pytest.raises(SystemExit) as refused:  # the shipped teacher trained on PBC
+        training.cli([*argv, *leaky])
+    assert refused.value.code == 2
+    assert "was trained on pbc" in capsys.readouterr().err

@@ -439,6 +439,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--style-p", type=float, default=0.5, help="share of crops re-rendered in a lab's style"
     )
+    parser.add_argument(
+        "--pseudo-teacher",
+        type=Path,
+        help="models folder whose classifier labels the unlabelled labs' leukocytes under "
+        "--style-data (training/pseudo.py); the confident ones train as one more site",
+    )
+    parser.add_argument(
+        "--pseudo-threshold", type=float, default=0.9, help="teacher probability to keep a label"
+    )
     parser.add_argument("--version", default=dt.date.today().strftime("%Y.%m.%d") + "-1")
     return parser
 
@@ -465,6 +474,7 @@ def cli(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     classes = list(LEUKOCYTE_CLASSES)
+    pseudo = _pseudo_labels(args, parser, classes, colour, log)
     detector = _shipped_detector() if args.wbc_seg is not None else None
     sites = {
         name: load_site(
@@ -474,7 +484,7 @@ def cli(argv: list[str]) -> int:
         for name in SITES
         if paths[name] is not None and name in trained
     }  # fmt: skip
-    train_x, train_y, weights = _training_set(sites, args)
+    train_x, train_y, weights = _training_set(sites, args, pseudo)
     val_x = np.concatenate([v["val"][0] for v in sites.values()])
     val_y = np.concatenate([v["val"][1] for v in sites.values()])
     if not len(val_y):
@@ -546,6 +556,13 @@ def cli(argv: list[str]) -> int:
     }
     if style_names:
         meta["style_sources"] = style_names
+    if pseudo is not None:
+        meta["pseudo_labels"] = {
+            "teacher": pseudo.teacher,
+            "threshold": pseudo.threshold,
+            "sources": pseudo.sources,
+            "per_class": pseudo.per_class(classes),
+        }
     card_path = args.out / f"{MODEL_NAME}.md"
     write_card(card_path, meta, "")  # provisional card: the evaluation loads the model by it
 
@@ -658,13 +675,19 @@ def _shipped_detector() -> Any:
 
 
 def _training_set(
-    sites: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], args: argparse.Namespace
+    sites: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    args: argparse.Namespace,
+    pseudo: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """All sites' training crops, and the draw weight of each (None: every crop once, the small
-    sites repeated ``--field-repeat`` times)."""
+    sites repeated ``--field-repeat`` times); pseudo-labelled leukocytes count as one site."""
     names = list(sites)
     xs = [sites[n]["train"][0] for n in names]
     ys = [sites[n]["train"][1] for n in names]
+    if pseudo is not None and len(pseudo.y):
+        names.append("pseudo")
+        xs.append(pseudo.x)
+        ys.append(pseudo.y)
     if args.epoch_size is None:
         for i, name in enumerate(names):
             if name != "pbc":
@@ -680,6 +703,31 @@ def _training_set(
         [np.full(len(y), share[n] / max(len(y), 1)) for n, y in zip(names, ys, strict=True)]
     )
     return np.concatenate(xs), np.concatenate(ys), weights
+
+
+def _pseudo_labels(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    classes: list[str],
+    colour: str | None,
+    log: Callable[[str], None],
+) -> Any:
+    """The unlabelled labs' leukocytes the ``--pseudo-teacher`` names confidently (None without
+    one). A teacher that saw the left-out site would leak it into the student: refused."""
+    if args.pseudo_teacher is None:
+        return None
+    if args.style_data is None:
+        parser.error("--pseudo-teacher needs --style-data (the folder of the unlabelled sets)")
+    from lisplugin.inference.registry import load_card
+    from lisplugin.training.pseudo import pseudo_labelled
+
+    seen = load_card(args.pseudo_teacher, MODEL_NAME).get("sites") or []
+    if args.leave_out is not None and args.leave_out in seen:
+        parser.error(f"the teacher in {args.pseudo_teacher} was trained on {args.leave_out}")
+    return pseudo_labelled(
+        args.style_data, args.pseudo_teacher, classes, args.input_size, args.centre, colour,
+        args.pseudo_threshold, per_source=args.limit, log=log,
+    )  # fmt: skip
 
 
 def _leave_one_site_out(
@@ -739,14 +787,26 @@ def _initialise(
 
 
 def _style_text(meta: dict[str, Any], args: argparse.Namespace) -> str:
-    if not meta.get("style_sources"):
-        return ""
-    return (
-        f" Before those, {args.style_p:.0%} of the crops are re-rendered in the stain of a real "
-        f"lab drawn from {', '.join(meta['style_sources'])} (each equally often; the colour "
-        "statistics of leukocyte crops in l-alpha-beta space, `lisplugin/training/styles.py`), "
-        "most of them labs whose images carry no class labels."
-    )
+    text = ""
+    if meta.get("style_sources"):
+        text += (
+            f" Before those, {args.style_p:.0%} of the crops are re-rendered in the stain of a "
+            f"real lab drawn from {', '.join(meta['style_sources'])} (each equally often; the "
+            "colour statistics of leukocyte crops in l-alpha-beta space, "
+            "`lisplugin/training/styles.py`), most of them labs whose images carry no class "
+            "labels."
+        )
+    pseudo = meta.get("pseudo_labels")
+    if pseudo:
+        kept = ", ".join(f"{name} {k} of {n}" for name, (k, n) in pseudo["sources"].items())
+        classes = ", ".join(f"{c} {n}" for c, n in pseudo["per_class"].items())
+        text += (
+            f" The leukocytes of those unlabelled labs that the teacher (classifier "
+            f"{pseudo['teacher']}) names with a probability of at least {pseudo['threshold']} "
+            f"train as one more site under its labels ({kept}; {classes}; "
+            "`lisplugin/training/pseudo.py`)."
+        )
+    return text
 
 
 def _card_body(

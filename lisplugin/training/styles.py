@@ -116,10 +116,12 @@ def restyle(
     return out
 
 
-def _source_crops(
-    root: Path, source: StyleSource, per_source: int, size: int, centre: float, colour: str | None
+def leukocyte_crops(
+    root: Path, source: StyleSource, limit: int | None = None, seed: int = 0
 ) -> list[np.ndarray]:
-    """Classifier inputs of the annotated leukocytes of one source, cut as the daemon cuts."""
+    """PBC-scale crops (160 px) of one source's annotated leukocytes, cut as the daemon cuts
+    them (scale from the field's red cells): one per field, fields in a seeded random order, at
+    most ``limit``; ``None``: every leukocyte of every field."""
     from lisplugin.datasets.fields import read_yolo
 
     folder = root / source.folder
@@ -128,7 +130,7 @@ def _source_crops(
     fields = [f for f in read_yolo(folder) if source.sizes is None or (f.width, f.height) in
               source.sizes]  # fmt: skip
     crops: list[np.ndarray] = []
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for index in rng.permutation(len(fields)):
         field = fields[index]
         cells = [
@@ -140,12 +142,19 @@ def _source_crops(
             continue
         image = field.load_image()
         rbc = median_rbc_diameter(cells, field.width, field.height)
-        box = wbcs[int(rng.integers(len(wbcs)))]
-        crop = leukocyte_crop(image, box, pbc_scale(None, rbc, box))
-        crops.append(classifier_input(crop, size, centre, colour))
-        if len(crops) >= per_source:
+        chosen = wbcs if limit is None else [wbcs[int(rng.integers(len(wbcs)))]]
+        crops += [leukocyte_crop(image, box, pbc_scale(None, rbc, box)) for box in chosen]
+        if limit is not None and len(crops) >= limit:
             break
     return crops
+
+
+def _source_crops(
+    root: Path, source: StyleSource, per_source: int, size: int, centre: float, colour: str | None
+) -> list[np.ndarray]:
+    """Classifier inputs of the annotated leukocytes of one source, cut as the daemon cuts."""
+    return [classifier_input(c, size, centre, colour) for c in
+            leukocyte_crops(root, source, per_source)]  # fmt: skip
 
 
 def style_pool(
