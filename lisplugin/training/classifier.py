@@ -32,6 +32,7 @@ from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.datasets.sites import SITES
 from lisplugin.progress import progress
 from lisplugin.training.augment import photometric
+from lisplugin.training.pseudo import PseudoLabels
 from lisplugin.training.styles import restyle
 
 MODEL_NAME = "leukocyte-classifier"
@@ -677,7 +678,7 @@ def _shipped_detector() -> Any:
 def _training_set(
     sites: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
     args: argparse.Namespace,
-    pseudo: Any = None,
+    pseudo: PseudoLabels | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """All sites' training crops, and the draw weight of each (None: every crop once, the small
     sites repeated ``--field-repeat`` times); pseudo-labelled leukocytes count as one site."""
@@ -711,7 +712,7 @@ def _pseudo_labels(
     classes: list[str],
     colour: str | None,
     log: Callable[[str], None],
-) -> Any:
+) -> PseudoLabels | None:
     """The unlabelled labs' leukocytes the ``--pseudo-teacher`` names confidently (None without
     one). A teacher that saw the left-out site would leak it into the student: refused."""
     if args.pseudo_teacher is None:
@@ -721,9 +722,10 @@ def _pseudo_labels(
     from lisplugin.inference.registry import load_card
     from lisplugin.training.pseudo import pseudo_labelled
 
-    seen = load_card(args.pseudo_teacher, MODEL_NAME).get("sites") or []
-    if args.leave_out is not None and args.leave_out in seen:
-        parser.error(f"the teacher in {args.pseudo_teacher} was trained on {args.leave_out}")
+    seen = load_card(args.pseudo_teacher, MODEL_NAME).get("sites")
+    if args.leave_out is not None and (seen is None or args.leave_out in seen):
+        said = "does not say which sites it" if seen is None else "was"
+        parser.error(f"the teacher in {args.pseudo_teacher} {said} trained on {args.leave_out}")
     return pseudo_labelled(
         args.style_data, args.pseudo_teacher, classes, args.input_size, args.centre, colour,
         args.pseudo_threshold, per_source=args.limit, log=log,
