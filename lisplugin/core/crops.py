@@ -232,7 +232,10 @@ def rbc_referenced(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
     """The crop with each channel's optical density scaled so that its red cells take the
     density of PBC's: the red cells are the one stained object every field shows, so their
     colour measures a lab's stain and camera (unchanged when too few red cells are seen)."""
-    found = rbc_density(balanced)
+    return _rbc_scaled(balanced, rbc_density(balanced), window)
+
+
+def _rbc_scaled(balanced: np.ndarray, found: np.ndarray | None, window: float) -> np.ndarray:
     part = centre_window(balanced, window)  # measured on the whole crop, applied where seen
     if found is None:
         return part
@@ -252,15 +255,21 @@ MAX_STAIN_COSINE = 0.995
 
 def stain_densities(balanced: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The red cells' and the nucleus's median optical density (None: either not seen)."""
-    od = optical_density(balanced)
+    rbc, nucleus = _stain_densities(optical_density(balanced))
+    return None if rbc is None or nucleus is None else (rbc, nucleus)
+
+
+def _stain_densities(od: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Red cells' and nucleus's densities of a crop's optical density (each None: not seen;
+    the nucleus is not looked for without red cells)."""
     rbc = _rbc_density(od)
     if rbc is None:
-        return None
+        return None, None
     middle = od[~_outside_middle(*od.shape[:2])]
     total = middle.sum(axis=-1)
     dense = middle[total >= np.quantile(total, NUCLEUS_QUANTILE)]
     if len(dense) < 50 or float(dense.sum(axis=-1).mean()) < RBC_DENSITY_RANGE[0]:
-        return None
+        return rbc, None
     return rbc, np.median(dense, axis=0)
 
 
@@ -269,14 +278,16 @@ def stain_normalised(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
     split along the red cells' and the nucleus's stain directions of this crop, each stain's
     amount scaled so that the red cells and the chromatin take PBC's density, and put back
     along PBC's directions; what the two stains do not explain is kept as it is."""
-    found = stain_densities(balanced)
-    if found is None:
-        return rbc_referenced(balanced, window)
-    here = np.stack(found, axis=1)  # 3 x 2: red-cell stain, nuclear stain
+    # The crop's density is measured once; without a nucleus, or with two stains that cannot
+    # be told apart, the red cells alone set the gains (``rbc_referenced``).
+    rbc, nucleus = _stain_densities(optical_density(balanced))
+    if rbc is None or nucleus is None:
+        return _rbc_scaled(balanced, rbc, window)
+    here = np.stack([rbc, nucleus], axis=1)  # 3 x 2: red-cell stain, nuclear stain
     ref = np.stack([np.asarray(REFERENCE_RBC_DENSITY), np.asarray(REFERENCE_NUCLEUS_DENSITY)], 1)
     units = here / np.linalg.norm(here, axis=0)
     if float(units[:, 0] @ units[:, 1]) > MAX_STAIN_COSINE:
-        return rbc_referenced(balanced, window)
+        return _rbc_scaled(balanced, rbc, window)
     part = centre_window(balanced, window)  # measured on the whole crop, applied where seen
     od = optical_density(part).reshape(-1, 3)
     unmix = np.linalg.pinv(units)  # 2 x 3

@@ -126,7 +126,6 @@ def adapt(
     seed: int = 0,
     command: str = "",
     log: Callable[[str], None] = print,
-    keep_best: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the classifier of ``base_dir`` on a site's crops; write ``out``; return the
     before/after figures on the held-back cells."""
@@ -194,7 +193,7 @@ def adapt(
         model, x, y, val_x, val_y, base_card["mean"], base_card["std"], epochs,
         batch_size=batch_size, lr=lr, seed=seed, log=log, photometric_strength=0.5,
         stain_strength=0.5, scale_jitter=0.15, sample_weights=weights,
-        epoch_size=max(steps * batch_size // epochs, batch_size), keep_best=keep_best,
+        epoch_size=max(steps * batch_size // epochs, batch_size), keep_best=False,
     )  # fmt: skip
     views = int(front.get("test_time_views", 1))
     if views > 1:
