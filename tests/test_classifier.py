@@ -99,6 +99,24 @@ def test_train_cli_on_a_handful_of_pbc_images(shared_data: Path, tmp_path: Path)
     }
 
 
+def test_mix_colour_trains_on_both_normalisations_of_each_crop(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "models"
+    argv = ["--data", str(shared_data / "pbc"), "--out", str(out), "--limit", "12"]
+    argv += ["--epochs", "1", "--input-size", "32", "--batch-size", "8"]
+    argv += ["--mix-colour", "white-point+stains", "--runtime-colour", "white-point+stains"]
+    assert training.cli(argv) == 0
+    card = load_card(out, "leukocyte-classifier")
+    assert card["training_colours"] == ["white-point", "white-point+stains"]
+    assert card["colour_normalisation"] == "white-point+stains"
+    text = (out / "leukocyte-classifier.md").read_text()
+    row = next(r for r in text.splitlines() if r.startswith("| pbc |"))
+    # each training image twice (once per normalisation), the scored splits once
+    assert [int(n) for n in row.strip("| ").split(" | ")[1:]] == [24, 12, 12]
+    assert "`--mix-colour`" in text
+
+
 def test_fine_tune_from_a_shipped_onnx_at_another_size(
     shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -409,6 +409,13 @@ def _parser() -> argparse.ArgumentParser:
         help="colour normalisation the card names for run time, if not --colour's: validation "
         "(temperature), test and leave-one-site-out crops are cut with it",
     )
+    parser.add_argument(
+        "--mix-colour",
+        choices=COLOUR_CHOICES,
+        help="also cut the training crops in this normalisation; each draw takes either copy "
+        "with p = 0.5, so one network learns both (e.g. tight crops without red cells, which "
+        "the stain normalisation leaves white-balanced, and fields, which it re-stains)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
@@ -485,6 +492,15 @@ def cli(argv: list[str]) -> int:
         for name in SITES
         if paths[name] is not None and name in trained
     }  # fmt: skip
+    if args.mix_colour is not None and args.mix_colour != args.colour:
+        mix = None if args.mix_colour == "none" else args.mix_colour
+        for name in sites:
+            again = load_site(
+                name, paths[name].parent, classes, args.input_size, args.centre, mix,
+                detector, args.limit, log, splits=("train",),
+            )["train"]  # fmt: skip
+            x, y = sites[name]["train"]
+            sites[name]["train"] = (np.concatenate([x, again[0]]), np.concatenate([y, again[1]]))
     train_x, train_y, weights = _training_set(sites, args, pseudo)
     val_x = np.concatenate([v["val"][0] for v in sites.values()])
     val_y = np.concatenate([v["val"][1] for v in sites.values()])
@@ -557,6 +573,8 @@ def cli(argv: list[str]) -> int:
     }
     if style_names:
         meta["style_sources"] = style_names
+    if args.mix_colour is not None and args.mix_colour != args.colour:
+        meta["training_colours"] = [args.colour, args.mix_colour]
     if pseudo is not None:
         meta["pseudo_labels"] = {
             "teacher": pseudo.teacher,
@@ -864,6 +882,13 @@ per image), as `lisplugin evaluate cells` scores a lab's folders: accuracy
 **{held_out["accuracy"]}**, macro-F1 {held_out["macro_f1"]}, n = {held_out["n"]}, leukocyte
 found in {held_out["found"]}. Recall per class: {recall}.
 """
+    mixed = ""
+    if meta.get("training_colours"):
+        mixed = (
+            "\nTraining crops were cut in each of the normalisations "
+            f"{' and '.join(meta['training_colours'])} (`--mix-colour`); every draw took either "
+            "copy with p = 0.5, so the train counts below hold both copies."
+        )
     return f"""
 # Leukocyte classifier {meta["version"]}
 
@@ -882,7 +907,7 @@ the graph); `lisplugin/inference/classifier.py` returns `softmax(logits / temper
 Trained on the sites {", ".join(meta["sites"])} together (`lisplugin/datasets/sites.py`: PBC's
 `split.csv`, BCCD's `cbc_split.csv` with unlisted labelled fields as train, Zheng et al.'s
 Dataset 1 split by image number); {sampling}. Val crops of all sites choose the epoch and fit
-the temperature; test crops are scored once, below.
+the temperature; test crops are scored once, below.{mixed}
 
 | site | train | val | test |
 |---|---|---|---|
