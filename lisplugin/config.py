@@ -148,6 +148,13 @@ class StorageSettings(BaseModel):
     path: Path = Path("var")
     #: /readyz fails (and captures should go elsewhere) when less space than this is free.
     min_free_mb: int = 500
+    #: Answer a C-STORE once the instance is in the ingest spool (one sync) and file it in the
+    #: background; off: written and recorded before the answer (three syncs, slower).
+    spool: bool = True
+    #: Larger instances (whole-slide levels) skip the spool: written to their file directly.
+    spool_max_instance_mb: int = Field(default=16, ge=1)
+    #: Spooled bytes not yet filed beyond which captures are filed before the answer again.
+    spool_backlog_mb: int = Field(default=256, ge=1)
 
 
 class CaseSettings(BaseModel):

@@ -10,28 +10,30 @@ import dataclasses
 import json
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from pydicom import Dataset
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from lisplugin.config import InstanceLimits
+from lisplugin.config import InstanceLimits, Settings
 from lisplugin.core.revision import reclassified
 from lisplugin.dicom.decode import validate_header
 from lisplugin.hl7.orders import Order
 from lisplugin.service.pipeline import ANALYSER_KEY
 from lisplugin.storage.db import Database
-from lisplugin.storage.files import safe_name, write_durably
+from lisplugin.storage.files import safe_name, write_all_durably, write_durably
+from lisplugin.storage.group import GroupCommit
 from lisplugin.storage.orm import Case, CaseStatus, Instance, OrderMessage, QuarantinedInstance
+from lisplugin.storage.spool import Spool, Spooled
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-R = TypeVar("R")
 
 #: Case states in which a new capture re-opens the case for analysis - unless a reviewer has
 #: already reclassified cells of its result (signed-out cases are never re-opened by a capture).
@@ -102,43 +104,87 @@ def get_or_create_case(
     return case
 
 
+#: What happens once an instance is filed in its case (count it, restart the case's clock).
+OnFiled = Callable[["FiledCase"], None]
+
+
 class InstanceStore:
-    """The SCP's storage callback: validate, keep durably, group into a case - or quarantine."""
+    """The SCP's storage callback: validate, keep durably, group into a case - or quarantine.
+
+    ``store`` files an instance before it returns (file and database record). ``accept``, the
+    C-STORE path, returns as soon as the instance is durable in the spool (one sync) and files
+    it moments later in the background (``SpoolRecorder``; ``on_filed`` is called then); with
+    no spool, or while the recorder is behind or failing, it is ``store``.
+    """
 
     def __init__(
-        self, db: Database, storage_path: Path, limits: InstanceLimits | None = None
+        self,
+        db: Database,
+        storage_path: Path,
+        limits: InstanceLimits | None = None,
+        spool: Spool | None = None,
+        on_filed: OnFiled | None = None,
+        spool_max_instance_bytes: int = 16 * 1024 * 1024,
+        spool_max_backlog_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.db = db
         self.limits = limits or InstanceLimits()
         self.instances_dir = storage_path / "instances"
         self.quarantine_dir = storage_path / "quarantine"
-        self._commits = GroupCommit(db, _record)
+        self._commits: GroupCommit[_Capture, FiledCase] = GroupCommit(
+            lambda captures: db.transaction(lambda s: [_record(s, c) for c in captures])
+        )
+        self.on_filed: OnFiled = on_filed or (lambda case: None)
+        self.spool = spool
+        self.kept = 0  #: instances this process kept (stored or spooled), re-sent ones not
+        self.spool_max_instance_bytes = spool_max_instance_bytes
+        self.recorder = (
+            SpoolRecorder(spool, self._file_spooled, spool_max_backlog_bytes)
+            if spool is not None
+            else None
+        )
 
     def store(self, ds: Dataset, raw: bytes) -> FiledCase:
         """Keep a usable instance; ``UnusableInstance`` tells the SCP to refuse it."""
         # Headers only: decoding every frame here cost most of the ingest time and let a
         # small instance that declares huge frames exhaust memory.
         frames = validate_header(ds, self.limits)
-        calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "") or None
-        return self._keep(ds, raw, frames, calling)
+        capture, duplicate = self._capture(ds, frames)
+        if duplicate is not None:
+            return duplicate
+        write_durably(Path(capture.path), raw)
+        self.kept += 1
+        case = self._commits.submit(capture)
+        log.info("stored %s in case %s (%d frames)", capture.sop_uid, case.case_key, frames)
+        return case
 
-    def _keep(
-        self, ds: Dataset, raw: bytes, frames: int, calling_ae_title: str | None
-    ) -> FiledCase:
+    def accept(self, ds: Dataset, raw: bytes) -> None:
+        """Keep a usable instance durably and have it filed (``on_filed``), through the spool
+        when there is room; ``UnusableInstance`` tells the SCP to refuse it."""
+        recorder = self.recorder
+        if (
+            recorder is None
+            or self.spool is None
+            or len(raw) > self.spool_max_instance_bytes
+            or not recorder.has_room(len(raw))
+        ):
+            self.on_filed(self.store(ds, raw))
+            return
+        frames = validate_header(ds, self.limits)
+        capture, duplicate = self._capture(ds, frames)
+        if duplicate is not None:
+            return  # acknowledged again; it was counted when it was filed
+        record = dataclasses.asdict(capture)
+        row = self.spool.put(capture.path, record, raw)
+        self.kept += 1
+        recorder.offer(Spooled(row, capture.path, record, raw, time.time()))
+
+    def _capture(self, ds: Dataset, frames: int) -> tuple[_Capture, FiledCase | None]:
+        """What is recorded of an instance, and the case it is already filed in, if any."""
         study_uid = str(ds.StudyInstanceUID)
         sop_uid = str(ds.SOPInstanceUID)
         path = self.instances_dir / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
-        # A file is only ever written for an instance not yet recorded, so no file means no
-        # record: the common case skips a database round trip (a transaction of its own).
-        if path.exists():
-            duplicate = self.db.transaction(lambda session: _held_by(session, sop_uid))
-            if duplicate is not None:
-                # A re-sent instance (its C-STORE response was lost): acknowledged, nothing
-                # changes, so an analysed or reported case is not re-opened and no result goes
-                # out again.
-                log.info("%s already stored in case %s: acknowledged again", sop_uid, duplicate)
-                return duplicate
-        write_durably(path, raw)
+        calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "") or None
         capture = _Capture(
             study_uid=study_uid,
             sop_uid=sop_uid,
@@ -148,11 +194,89 @@ class InstanceStore:
             series_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
             path=str(path),
             frames=frames,
-            calling_ae_title=calling_ae_title,
+            calling_ae_title=calling,
         )
-        case = self._commits.submit(capture)
-        log.info("stored %s in case %s (%d frames)", sop_uid, case.case_key, frames)
-        return case
+        # A file is only ever written for an instance not yet recorded, so no file means no
+        # record: the common case skips a database round trip (a transaction of its own).
+        if path.exists():
+            duplicate = self.db.transaction(lambda session: _held_by(session, sop_uid))
+            if duplicate is not None:
+                # A re-sent instance (its C-STORE response was lost): acknowledged, nothing
+                # changes, so an analysed or reported case is not re-opened and no result goes
+                # out again.
+                log.info("%s already stored in case %s: acknowledged again", sop_uid, duplicate)
+                return capture, duplicate
+        return capture, None
+
+    def _file_spooled(self, items: list[Spooled]) -> list[Spooled]:
+        """Write the files of spooled instances and record them (one transaction; item by item
+        if it fails); returns those now filed or already held, whose rows can go."""
+        captures = [(_Capture(**item.record), item) for item in items]
+        uids = [c.sop_uid for c, _ in captures]
+        held = set(
+            self.db.transaction(
+                lambda session: session.scalars(
+                    select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))
+                ).all()
+            )
+        )
+        new: dict[str, tuple[_Capture, Spooled]] = {}
+        for capture, item in captures:  # a re-sent instance is filed once, as it came first
+            if capture.sop_uid not in held:
+                new.setdefault(capture.sop_uid, (capture, item))
+        write_all_durably([(Path(item.path), item.raw) for _, item in new.values()])
+        chosen = {item.id for _, item in new.values()}
+        done = [item for _, item in captures if item.id not in chosen]  # held: nothing to do
+        filed: list[tuple[FiledCase, _Capture]] = []
+        try:
+            cases = self.db.transaction(lambda s: [_record(s, c) for c, _ in new.values()])
+            filed = list(zip(cases, [c for c, _ in new.values()], strict=True))
+            done += [item for _, item in new.values()]
+        except Exception:
+            if len(new) <= 1:
+                raise
+            for capture, item in new.values():  # one bad item must not hold up the others
+                try:
+                    case = self.db.transaction(lambda s, c=capture: _record(s, c))
+                except Exception:
+                    log.exception("spooled %s could not be filed; kept for later", item.path)
+                    continue
+                filed.append((case, capture))
+                done.append(item)
+        for case, capture in filed:
+            log.info(
+                "stored %s in case %s (%d frames)", capture.sop_uid, case.case_key, capture.frames
+            )
+            self.on_filed(case)
+        return done
+
+    def recover(self) -> int:
+        """File what the spool holds from before this start (a crash, a kill); returns how
+        many instances. Run before accepting associations."""
+        if self.spool is None:
+            return 0
+        total = 0
+        while items := self.spool.left():
+            done = self._file_spooled(items)
+            if not done:
+                raise RuntimeError(f"spooled instances cannot be filed: {items[0].path}")
+            self.spool.remove([item.id for item in done])
+            total += len(done)
+        if total:
+            log.warning("filed %d instance(s) left in the spool by the last run", total)
+        return total
+
+    def start(self) -> None:
+        """Start filing spooled instances in the background."""
+        if self.recorder is not None:
+            self.recorder.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """File what is spooled (at most ``timeout`` s; the rest is filed at the next start)."""
+        if self.recorder is not None:
+            self.recorder.stop(timeout)
+        if self.spool is not None:
+            self.spool.close()
 
     def quarantine(self, raw: bytes, reason: str, sop_uid: str, calling_ae_title: str) -> Path:
         """Keep a refused instance and its reason; it never becomes part of a case."""
@@ -174,6 +298,129 @@ class InstanceStore:
             )
         log.warning("quarantined %s: %s", path.name, reason)
         return path
+
+
+#: The ingest spool's file in ``storage.path`` (all processes accepting on the port share it).
+SPOOL_FILE = "ingest-spool.sqlite"
+
+
+def instance_store(db: Database, settings: Settings, on_filed: OnFiled) -> InstanceStore:
+    """The daemon's store as its settings say (``storage.spool``)."""
+    storage = settings.storage
+    return InstanceStore(
+        db,
+        storage.path,
+        settings.dicom.limits,
+        spool=Spool(storage.path / SPOOL_FILE) if storage.spool else None,
+        on_filed=on_filed,
+        spool_max_instance_bytes=storage.spool_max_instance_mb * 1024 * 1024,
+        spool_max_backlog_bytes=storage.spool_backlog_mb * 1024 * 1024,
+    )
+
+
+class SpoolRecorder:
+    """Files spooled instances in the background, in batches, oldest first.
+
+    Its backlog (bytes offered, not yet filed) is bounded: past it, or while filing fails
+    (the database unreachable), ``has_room`` is False and the SCP stores synchronously, so a
+    sender gets A700 rather than an ever longer queue. Rows another process left in the spool
+    (it died) are filed after ``ABANDONED_SECONDS``.
+    """
+
+    #: A row this old that no recorder here holds was left by a process that ended.
+    ABANDONED_SECONDS = 60.0
+    BATCH = 64
+
+    def __init__(
+        self, spool: Spool, file: Callable[[list[Spooled]], list[Spooled]], max_backlog: int
+    ) -> None:
+        self.spool = spool
+        self.file = file
+        self.max_backlog = max_backlog
+        self.healthy = True
+        self._queue: deque[Spooled] = deque()
+        self._backlog = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._retry = 0.0
+        self._filed_rows: list[int] = []  # filed, their rows not yet deleted
+
+    def has_room(self, size: int) -> bool:
+        with self._cond:
+            return (
+                self.healthy
+                and not self._stopping
+                and self._thread is not None
+                and self._backlog + size <= self.max_backlog
+            )
+
+    def offer(self, item: Spooled) -> None:
+        with self._cond:
+            self._queue.append(item)
+            self._backlog += len(item.raw)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spool-recorder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """File what is queued, for at most ``timeout`` seconds, then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        last_sweep = time.monotonic()
+        while True:
+            with self._cond:
+                if not self._queue and not self._stopping:
+                    # rows of filed instances are deleted in bulk, when idle or many: each
+                    # delete takes the spool's write lock from the associations
+                    self._cond.wait(timeout=0.2 if self._filed_rows else self.ABANDONED_SECONDS / 2)
+                stopping = self._stopping and (not self._queue or not self.healthy)
+                batch = [self._queue[i] for i in range(min(len(self._queue), self.BATCH))]
+                queued = {item.id for item in self._queue}
+            if self._filed_rows and (stopping or not batch or len(self._filed_rows) >= 256):
+                self.spool.remove(self._filed_rows)
+                self._filed_rows = []
+            if stopping:
+                return
+            if not batch and time.monotonic() - last_sweep >= self.ABANDONED_SECONDS / 2:
+                last_sweep = time.monotonic()
+                batch = [
+                    item
+                    for item in self.spool.left(older_than=self.ABANDONED_SECONDS)
+                    if item.id not in queued and item.id not in self._filed_rows
+                ]
+                if batch:
+                    log.warning("filing %d instance(s) another process left", len(batch))
+            if batch:
+                self._file(batch)
+
+    def _file(self, batch: list[Spooled]) -> None:
+        try:
+            done = self.file(batch)
+        except Exception:
+            # Nothing is lost (the rows stay); new captures go the synchronous way meanwhile.
+            log.exception("filing %d spooled instance(s) failed; retrying", len(batch))
+            with self._cond:
+                self.healthy = False
+                self._retry = min(max(self._retry * 2, 0.5), 30.0)
+                self._cond.wait(timeout=self._retry)
+            return
+        # A row whose instance could not be filed stays in the spool (filed at the next start
+        # or by the sweep); it leaves this queue so that it does not hold up the others.
+        self._filed_rows += [item.id for item in done]
+        ids = {item.id for item in batch}
+        with self._cond:
+            self.healthy = True
+            self._retry = 0.0
+            self._backlog -= sum(len(i.raw) for i in self._queue if i.id in ids)
+            self._queue = deque(item for item in self._queue if item.id not in ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,84 +539,6 @@ def _filed(session: Session, case_id: int) -> FiledCase:
         select(Case.id, Case.case_key, Case.status, Case.last_instance_at).where(Case.id == case_id)
     ).one()
     return FiledCase(row.id, row.case_key, row.status, row.last_instance_at)
-
-
-class _Waiting(Generic[T, R]):
-    """One submitted item: its result or error, and whether its thread is to lead next."""
-
-    def __init__(self, item: T) -> None:
-        self.item = item
-        self.result: R | None = None
-        self.error: BaseException | None = None
-        self.lead = False
-        self.ready = threading.Event()
-
-
-class GroupCommit(Generic[T, R]):
-    """Items from concurrent threads applied in one transaction (one durable commit) each time
-    the database is free, instead of one commit - one fsync - per item.
-
-    Every caller still returns only after the transaction holding its item committed. The
-    first caller leads (no hand-off to another thread: one association pays nothing); items
-    arriving while it commits are taken together by the next leader, one of their own threads.
-    A failing batch is re-run item by item, so one item's error never fails the others.
-    """
-
-    def __init__(self, db: Database, apply: Callable[[Session, T], R]) -> None:
-        self.db = db
-        self.apply = apply
-        self._lock = threading.Lock()
-        self._pending: list[_Waiting[T, R]] = []
-        self._leading = False
-        self.batches = 0  #: transactions committed (with ``items``: the mean batch size)
-        self.items = 0
-
-    def submit(self, item: T) -> R:
-        """Apply ``item`` and return once it is committed (raises what applying it raised)."""
-        mine: _Waiting[T, R] = _Waiting(item)
-        with self._lock:
-            self._pending.append(mine)
-            lead = not self._leading
-            self._leading = True
-        if not lead:
-            mine.ready.wait()
-        if mine.lead or lead:
-            self._run_batch()
-        if mine.error is not None:
-            raise mine.error
-        return mine.result  # type: ignore[return-value]
-
-    def _run_batch(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        try:
-            self._commit(batch)
-        finally:
-            with self._lock:
-                if self._pending:  # the next leader is one of the threads that waited
-                    self._pending[0].lead = True
-                    self._pending[0].ready.set()
-                else:
-                    self._leading = False
-            for waiting in batch:
-                waiting.ready.set()
-
-    def _commit(self, batch: list[_Waiting[T, R]]) -> None:
-        try:
-            results = self.db.transaction(
-                lambda session: [self.apply(session, w.item) for w in batch]
-            )
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
-                return
-            for waiting in batch:  # find the one that failed; the others commit alone
-                self._commit([waiting])
-            return
-        self.batches += 1
-        self.items += len(batch)
-        for waiting, result in zip(batch, results, strict=True):
-            waiting.result = result
 
 
 def _held_by(session: Session, sop_uid: str) -> FiledCase | None:

@@ -29,7 +29,7 @@ from pydicom import Dataset
 from lisplugin.config import Settings
 from lisplugin.dicom.mwl import WorklistSCP
 from lisplugin.dicom.scp import StorageSCP
-from lisplugin.service.ingest import InstanceStore
+from lisplugin.service.ingest import instance_store
 from lisplugin.service.worklist import scheduled_orders
 from lisplugin.storage.db import Database
 
@@ -61,11 +61,10 @@ class _Reporter:
 def serve_worker(settings: Settings, stdin: TextIO, report: _Reporter) -> None:
     """Accept associations on the shared port until ``stdin`` ends."""
     db = Database(settings.database_url)
-    store = InstanceStore(db, settings.storage.path, settings.dicom.limits)
+    store = instance_store(db, settings, lambda case: report(STORED))
 
     def stored(ds: Dataset, raw: bytes) -> None:
-        store.store(ds, raw)
-        report(STORED)
+        store.accept(ds, raw)  # reports STORED once filed
 
     def refused(raw: bytes, reason: str, sop_uid: str, calling: str) -> None:
         store.quarantine(raw, reason, sop_uid, calling)
@@ -73,12 +72,14 @@ def serve_worker(settings: Settings, stdin: TextIO, report: _Reporter) -> None:
 
     worklist = WorklistSCP(lambda: scheduled_orders(db)) if settings.dicom.worklist else None
     scp = StorageSCP(settings.dicom, stored, refused, worklist, reuse_port=True)
+    store.start()
     scp.start()
     report(READY)
     try:
         stdin.read()  # blocks until the daemon closes it or exits
     finally:
         scp.stop()
+        store.stop()
         db.dispose()
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from lisplugin import __version__
 from lisplugin.config import Settings, load_settings
 from lisplugin.progress import progress
+from lisplugin.service.ingest import SPOOL_FILE
 from lisplugin.service.outbox import as_utc
 from lisplugin.service.reports import REPORT_JSON, reports_dir
 from lisplugin.storage.db import Database, schema_revisions
@@ -217,7 +218,9 @@ def backup(settings: Settings, target: Path) -> Path:
     else:
         raise ValueError(f"backup supports SQLite and PostgreSQL, not {url.get_backend_name()}")
     storage = settings.storage.path.resolve()
-    skip = {DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm"}
+    # SQLite files are copied consistently above (the database) or not at all (the spool: a
+    # queue of instances filed within milliseconds, whose live file a tar would tear).
+    skip = {f"{name}{suffix}" for name in (DB_FILE, SPOOL_FILE) for suffix in ("", "-wal", "-shm")}
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         name = Path(info.name)

@@ -34,7 +34,7 @@ from lisplugin.reports.pacs import pacs_sender
 from lisplugin.service.analyser import apply_analyser_counts
 from lisplugin.service.cases import CaseScheduler, ReportWriter
 from lisplugin.service.claims import process_name
-from lisplugin.service.ingest import InstanceStore, OrderConflict, apply_order
+from lisplugin.service.ingest import FiledCase, OrderConflict, apply_order, instance_store
 from lisplugin.service.ingest_worker import QUARANTINED, READY, STORED
 from lisplugin.service.metrics import INSTANCES, MODEL_INFO, ORDERS
 from lisplugin.service.outbox import OutboxWorker, Sender, needing_attention
@@ -82,7 +82,7 @@ class Runtime:
             self.db.migrate()
         else:
             self.db.check_schema()
-        self.store = InstanceStore(self.db, settings.storage.path, settings.dicom.limits)
+        self.store = instance_store(self.db, settings, self._filed)
         #: This process's name in the work claims it writes (``service.claims``).
         self.owner = process_name()
         hl7 = settings.hl7
@@ -162,7 +162,9 @@ class Runtime:
             MODEL_INFO.labels(card.name, card.version, card.sha256).set(1)
 
     def store_instance(self, ds: Dataset, raw: bytes) -> None:
-        self.store.store(ds, raw)
+        self.store.accept(ds, raw)  # durable on return; filed now or moments later
+
+    def _filed(self, case: FiledCase) -> None:
         INSTANCES.labels("stored").inc()
         self.scheduler.capture_stored()  # its case's stability clock restarted
 
@@ -250,6 +252,8 @@ class Runtime:
 
     def start(self) -> None:
         self.pipeline()
+        self.store.recover()  # what the last run spooled and did not file
+        self.store.start()
         self.scp.start()
         for _ in range(self.settings.dicom.ingest_processes - 1):
             self._start_ingest_worker()
@@ -314,6 +318,7 @@ class Runtime:
         self.mllp.stop()
         self.scp.stop()
         self._stop_ingest_workers()
+        self.store.stop()  # files what is spooled; anything left is filed at the next start
         for thread in self._threads:
             thread.join(timeout=15)
         self.db.dispose()

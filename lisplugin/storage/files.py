@@ -17,17 +17,26 @@ def safe_name(text: str, limit: int = 96) -> str:
 
 def write_durably(path: Path, data: bytes) -> Path:
     """Write ``data`` atomically: temp file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # per process and thread: two associations may carry the same instance at once
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_all_durably([(path, data)])
     return path
+
+
+def write_all_durably(files: list[tuple[Path, bytes]]) -> None:
+    """Write each file atomically (temp file, fsync, rename); then fsync each folder once."""
+    folders: dict[Path, None] = {}
+    for path, data in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # per process and thread: two associations may carry the same instance at once
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        folders[path.parent] = None
+    for folder in folders:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
