@@ -132,7 +132,7 @@ class InstanceStore:
         self.instances_dir = storage_path / "instances"
         self.quarantine_dir = storage_path / "quarantine"
         self._commits: GroupCommit[_Capture, FiledCase] = GroupCommit(
-            lambda captures: db.transaction(lambda s: [_record(s, c) for c in captures])
+            lambda captures: db.transaction(lambda s: _record_all(s, captures))
         )
         self.on_filed: OnFiled = on_filed or (lambda case: None)
         self.spool = spool
@@ -229,7 +229,7 @@ class InstanceStore:
         done = [item for _, item in captures if item.id not in chosen]  # held: nothing to do
         filed: list[tuple[FiledCase, _Capture]] = []
         try:
-            cases = self.db.transaction(lambda s: [_record(s, c) for c, _ in new.values()])
+            cases = self.db.transaction(lambda s: _record_all(s, [c for c, _ in new.values()]))
             filed = list(zip(cases, [c for c, _ in new.values()], strict=True))
             done += [item for _, item in new.values()]
         except Exception:
@@ -237,7 +237,7 @@ class InstanceStore:
                 raise
             for capture, item in new.values():  # one bad item must not hold up the others
                 try:
-                    case = self.db.transaction(lambda s, c=capture: _record(s, c))
+                    case = self.db.transaction(lambda s, c=capture: _record_all(s, [c])[0])
                 except Exception:
                     log.exception("spooled %s could not be filed; kept for later", item.path)
                     continue
@@ -330,6 +330,7 @@ class SpoolRecorder:
     #: A row this old that no recorder here holds was left by a process that ended.
     ABANDONED_SECONDS = 60.0
     BATCH = 64
+    LINGER_SECONDS = 0.02
 
     def __init__(
         self, spool: Spool, file: Callable[[list[Spooled]], list[Spooled]], max_backlog: int
@@ -381,6 +382,14 @@ class SpoolRecorder:
                     # rows of filed instances are deleted in bulk, when idle or many: each
                     # delete takes the spool's write lock from the associations
                     self._cond.wait(timeout=0.2 if self._filed_rows else self.ABANDONED_SECONDS / 2)
+                # What arrives within LINGER_SECONDS is filed in the same transaction: per
+                # instance, a transaction costs the associations more (the GIL) than the wait.
+                deadline = time.monotonic() + self.LINGER_SECONDS
+                while 0 < len(self._queue) < self.BATCH and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(timeout=left)
                 stopping = self._stopping and (not self._queue or not self.healthy)
                 batch = [self._queue[i] for i in range(min(len(self._queue), self.BATCH))]
                 queued = {item.id for item in self._queue}
@@ -453,38 +462,86 @@ class FiledCase:
 _RESULT_MATTERS = REOPENABLE - {CaseStatus.RECEIVING}
 
 
-def _record(session: Session, capture: _Capture) -> FiledCase:
-    """File one instance in its case (created by the first capture or order of an accession).
+def _record_all(session: Session, captures: list[_Capture]) -> list[FiledCase]:
+    """File instances in their cases (a case is created by the first capture or order of an
+    accession); one result per capture, in order.
 
-    Column statements rather than ORM objects: this runs for every instance, and the case's
-    optimistic lock (``version``) is kept by hand.
+    Column statements rather than ORM objects, a few per batch rather than per instance: this
+    runs for every instance. Each case's optimistic lock (``version``) is kept by hand.
     """
-    holder = session.scalar(
-        select(Instance.case_id).where(Instance.sop_instance_uid == capture.sop_uid)
-    )
-    if holder is not None:  # the same instance, concurrently
-        return _filed(session, holder)
-    key = case_key(capture.accession, capture.study_uid)
+    uids = [c.sop_uid for c in captures]
+    holders: dict[str, int] = {
+        uid: case_id
+        for uid, case_id in session.execute(
+            select(Instance.sop_instance_uid, Instance.case_id).where(
+                Instance.sop_instance_uid.in_(uids)
+            )
+        ).all()
+    }
+    groups: dict[str, list[_Capture]] = {}
+    seen: set[str] = set()
+    for capture in captures:  # the same instance twice in a batch: filed as it came first
+        if capture.sop_uid not in holders and capture.sop_uid not in seen:
+            seen.add(capture.sop_uid)
+            groups.setdefault(case_key(capture.accession, capture.study_uid), []).append(capture)
+    rows = {
+        row.case_key: row
+        for row in session.execute(
+            select(
+                Case.id,
+                Case.case_key,
+                Case.status,
+                Case.version,
+                Case.patient,
+                Case.study_instance_uid,
+            ).where(Case.case_key.in_(list(groups)))
+        ).all()
+    } if groups else {}  # fmt: skip
     now = datetime.now(UTC)
-    row = session.execute(
-        select(Case.id, Case.status, Case.version, Case.patient, Case.study_instance_uid).where(
-            Case.case_key == key
-        )
-    ).one_or_none()
+    filed: dict[str, FiledCase] = {}
+    instances: list[dict[str, Any]] = []
+    for key, group in groups.items():
+        case_id, status = _file_in_case(session, key, rows.get(key), group, now)
+        for capture in group:
+            filed[capture.sop_uid] = FiledCase(case_id, key, status, now)
+            instances.append(
+                {
+                    "case_id": case_id,
+                    "sop_instance_uid": capture.sop_uid,
+                    "sop_class_uid": capture.sop_class_uid,
+                    "series_instance_uid": capture.series_uid,
+                    "path": capture.path,
+                    "frames": capture.frames,
+                    "calling_ae_title": capture.calling_ae_title,
+                }
+            )
+    if instances:
+        session.execute(insert(Instance), instances)
+    return [
+        filed[c.sop_uid] if c.sop_uid in filed else _filed(session, holders[c.sop_uid])
+        for c in captures
+    ]
+
+
+def _file_in_case(
+    session: Session, key: str, row: Any, group: list[_Capture], now: datetime
+) -> tuple[int, CaseStatus]:
+    """Create the case of ``key`` or update it for new captures: (case id, its status)."""
+    first = group[0]
     if row is None:
         case = Case(
             case_key=key,
-            accession_number=capture.accession,
-            study_instance_uid=capture.study_uid,
+            accession_number=first.accession,
+            study_instance_uid=first.study_uid,
             status=CaseStatus.RECEIVING,
-            patient=capture.patient,
+            patient=first.patient,
             last_instance_at=now,
         )
         session.add(case)
         session.flush()
-        _insert_instance(session, case.id, capture)
-        return FiledCase(case.id, key, case.status, now)
+        return case.id, case.status
     status = row.status
+    kept = f"{first.sop_uid}" + (f" and {len(group) - 1} more" if len(group) > 1 else "")
     if row.status in _RESULT_MATTERS:
         result = session.scalar(select(Case.result).where(Case.id == row.id))
         if row.status in REOPENABLE and not reclassified(result or {}):
@@ -495,43 +552,28 @@ def _record(session: Session, capture: _Capture) -> FiledCase:
                 "someone re-analyses the case",
                 key,
                 row.status.value,
-                capture.sop_uid,
+                kept,
             )
     elif row.status == CaseStatus.FINAL:
         log.warning(
             "case %s is final: %s kept, not analysed until someone re-analyses the case",
             key,
-            capture.sop_uid,
+            kept,
         )
     values: dict[str, Any] = {
         "status": status,
         "last_instance_at": now,
         "version": row.version + 1,
-        "study_instance_uid": row.study_instance_uid or capture.study_uid,
+        "study_instance_uid": row.study_instance_uid or first.study_uid,
     }
     if not row.patient:
-        values["patient"] = capture.patient
+        values["patient"] = first.patient
     updated = session.execute(
         update(Case).where(Case.id == row.id, Case.version == row.version).values(**values)
     )
     if updated.rowcount != 1:  # another writer changed the case: the transaction runs again
         raise StaleDataError(f"case {key} changed concurrently")
-    _insert_instance(session, row.id, capture)
-    return FiledCase(row.id, key, status, now)
-
-
-def _insert_instance(session: Session, case_id: int, capture: _Capture) -> None:
-    session.execute(
-        insert(Instance).values(
-            case_id=case_id,
-            sop_instance_uid=capture.sop_uid,
-            sop_class_uid=capture.sop_class_uid,
-            series_instance_uid=capture.series_uid,
-            path=capture.path,
-            frames=capture.frames,
-            calling_ae_title=capture.calling_ae_title,
-        )
-    )
+    return row.id, status
 
 
 def _filed(session: Session, case_id: int) -> FiledCase:
