@@ -151,10 +151,18 @@ class StorageSettings(BaseModel):
     #: Answer a C-STORE once the instance is in the ingest spool (one sync) and file it in the
     #: background; off: written and recorded before the answer (three syncs, slower).
     spool: bool = True
+    #: The spool's SQLite file; empty: ``<path>/ingest-spool.sqlite``. It must be on a disk of
+    #: this host (SQLite's WAL): with ``path`` on a shared file system, give each host its own.
+    spool_path: Path | None = None
     #: Larger instances (whole-slide levels) skip the spool: written to their file directly.
     spool_max_instance_mb: int = Field(default=16, ge=1)
     #: Spooled bytes not yet filed beyond which captures are filed before the answer again.
     spool_backlog_mb: int = Field(default=256, ge=1)
+
+    @field_validator("spool_path", mode="before")
+    @classmethod
+    def _default_spool(cls, value: Any) -> Any:
+        return value or None  # "" in YAML or the environment: beside the instances
 
 
 class CaseSettings(BaseModel):

@@ -182,3 +182,17 @@ def test_concurrent_associations_share_one_spool_commit(db: Database, tmp_path: 
     assert spool._group.batches < 8  # at least two puts shared a commit (one sync)
     spool.remove(ids)
     assert spool.count() == 0 and spool.left() == []
+
+
+def test_the_spool_lives_where_the_settings_say(db: Database, tmp_path: Path) -> None:
+    from lisplugin.config import Settings
+    from lisplugin.service.ingest import instance_store
+
+    beside = Settings(storage={"path": tmp_path / "var", "spool_path": ""})
+    local = Settings(storage={"path": tmp_path / "var", "spool_path": tmp_path / "local.sqlite"})
+    off = Settings(storage={"path": tmp_path / "var", "spool": False})
+    for settings, where in ((beside, tmp_path / "var" / SPOOL_FILE),
+                            (local, tmp_path / "local.sqlite"), (off, None)):  # fmt: skip
+        store = instance_store(db, settings, lambda case: None)
+        assert (store.spool.path if store.spool else None) == where
+        store.stop()

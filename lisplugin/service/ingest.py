@@ -311,7 +311,7 @@ def instance_store(db: Database, settings: Settings, on_filed: OnFiled) -> Insta
         db,
         storage.path,
         settings.dicom.limits,
-        spool=Spool(storage.path / SPOOL_FILE) if storage.spool else None,
+        spool=Spool(storage.spool_path or storage.path / SPOOL_FILE) if storage.spool else None,
         on_filed=on_filed,
         spool_max_instance_bytes=storage.spool_max_instance_mb * 1024 * 1024,
         spool_max_backlog_bytes=storage.spool_backlog_mb * 1024 * 1024,
