@@ -7,10 +7,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from dicom_factory import SCP_AET, c_store, instance, smear
 from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
@@ -22,14 +20,6 @@ from lisplugin.service.ingest import SPOOL_FILE, FiledCase, InstanceStore
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm import Instance
 from lisplugin.storage.spool import Spool
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.migrate()
-    yield database
-    database.dispose()
 
 
 def _store(db: Database, var: Path, filed: list[FiledCase], **kwargs: int) -> InstanceStore:
