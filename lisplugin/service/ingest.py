@@ -208,9 +208,10 @@ class InstanceStore:
                 return capture, duplicate
         return capture, None
 
-    def _file_spooled(self, items: list[Spooled]) -> list[Spooled]:
+    def _file_spooled(self, items: list[Spooled]) -> tuple[list[Spooled], int]:
         """Write the files of spooled instances and record them (one transaction; item by item
-        if it fails); returns those now filed or already held, whose rows can go."""
+        if it fails); returns those now filed or already held, whose rows can go, and how many
+        were filed now."""
         captures = [(_Capture(**item.record), item) for item in items]
         uids = [c.sop_uid for c, _ in captures]
         held = set(
@@ -248,7 +249,7 @@ class InstanceStore:
                 "stored %s in case %s (%d frames)", capture.sop_uid, case.case_key, capture.frames
             )
             self.on_filed(case)
-        return done
+        return done, len(filed)
 
     def recover(self) -> int:
         """File what the spool holds from before this start (a crash, a kill); returns how
@@ -257,12 +258,12 @@ class InstanceStore:
             return 0
         total = 0
         while items := self.spool.left():
-            done = self._file_spooled(items)
+            done, filed = self._file_spooled(items)
             if not done:
                 raise RuntimeError(f"spooled instances cannot be filed: {items[0].path}")
             self.spool.remove([item.id for item in done])
-            total += len(done)
-        if total:
+            total += filed
+        if total:  # rows another process on the port filed already are only deleted
             log.warning("filed %d instance(s) left in the spool by the last run", total)
         return total
 
@@ -333,7 +334,10 @@ class SpoolRecorder:
     LINGER_SECONDS = 0.02
 
     def __init__(
-        self, spool: Spool, file: Callable[[list[Spooled]], list[Spooled]], max_backlog: int
+        self,
+        spool: Spool,
+        file: Callable[[list[Spooled]], tuple[list[Spooled], int]],
+        max_backlog: int,
     ) -> None:
         self.spool = spool
         self.file = file
@@ -412,7 +416,7 @@ class SpoolRecorder:
 
     def _file(self, batch: list[Spooled]) -> None:
         try:
-            done = self.file(batch)
+            done, _ = self.file(batch)
         except Exception:
             # Nothing is lost (the rows stay); new captures go the synchronous way meanwhile.
             log.exception("filing %d spooled instance(s) failed; retrying", len(batch))
