@@ -357,6 +357,7 @@ class SpoolRecorder:
                 self.healthy
                 and not self._stopping
                 and self._thread is not None
+                and self._thread.is_alive()
                 and self._backlog + size <= self.max_backlog
             )
 
@@ -397,20 +398,28 @@ class SpoolRecorder:
                 stopping = self._stopping and (not self._queue or not self.healthy)
                 batch = [self._queue[i] for i in range(min(len(self._queue), self.BATCH))]
                 queued = {item.id for item in self._queue}
-            if self._filed_rows and (stopping or not batch or len(self._filed_rows) >= 256):
-                self.spool.remove(self._filed_rows)
-                self._filed_rows = []
+            try:
+                if self._filed_rows and (stopping or not batch or len(self._filed_rows) >= 256):
+                    self.spool.remove(self._filed_rows)
+                    self._filed_rows = []
+                if (
+                    not stopping
+                    and not batch
+                    and time.monotonic() - last_sweep >= (self.ABANDONED_SECONDS / 2)
+                ):
+                    last_sweep = time.monotonic()
+                    batch = [
+                        item
+                        for item in self.spool.left(older_than=self.ABANDONED_SECONDS)
+                        if item.id not in queued and item.id not in self._filed_rows
+                    ]
+                    if batch:
+                        log.warning("filing %d instance(s) another process left", len(batch))
+            except Exception:  # the spool's file: a filed row deleted twice is harmless
+                log.exception("the ingest spool could not be read or cleaned; retrying")
+                time.sleep(1.0)
             if stopping:
                 return
-            if not batch and time.monotonic() - last_sweep >= self.ABANDONED_SECONDS / 2:
-                last_sweep = time.monotonic()
-                batch = [
-                    item
-                    for item in self.spool.left(older_than=self.ABANDONED_SECONDS)
-                    if item.id not in queued and item.id not in self._filed_rows
-                ]
-                if batch:
-                    log.warning("filing %d instance(s) another process left", len(batch))
             if batch:
                 self._file(batch)
 
