@@ -492,7 +492,8 @@ def cli(argv: list[str]) -> int:
         for name in SITES
         if paths[name] is not None and name in trained
     }  # fmt: skip
-    if args.mix_colour is not None and args.mix_colour != args.colour:
+    mixing = args.mix_colour is not None and args.mix_colour != args.colour
+    if mixing:
         mix = None if args.mix_colour == "none" else args.mix_colour
         for name in sites:
             again = load_site(
@@ -573,7 +574,7 @@ def cli(argv: list[str]) -> int:
     }
     if style_names:
         meta["style_sources"] = style_names
-    if args.mix_colour is not None and args.mix_colour != args.colour:
+    if mixing:
         meta["training_colours"] = [args.colour, args.mix_colour]
     if pseudo is not None:
         meta["pseudo_labels"] = {
