@@ -80,3 +80,30 @@ def test_init_from_exported_onnx_reproduces_the_model(tmp_path: Path) -> None:
     target.train()
     with torch.no_grad():  # train-mode batch norm on the calibration batch: the same function
         assert torch.allclose(target(x), source.eval()(x), atol=1e-3)
+
+
+def test_group_norm_network_loads_back_from_its_graph_and_starts_from_a_batch_norm_one(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    source = training.ViewAverage(
+        training.LeukocyteNet(8, widths=(8, 16, 16, 16), norm="group"), 4
+    ).eval()
+    for module in source.modules():  # non-trivial scales and shifts, as after training
+        if isinstance(module, torch.nn.GroupNorm):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path / "group.onnx"
+    training.export_onnx(source, path, 32)
+    x = torch.randn(8, 3, 32, 32)
+    target = training.LeukocyteNet(8, widths=(8, 16, 16, 16), norm="group")
+    load_onnx_weights(target, path, x)  # exact: scales and shifts found after each norm
+    assert max_abs_difference(training.ViewAverage(target, 4), path, x) < 1e-4
+    with pytest.raises(ValueError, match="unfused"):  # a batch-norm network cannot take it
+        load_onnx_weights(training.LeukocyteNet(8, widths=(8, 16, 16, 16)), path, x)
+    batch = training.LeukocyteNet(8, widths=(8, 16, 16, 16))
+    training.export_onnx(batch, tmp_path / "batch.onnx", 32)
+    started = training.LeukocyteNet(8, widths=(8, 16, 16, 16), norm="group")
+    load_onnx_weights(started, tmp_path / "batch.onnx", x)  # convolutions and head carried over
+    assert torch.equal(started.head.weight, batch.head.weight)
+    assert torch.allclose(started.features[0].weight, batch.features[0].weight, atol=1e-4)

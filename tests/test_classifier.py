@@ -117,13 +117,14 @@ def test_mix_colour_trains_on_both_normalisations_of_each_crop(
     assert "`--mix-colour`" in text
 
 
+@pytest.mark.parametrize("norm", ["batch", "group"])
 def test_fine_tune_from_a_shipped_onnx_at_another_size(
-    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], norm: str
 ) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     argv = ["--data", str(shared_data / "pbc"), "--limit", "16", "--epochs", "1"]
     argv += ["--batch-size", "8"]
-    assert training.cli([*argv, "--out", str(first), "--input-size", "32"]) == 0
+    assert training.cli([*argv, "--out", str(first), "--input-size", "32", "--norm", norm]) == 0
     init = first / "leukocyte-classifier.onnx"
     capsys.readouterr()
     tune = ["--out", str(second), "--input-size", "40", "--init", str(init), "--lr", "1e-4"]
@@ -135,6 +136,8 @@ def test_fine_tune_from_a_shipped_onnx_at_another_size(
     parent = load_card(first, "leukocyte-classifier")
     child = load_card(second, "leukocyte-classifier")
     assert child["input_size"] == 40
+    # the child is built with the parent's normalisation layers, which its card names again
+    assert parent.get("norm_layers", "batch") == child.get("norm_layers", "batch") == norm
     assert (child["mean"], child["std"]) == (parent["mean"], parent["std"])
     text = (second / "leukocyte-classifier.md").read_text()
     assert "## Lineage" in text and parent["sha256"][:16] in text

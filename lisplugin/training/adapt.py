@@ -183,7 +183,7 @@ def adapt(
             val_y = np.asarray([classes.index(s.label) for s in ref_val], dtype=np.int64)
         log(f"replaying {len(ry)} reference crops from {reference}")
 
-    model = trainer.LeukocyteNet(len(classes))
+    model = trainer.LeukocyteNet(len(classes), norm=str(front.get("norm_layers", "batch")))
     calibration = trainer.normalise(
         trainer.to_tensor(x[: min(len(x), 256)]), base_card["mean"], base_card["std"]
     )

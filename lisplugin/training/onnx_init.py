@@ -9,6 +9,7 @@ and (up to batch noise) in train mode.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,14 @@ def load_onnx_weights(model: nn.Module, path: Path, calibration: torch.Tensor) -
     """
     graph = onnx.load(str(path)).graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:  # the exporter shares equal initialisers through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
+    if _load_by_name(model, graph, weights):
+        return
+    if any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+        _load_into_group_norms(model, path, calibration)
+        return
     convs = [n for n in graph.node if n.op_type == "Conv"]
     gemm = next(n for n in graph.node if n.op_type == "Gemm")
     pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
@@ -44,6 +53,8 @@ def load_onnx_weights(model: nn.Module, path: Path, calibration: torch.Tensor) -
         kernel = weights[node.input[1]]
         if kernel.shape != tuple(conv.weight.shape):
             raise ValueError(f"{path}: kernel {kernel.shape} != {tuple(conv.weight.shape)}")
+        if len(node.input) < 3:
+            raise ValueError(f"{path}: unfused convolutions; build the network its card names")
         conv.weight.copy_(torch.tensor(kernel))
         biases.append(torch.tensor(weights[node.input[2]]).float())
         # Identity batch norm for now: then the model is exactly the fused graph.
@@ -71,6 +82,62 @@ def load_onnx_weights(model: nn.Module, path: Path, calibration: torch.Tensor) -
         bn.running_var.copy_(var)
         bn.weight.copy_(torch.sqrt(var + bn.eps))
         bn.bias.copy_(biases[k] + mean)
+
+
+@torch.no_grad()
+def _load_by_name(model: nn.Module, graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> bool:
+    """Load a graph in which nothing was fused (a group-norm network's). True if it did.
+
+    Convolutions and the head keep their parameter names (``model.`` is the prefix of the
+    test-time view wrapper); the exporter renames each group norm's scale and shift to the
+    ``Mul`` and ``Add`` after its ``InstanceNormalization``, which come in the model's order.
+    """
+    state = model.state_dict()
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)]
+    scales = [n.input[1] for n in graph.node if n.op_type == "Mul" and n.input[1] in weights]
+    shifts = [n.input[1] for n in graph.node if n.op_type == "Add" and n.input[1] in weights]
+    if not norms or len(scales) != len(norms) or len(shifts) != len(norms):
+        return False
+    found = {}
+    for name, scale, shift in zip(norms, scales, shifts, strict=True):
+        found[f"{name}.weight"] = torch.tensor(weights[scale]).reshape(-1)
+        found[f"{name}.bias"] = torch.tensor(weights[shift]).reshape(-1)
+    for key, value in state.items():
+        if key not in found:
+            array = weights.get(key, weights.get(f"model.{key}"))
+            if array is None:
+                return False
+            found[key] = torch.tensor(array)
+        if tuple(found[key].shape) != tuple(value.shape):
+            return False
+    model.load_state_dict(found)
+    return True
+
+
+@torch.no_grad()
+def _load_into_group_norms(model: nn.Module, path: Path, calibration: torch.Tensor) -> None:
+    """Start a group-norm network from a batch-norm graph's weights.
+
+    A twin with batch norms in place of the group norms is loaded as above; each group norm
+    then takes its batch norm's scale and shift, so every channel leaves with the spread and
+    offset the graph gave it on ``calibration``: the same function up to each image's own group
+    statistics, which fine-tuning takes from there.
+    """
+    twin = copy.deepcopy(model)
+    groups = [name for name, m in twin.named_modules() if isinstance(m, nn.GroupNorm)]
+    for name in groups:
+        parent, _, child = name.rpartition(".")
+        norm = twin.get_submodule(name)
+        setattr(twin.get_submodule(parent), child, nn.BatchNorm2d(norm.num_channels))
+    load_onnx_weights(twin, path, calibration)
+    twin_modules = dict(twin.named_modules())
+    for name, m in model.named_modules():
+        source = twin_modules[name]
+        if isinstance(m, nn.GroupNorm):
+            m.weight.copy_(source.weight)
+            m.bias.copy_(source.bias)
+        elif isinstance(m, nn.Conv2d | nn.Linear):
+            m.load_state_dict(source.state_dict())
 
 
 def max_abs_difference(model: nn.Module, path: Path, x: torch.Tensor) -> float:
