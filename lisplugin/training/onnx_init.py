@@ -31,6 +31,8 @@ def load_onnx_weights(model: nn.Module, path: Path, calibration: torch.Tensor) -
     for node in graph.node:  # the exporter shares equal initialisers through Identity nodes
         if node.op_type == "Identity" and node.input[0] in weights:
             weights[node.output[0]] = weights[node.input[0]]
+        elif node.op_type == "DequantizeLinear" and node.input[0] in weights:
+            weights[node.output[0]] = _dequantized(node, weights)  # an int8 graph's weights
     if _load_by_name(model, graph, weights):
         return
     if any(isinstance(m, nn.GroupNorm) for m in model.modules()):
@@ -48,6 +50,7 @@ def load_onnx_weights(model: nn.Module, path: Path, calibration: torch.Tensor) -
             pairs.append((m, bn))
     if len(pairs) != len(convs):
         raise ValueError(f"{path}: {len(convs)} convolutions, the model has {len(pairs)}")
+    convs = _in_module_order(model, convs)
     biases = []
     for (conv, bn), node in zip(pairs, convs, strict=True):
         kernel = weights[node.input[1]]
@@ -82,6 +85,45 @@ def load_onnx_weights(model: nn.Module, path: Path, calibration: torch.Tensor) -
         bn.running_var.copy_(var)
         bn.weight.copy_(torch.sqrt(var + bn.eps))
         bn.bias.copy_(biases[k] + mean)
+
+
+def _scope(module_name: str) -> str:
+    """The exporter's node-name scope of a module: ``features.4.shortcut.0`` ->
+    ``/features/features.4/shortcut/shortcut.0`` (a container's child is named with it)."""
+    segments: list[str] = []
+    for part in module_name.split("."):
+        if part.isdigit() and segments:
+            segments.append(f"{segments[-1].split('/')[-1]}.{part}")
+        else:
+            segments.append(part)
+    return "/" + "/".join(segments)
+
+
+def _in_module_order(model: nn.Module, convs: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The graph's convolutions in the model's order, found by their node names (a graph
+    optimiser, such as the quantiser's, may reorder nodes); as they are when names do not tell."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    ordered = []
+    for name in names:
+        suffix = _scope(name) + "/Conv"
+        found = [n for n in convs if n.name.endswith(suffix)]
+        if len(found) != 1:
+            return convs
+        ordered.append(found[0])
+    return ordered
+
+
+def _dequantized(node: onnx.NodeProto, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """The float values of a DequantizeLinear on initialisers (per tensor or per channel)."""
+    q = weights[node.input[0]].astype(np.float32)
+    scale = weights[node.input[1]].astype(np.float32)
+    zero = weights[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.zeros(1)
+    if scale.ndim == 1 and scale.size > 1:  # per channel along ``axis`` (default 1)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (q - zero) * scale
 
 
 @torch.no_grad()

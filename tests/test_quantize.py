@@ -1,0 +1,56 @@
+"""``lisplugin train quantize``: integer graphs behind the same cards, close to the float ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lisplugin.datasets import load_rgb
+from lisplugin.inference.classifier import OnnxLeukocyteClassifier
+from lisplugin.inference.detector import OnnxCellDetector
+from lisplugin.inference.registry import load_card
+from lisplugin.training import classifier as training
+from lisplugin.training.onnx_init import load_onnx_weights, max_abs_difference
+from lisplugin.training.quantize import cli, float_ends
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def test_quantized_models_run_behind_their_cards_and_agree_with_the_float_ones(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "int8"
+    assert cli(["--models", str(MODELS), "--out", str(out), "--data", str(shared_data),
+                "--calibration", "16"]) == 0  # fmt: skip
+    for name in ("cell-detector", "leukocyte-classifier"):
+        card = load_card(out, name)  # the SHA-256 of the new graph is the card's
+        float_card = load_card(MODELS, name)
+        assert card["precision"] == "int8" and card.version == f"{float_card.version}+int8"
+        assert card["quantization"]["float_sha256"] == float_card.sha256
+        assert card.onnx_path.stat().st_size < 0.6 * float_card.onnx_path.stat().st_size
+        assert f"## {card.version}" in (out / f"{name}.md").read_text()
+    field = load_rgb(next((shared_data / "bccd" / "JPEGImages").glob("*.jpg")))
+    cells = OnnxCellDetector.from_models_dir(out).detect(field).cells
+    reference = OnnxCellDetector.from_models_dir(MODELS).detect(field).cells
+    assert abs(len(cells) - len(reference)) <= max(2, len(reference) // 10)
+    crops = [load_rgb(p) for p in sorted((shared_data / "pbc").rglob("*.jpg"))[::500][:12]]
+    p8 = OnnxLeukocyteClassifier(load_card(out, "leukocyte-classifier")).classify(crops)
+    p32 = OnnxLeukocyteClassifier(load_card(MODELS, "leukocyte-classifier")).classify(crops)
+    assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.9
+    assert np.abs(p8 - p32).max() < 0.3
+    # an integer graph still starts a fine-tuning (adapt, --init): its weights dequantised
+    graph = load_card(out, "leukocyte-classifier").onnx_path
+    model = training.LeukocyteNet(8)
+    x = torch.randn(4, 3, 96, 96) * 0.5
+    load_onnx_weights(model, graph, x)
+    assert max_abs_difference(training.ViewAverage(model, 4), graph, x) < 1.0
+    with pytest.raises(SystemExit, match="quantised already"):
+        cli(["--models", str(out), "--out", str(tmp_path / "again"), "--data", str(shared_data)])
+
+
+def test_the_convolutions_reading_the_pixels_stay_float() -> None:
+    assert float_ends(MODELS / "leukocyte-classifier.onnx") == ["/model/features/features.0/Conv"]
+    assert float_ends(MODELS / "cell-detector.onnx")  # the detector's stem
