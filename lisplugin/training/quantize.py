@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from lisplugin.datasets import IMAGE_SUFFIXES
-from lisplugin.inference.registry import ModelCard, file_sha256, load_card
+from lisplugin.inference.registry import ModelCard, card_figures, file_sha256, load_card
 
 #: Calibration inputs per graph (fields for the detector, crops for the classifier).
 DEFAULT_CALIBRATION = 128
@@ -192,8 +192,17 @@ def quantize_folder(
     log: Callable[[str], None] = print,
 ) -> dict[str, str]:
     """Copy ``models`` to ``out`` with the named graphs quantised; returns name -> version."""
-    if out.resolve() != models.resolve():
-        shutil.copytree(models, out, dirs_exist_ok=True)
+    if not out.exists():
+        shutil.copytree(models, out)
+    elif out.resolve() != models.resolve():  # into a folder: only what is quantised now
+        for name in names:
+            card = load_card(models, name)
+            for path in (
+                models / f"{name}.md",
+                card.onnx_path,
+                *card_figures(models / f"{name}.md"),
+            ):
+                shutil.copyfile(path, out / path.name)
     versions = {}
     for name in names:
         card = load_card(out, name)
