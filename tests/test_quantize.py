@@ -11,7 +11,7 @@ import torch
 from lisplugin.datasets import load_rgb
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
 from lisplugin.inference.detector import OnnxCellDetector
-from lisplugin.inference.registry import file_sha256, load_card
+from lisplugin.inference.registry import ModelCard, file_sha256, load_card
 from lisplugin.training import classifier as training
 from lisplugin.training.onnx_init import load_onnx_weights, max_abs_difference
 from lisplugin.training.quantize import cli, float_ends
@@ -20,24 +20,29 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def _float_models(shipped: Path, out: Path) -> Path:
-    """A models folder with float graphs: the shipped ones if they are float, else the shipped
-    classifier rebuilt in float from its dequantised weights (detector left out)."""
-    card = load_card(shipped, "leukocyte-classifier")
+    """A models folder with float graphs: each shipped one that is float; a shipped integer
+    classifier rebuilt in float from its dequantised weights (an integer detector left out)."""
     out.mkdir()
-    if card.get("precision") != "int8":
-        for path in shipped.iterdir():
-            (out / path.name).symlink_to(path)
-        return out
+    for name in ("cell-detector", "leukocyte-classifier"):
+        card = load_card(shipped, name)
+        if card.get("precision") != "int8":
+            for path in (shipped / f"{name}.md", card.onnx_path):
+                (out / path.name).symlink_to(path)
+        elif name == "leukocyte-classifier":
+            _rebuilt_classifier(card, shipped / f"{name}.md", out)
+    return out
+
+
+def _rebuilt_classifier(card: ModelCard, card_path: Path, out: Path) -> None:
     model = training.LeukocyteNet(len(card["classes"]), norm=card.get("norm_layers", "batch"))
     size = int(card["input_size"])
     load_onnx_weights(model, card.onnx_path, torch.randn(8, 3, size, size) * 0.5)
     views = int(card.get("test_time_views", 1))
     graph = out / "leukocyte-classifier.onnx"
     training.export_onnx(training.ViewAverage(model, views) if views > 1 else model, graph, size)
-    text = (shipped / "leukocyte-classifier.md").read_text()
+    text = card_path.read_text()
     text = text.replace(f"sha256: {card.sha256}", f"sha256: {file_sha256(graph)}", 1)
     (out / "leukocyte-classifier.md").write_text(text.replace("precision: int8", "", 1))
-    return out
 
 
 def test_quantized_models_run_behind_their_cards_and_agree_with_the_float_ones(
