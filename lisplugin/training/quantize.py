@@ -136,14 +136,19 @@ def calibration_fields(data: Path, count: int) -> list[Path]:
 
 
 def calibration_crops(card: ModelCard, data: Path, count: int) -> np.ndarray:
-    """Training crops of PBC (all eight classes) and BCCD, cut as the classifier's card says."""
+    """Training crops of PBC (all eight classes) and BCCD (when the model trained on it), cut as
+    the classifier's card says."""
     from lisplugin.datasets.sites import load_site
 
     classes = list(card["classes"])
     size, centre = int(card["input_size"]), float(card.get("centre_crop", 1.0))
     colour = card.get("colour_normalisation")
+    # Only sites the model trained on: a model kept away from a site (leave-one-site-out) is
+    # not calibrated on it either.
+    trained = card.get("sites", ["pbc", "bccd"])
+    shares = {"pbc": 0.75, "bccd": 0.25} if "bccd" in trained else {"pbc": 1.0}
     parts = []
-    for site, share in (("pbc", 0.75), ("bccd", 0.25)):
+    for site, share in shares.items():
         split = load_site(
             site, data, classes, size, centre, colour, limit=max(int(count * share), 1),
             log=lambda _t: None, splits=("train",),
@@ -210,7 +215,9 @@ def quantize_folder(
             raise SystemExit(f"{name} {card.version} is quantised already")
         if name == "leukocyte-classifier":
             inputs = classifier_inputs(card, calibration_crops(card, data, count))
-            what = f"{len(inputs)} training crops of PBC and BCCD"
+            what = f"{len(inputs)} training crops of " + (
+                "PBC and BCCD" if "bccd" in card.get("sites", ["bccd"]) else "PBC"
+            )
             input_name = "input"
         else:
             fields = calibration_fields(data, count)
