@@ -19,6 +19,7 @@ from report_factory import smear_capture
 from lisplugin.core.crops import white_balanced, white_point
 from lisplugin.dicom.scu import send
 from lisplugin.hl7.lis_sim import LisSimulator
+from lisplugin.inference.registry import load_card
 from lisplugin.inference.store import ModelStore, ModelStoreError
 from lisplugin.training.adapt import held_back_split
 
@@ -115,6 +116,9 @@ def test_adapt_writes_a_models_folder_with_lineage_and_figures(adapted: tuple[Pa
     card = (out / "leukocyte-classifier.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["version"].startswith(report["base"]["version"] + "+site.")
+    base = load_card(MODELS, "leukocyte-classifier")  # an integer model is adapted into one
+    assert front.get("precision") == base.get("precision")
+    assert load_card(out, "leukocyte-classifier").sha256 == front["sha256"]
     assert front["adaptation"]["before"]["accuracy"] == report["before"]["accuracy"]
     assert "## Lineage" in card and report["base"]["sha256"][:16] in card
     assert (out / "cell-detector.onnx").is_file() and (out / "held-back.npz").is_file()

@@ -218,12 +218,20 @@ def adapt(
     trainer.export_onnx(model, onnx_path, size)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     meta = {
-        **front,
+        **{k: v for k, v in front.items() if k not in ("precision", "quantization")},
         "version": f"{front['version']}+site.{stamp}",
         "file": onnx_path.name,
         "sha256": file_sha256(onnx_path),
         "temperature": round(temperature, 4),
     }
+    if front.get("precision") == "int8":  # as fast as the model it adapts: integer again
+        from lisplugin.training.quantize import classifier_inputs, mark_quantized, quantize_graph
+
+        sample = calib_x[:: max(len(calib_x) // 128, 1)][:128]
+        inputs = classifier_inputs(sample, base_card["mean"], base_card["std"])
+        quantize_graph(onnx_path, onnx_path, "input", inputs)
+        calibration = f"{len(inputs)} of the crops it was adapted on"
+        mark_quantized(meta, onnx_path, calibration, rename=False)
     card_path = out / f"{names.classifier}.md"
     trainer.write_card(card_path, meta, "")
     adapted = OnnxLeukocyteClassifier(load_card(out, names.classifier))

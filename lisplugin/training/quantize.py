@@ -111,10 +111,12 @@ def detector_inputs(card: ModelCard, fields: Sequence[Path]) -> list[np.ndarray]
     return out
 
 
-def classifier_inputs(card: ModelCard, crops: np.ndarray) -> list[np.ndarray]:
+def classifier_inputs(
+    crops: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> list[np.ndarray]:
     """Normalised (1, 3, S, S) classifier inputs of crops already cut as the card says."""
-    mean = np.asarray(card["mean"], np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(card["std"], np.float32).reshape(1, 3, 1, 1)
+    mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
     x = crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     return [((x[i : i + 1] - mean) / std).astype(np.float32) for i in range(len(x))]
 
@@ -157,6 +159,29 @@ def calibration_crops(card: ModelCard, data: Path, count: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+METHOD = (
+    "static QDQ (ONNX Runtime): int8 weights per output channel, uint8 activations per tensor, "
+    "MinMax ranges"
+)
+
+
+def mark_quantized(
+    meta: dict[str, Any], onnx_path: Path, calibration: str, rename: bool = True
+) -> None:
+    """A card's front matter (``meta``, of the float graph) made that of its integer graph
+    (its version ``+int8`` unless ``rename`` is false: it says so already)."""
+    meta["quantization"] = {
+        "method": METHOD,
+        "calibration": calibration,
+        "float_sha256": meta["sha256"],
+        "float_version": str(meta["version"]),
+    }
+    meta["precision"] = "int8"
+    meta["sha256"] = file_sha256(onnx_path)
+    if rename:
+        meta["version"] = f"{meta['version']}+int8"
+
+
 def quantized_card(card_path: Path, onnx_path: Path, calibration: str) -> None:
     """Rewrite a card's front matter for its integer graph; the float graph's figures stay
     in the body, headed by what changed."""
@@ -164,16 +189,7 @@ def quantized_card(card_path: Path, onnx_path: Path, calibration: str) -> None:
     _, front, body = text.split("---\n", 2)
     meta: dict[str, Any] = yaml.safe_load(front)
     float_sha = meta["sha256"]
-    meta["sha256"] = file_sha256(onnx_path)
-    meta["precision"] = "int8"
-    meta["quantization"] = {
-        "method": "static QDQ (ONNX Runtime): int8 weights per output channel, uint8 "
-        "activations per tensor, MinMax ranges",
-        "calibration": calibration,
-        "float_sha256": float_sha,
-        "float_version": str(meta["version"]),
-    }
-    meta["version"] = f"{meta['version']}+int8"
+    mark_quantized(meta, onnx_path, calibration)
     heading = (
         f"\n## {meta['version']}: the same network in 8-bit integers\n\n"
         f"The graph of {meta['quantization']['float_version']} (SHA-256 `{float_sha[:16]}...`) "
@@ -214,7 +230,8 @@ def quantize_folder(
         if card.get("precision") == "int8":
             raise SystemExit(f"{name} {card.version} is quantised already")
         if name == "leukocyte-classifier":
-            inputs = classifier_inputs(card, calibration_crops(card, data, count))
+            crops = calibration_crops(card, data, count)
+            inputs = classifier_inputs(crops, card["mean"], card["std"])
             what = f"{len(inputs)} training crops of " + (
                 "PBC and BCCD" if "bccd" in card.get("sites", ["bccd"]) else "PBC"
             )
