@@ -69,6 +69,35 @@ def test_view_average_is_rotation_invariant() -> None:
             torch.testing.assert_close(model(view), base, rtol=1e-4, atol=1e-5)
 
 
+def test_mix_style_mixes_feature_statistics_only_while_training(tmp_path: Path) -> None:
+    """MixStyle gives each image a mix of its own and another image's channel statistics while
+    training; in evaluation the network is the plain one and exports under the same node names
+    (``onnx_init`` finds convolutions by them)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 8, 8) * torch.arange(1, 7).view(6, 1, 1, 1) + torch.arange(6).view(
+        6, 1, 1, 1
+    )
+    assert training.mix_style(x, 0.0) is x
+    mixed = training.mix_style(x, 1.0)
+    means, new = x.mean(dim=(2, 3)), mixed.mean(dim=(2, 3))
+    lo, hi = means.min(dim=0).values, means.max(dim=0).values
+    assert ((new >= lo - 1e-4) & (new <= hi + 1e-4)).all() and not torch.allclose(new, means)
+    model = training.LeukocyteNet(8)
+    model.mix_style = 1.0
+    batch = torch.randn(4, 3, 32, 32)
+    model.train()
+    model(batch).sum().backward()  # trains through the mixing
+    model.eval()
+    mixing = model(batch)
+    model.mix_style = 0.0
+    assert torch.equal(model(batch), mixing)  # evaluation never mixes
+    training.export_onnx(training.ViewAverage(model, 4), tmp_path / "m.onnx", 32)
+    import onnx
+
+    names = [n.name for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Conv"]
+    assert "/model/features/features.0/Conv" in names
+
+
 def test_fit_temperature_recovers_overconfidence() -> None:
     rng = np.random.default_rng(1)
     true_logits = rng.normal(size=(4000, 4)) * 2

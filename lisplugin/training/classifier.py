@@ -103,8 +103,44 @@ class LeukocyteNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(cin, n_classes)
 
+        #: Probability of MixStyle after the first two stages while training (0: off).
+        self.mix_style = 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        if not (self.training and self.mix_style > 0):
+            # one call, so that exported node names keep their ``features/features.N`` scope
+            # (``onnx_init`` finds convolutions by it)
+            return self.head(self.features(x).mean(dim=(2, 3)))
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in MIX_STYLE_AFTER:
+                x = mix_style(x, self.mix_style)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+#: Indices in ``LeukocyteNet.features`` after which MixStyle mixes: the first two stages' blocks,
+#: whose channel statistics carry stain and camera (later ones carry the class).
+MIX_STYLE_AFTER = (3, 4)
+
+
+def mix_style(x: torch.Tensor, p: float, alpha: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
+    """MixStyle (Zhou et al., ICLR 2021): with probability ``p``, each image's per-channel
+    feature mean and spread are replaced by a random mix of its own and another image's.
+
+    Those statistics are where a lab's stain and optics live in early layers; mixing them across
+    the batch (whose images come from several sites and rendered stains) synthesises styles
+    between the ones seen, so the classes must be read from what the statistics leave. No
+    parameters: the exported graph and its weights are unchanged.
+    """
+    if float(torch.rand(())) > p or x.shape[0] < 2:
+        return x
+    mu = x.mean(dim=(2, 3), keepdim=True).detach()
+    sigma = (x.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
+    lam = torch.distributions.Beta(alpha, alpha).sample((x.shape[0], 1, 1, 1)).to(x.dtype)
+    perm = torch.randperm(x.shape[0])
+    mu_mix = lam * mu + (1 - lam) * mu[perm]
+    sigma_mix = lam * sigma + (1 - lam) * sigma[perm]
+    return (x - mu) / sigma * sigma_mix + mu_mix
 
 
 class ViewAverage(nn.Module):
@@ -476,6 +512,13 @@ def _parser() -> argparse.ArgumentParser:
         "--style-p", type=float, default=0.5, help="share of crops re-rendered in a lab's style"
     )
     parser.add_argument(
+        "--mix-style",
+        type=float,
+        default=0.0,
+        help="probability of MixStyle (feature statistics mixed across the batch) after the "
+        "first two stages while training; 0: off",
+    )
+    parser.add_argument(
         "--pseudo-teacher",
         type=Path,
         help="models folder whose classifier labels the unlabelled labs' leukocytes under "
@@ -550,6 +593,7 @@ def cli(argv: list[str]) -> int:
     if args.norm is None:
         args.norm = str((init_card or {}).get("norm_layers", "batch"))
     model = LeukocyteNet(len(classes), norm=args.norm)
+    model.mix_style = args.mix_style
     if args.init is not None:
         _initialise(model, args.init, init_card, calibration, log)
     model, history = train(
@@ -604,6 +648,8 @@ def cli(argv: list[str]) -> int:
     }
     if args.norm != "batch":  # adapt and --init rebuild the network the card names
         meta["norm_layers"] = args.norm
+    if args.mix_style > 0:
+        meta["mix_style"] = args.mix_style
     if style_names:
         meta["style_sources"] = style_names
     if mixing:
