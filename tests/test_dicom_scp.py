@@ -414,3 +414,41 @@ def test_error_comment_is_a_valid_lo() -> None:
     comment = error_comment("frame 1 undecodable:\n  libjpeg \\ error " + "x" * 100)
     assert comment.startswith("frame 1 undecodable: libjpeg error x")
     assert len(comment) == 64 and "\\" not in comment and "\n" not in comment
+
+
+def test_associations_wake_on_data_and_close_their_wake_sockets(
+    scp_port: int, recorder: Recorder
+) -> None:
+    """The SCP's associations poll by waiting on their socket and queues (``dicom.reactor``):
+    many C-STOREs on one association and many associations all succeed, and each association's
+    wake-up socket pair is closed with it (no descriptor left behind)."""
+    import os
+    import time
+
+    import pynetdicom.association
+
+    from lisplugin.dicom import reactor
+
+    assert isinstance(pynetdicom.association.time, reactor._ReactorClock)
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    c_store(scp_port, instance(PIXELS))  # the server's threads and sockets exist already
+    before = descriptors()
+    datasets = [instance(PIXELS) for _ in range(40)]
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp_port, ae_title=SCP_AET)
+    assert assoc.is_established
+    try:
+        assert all(assoc.send_c_store(ds).Status == SUCCESS for ds in datasets)
+    finally:
+        assoc.release()
+    for _ in range(20):
+        assert c_store(scp_port, instance(PIXELS)).Status == SUCCESS
+    assert len(recorder.stored) == 1 + 40 + 20
+    deadline = time.monotonic() + 10
+    while descriptors() > before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server's association threads finish after the release
+    assert descriptors() <= before

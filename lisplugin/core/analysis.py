@@ -26,6 +26,7 @@ from lisplugin.core.crops import (
     CLASS_BOX_PX,
     PBC_UM_PER_PX,
     PBC_WBC_BOX_PX,
+    background_colour,
     leukocyte_crop,
     pbc_scale,
     usable_spacing,
@@ -111,12 +112,18 @@ def leukocyte_crops(
     leukocyte box taken as ``box_px`` PBC px (``pbc_scale``); training, adaptation and the
     daemon all cut crops here.
     """
+    leukocytes = [d for d in detections if d.kind == "WBC"]
+    if not leukocytes:
+        return []
+    background = background_colour(field.image)  # once a field, not once a crop
     return [
         leukocyte_crop(
-            field.image, d.box, pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box, box_px)
+            field.image,
+            d.box,
+            pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box, box_px),
+            background=background,
         )
-        for d in detections
-        if d.kind == "WBC"
+        for d in leukocytes
     ]
 
 

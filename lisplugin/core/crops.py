@@ -115,12 +115,14 @@ def leukocyte_crop(
     box: tuple[float, float, float, float],
     scale: float,
     out_size: int = PBC_CROP_PX,
+    background: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cut the PBC-scale window around a leukocyte and resample it to ``out_size`` pixels.
 
     ``box`` is (x0, y0, x1, y1) in field pixels, ``scale`` the field -> PBC factor from
     :func:`pbc_scale`. The window is ``160 / scale`` field pixels wide, centred on the box;
-    parts outside the field are filled with the background colour so the cell stays centred.
+    parts outside the field are filled with the background colour so the cell stays centred
+    (``background``: the field's :func:`background_colour`, when the caller has it already).
     """
     if scale <= 0:
         raise ValueError("scale must be positive")
@@ -129,7 +131,7 @@ def leukocyte_crop(
     cx, cy = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
     left, top = round(cx - window / 2.0), round(cy - window / 2.0)
     canvas = np.empty((window, window, image.shape[2]), dtype=image.dtype)
-    canvas[:] = background_colour(image)
+    canvas[:] = background_colour(image) if background is None else background
     sx0, sy0 = max(left, 0), max(top, 0)
     sx1, sy1 = min(left + window, w), min(top + window, h)
     if sx1 > sx0 and sy1 > sy0:

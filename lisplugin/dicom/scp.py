@@ -20,11 +20,12 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import decode, encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from lisplugin.config import DicomSettings, InstanceLimits
 from lisplugin.dicom.decode import UnusableInstance, validate_header
 from lisplugin.dicom.mwl import WorklistSCP
+from lisplugin.dicom.reactor import WakingSocket, install, wake_on_data
 from lisplugin.dicom.sop import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from lisplugin.tls import server_context
 
@@ -84,6 +85,7 @@ class StorageSCP:
         if self._server is not None:
             raise RuntimeError("StorageSCP already started")
         settings = self.settings
+        install()  # reactors woken by their messages, not 1 ms polls (``dicom.reactor``)
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.max_pdu
         ae.maximum_associations = settings.max_associations
@@ -255,7 +257,7 @@ def _pdu_read_limit(max_pdu: int) -> int:
     return max(max_pdu, 0) + _PDU_SLACK if max_pdu else 2**32
 
 
-class _BoundedSocket(AssociationSocket):
+class _BoundedSocket(WakingSocket):
     """Refuses a PDU over the limit, and a data set that grows past its budget, while they
     arrive: the OSError makes pynetdicom treat the connection as closed and abort it."""
 
@@ -331,6 +333,8 @@ class _BoundedRequestHandler(RequestHandler):
                 self._assoc.join()  # the peer's slot is held while the association lives
         finally:
             peers.leave(peer)
+            if self._assoc is not None and isinstance(self._assoc.dul.socket, WakingSocket):
+                self._assoc.dul.socket.close_wake()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -341,6 +345,7 @@ class _BoundedRequestHandler(RequestHandler):
         sock.__class__ = _BoundedSocket
         sock.max_read, sock.budget = self.server.read_limits  # type: ignore[attr-defined]
         sock.received = 0
+        wake_on_data(assoc)
         return assoc
 
 

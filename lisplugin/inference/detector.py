@@ -96,17 +96,24 @@ def cell_centres(h: int, w: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indices kept by greedy non-maximum suppression, highest score first."""
     order = np.argsort(-scores, kind="stable")
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    b = boxes[order]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    # All pairwise overlaps at once (a field has at most a few hundred candidates), then the
+    # greedy pass only reads rows: one small array operation per kept box.
+    width = np.clip(
+        np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0, None
+    )
+    height = np.clip(
+        np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0, None
+    )
+    inter = width * height
+    suppresses = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9) >= iou
+    removed = np.zeros(len(order), dtype=bool)
     keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        lt = np.maximum(boxes[i, :2], boxes[rest, :2])
-        rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
-        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-        overlap = inter / np.maximum(area[i] + area[rest] - inter, 1e-9)
-        order = rest[overlap < iou]
+    for i in range(len(order)):
+        if not removed[i]:
+            keep.append(order[i])
+            removed |= suppresses[i]
     return np.array(keep, dtype=np.int64)
 
 
