@@ -166,6 +166,33 @@ def test_decode_peaks_and_nms():
                np.array([0.5, 0.9, 0.7]), 0.5).tolist() == [1, 2]  # fmt: skip
 
 
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """Textbook greedy NMS, one box at a time: the reference for the vectorised one."""
+    order = sorted(range(len(scores)), key=lambda k: -scores[k])  # stable: ties keep order
+    keep: list[int] = []
+    for k in order:
+        x0, y0, x1, y1 = boxes[k]
+        for j in keep:
+            a0, b0, a1, b1 = boxes[j]
+            inter = max(min(x1, a1) - max(x0, a0), 0) * max(min(y1, b1) - max(y0, b0), 0)
+            union = (x1 - x0) * (y1 - y0) + (a1 - a0) * (b1 - b0) - inter
+            if inter / max(union, 1e-9) >= iou:
+                break
+        else:
+            keep.append(k)
+    return keep
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 120, 400])
+def test_nms_keeps_what_greedy_suppression_keeps(n: int) -> None:
+    rng = np.random.default_rng(n)
+    corner = rng.random((n, 2)) * 300
+    boxes = np.concatenate([corner, corner + rng.random((n, 2)) * 40 + 4], axis=1)
+    scores = rng.random(n).round(1)  # many ties
+    for iou in (0.3, 0.5, 0.7):
+        assert nms(boxes, scores, iou).tolist() == _greedy_nms(boxes, scores, iou)
+
+
 def test_masks_split_touching_cells():
     boxes = np.array([[0, 0, 40, 40], [30, 0, 70, 40]], float)
     fg = foreground_in_field(np.ones((10, 18), np.float32), scale=1.0, stride=4, h=40, w=70)
