@@ -231,6 +231,22 @@ def _files(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
+def _settled_files(folder: Path, expected: int, quiet: float = 2.0, limit: float = 60.0) -> int:
+    """The files in ``folder`` once filing has caught up: an instance answered from the ingest
+    spool is filed just after its answer, so counting at once would call the last ones
+    refused. Waits until ``expected`` are there, or the count stops moving for ``quiet`` s."""
+    deadline = time.monotonic() + limit
+    count, since = _files(folder), time.monotonic()
+    while count < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _files(folder)
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return count
+
+
 def measure(
     peer: str,
     count: int,
@@ -263,7 +279,7 @@ def measure(
             for batch in progress(batches, desc="rounds", unit="round"):
                 ours.append(len(batch) / send(port, LISPLUGIN_AET, batch, associations))
                 theirs.append(len(batch) / send(peer_port, PEER_AET, batch, associations))
-            kept = _files(stored)
+            kept = _settled_files(stored, count * rounds)
             if peer == "storescp":
                 peer_kept = _files(peer_stored)
             else:
