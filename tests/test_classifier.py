@@ -485,3 +485,18 @@ def test_pseudo_labelled_labs_train_as_one_more_site(
         training.cli([*argv, *leaky])
     assert refused.value.code == 2
     assert "was trained on pbc" in capsys.readouterr().err
+
+
+def test_white_balance_by_lookup_equals_the_float_arithmetic() -> None:
+    """8-bit crops are white-balanced through a 256-level table per channel; other dtypes by
+    float arithmetic: both give the same pixels, and the white point is the same."""
+    from lisplugin.core.crops import REFERENCE_WHITE, white_balanced, white_point
+
+    rng = np.random.default_rng(3)
+    crop = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    crop[:20] = (250, 240, 200)  # a tinted glass
+    assert np.array_equal(white_point(crop), white_point(crop.astype(np.float32)))
+    white = white_point(crop)
+    expected = np.clip(np.rint(crop.astype(np.float32) * (REFERENCE_WHITE / white)), 0, 255)
+    assert np.array_equal(white_balanced(crop), expected.astype(np.uint8))
+    assert np.array_equal(white_balanced(crop.astype(np.float32)), white_balanced(crop))

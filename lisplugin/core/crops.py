@@ -156,7 +156,8 @@ def white_point(image: np.ndarray) -> np.ndarray:
     """
     rgb = image[..., :3].reshape(-1, 3)
     # Channel planes, not reductions over the last axis of three (several times slower).
-    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    levels = rgb if rgb.dtype == np.uint8 else rgb.astype(np.uint16)
+    r, g, b = levels[:, 0], levels[:, 1], levels[:, 2]
     # Brightness as the integer sum of the channels (three times the grey level): its quantile
     # comes from a 766-bin histogram, exactly as np.quantile's linear rule would give it.
     total = r.astype(np.uint16) + g + b
@@ -186,6 +187,8 @@ def white_balanced(image: np.ndarray, white: np.ndarray | None = None) -> np.nda
     """
     white = white_point(image) if white is None else np.asarray(white, dtype=np.float32)
     gain = REFERENCE_WHITE / white
+    if image.dtype != np.uint8:
+        return np.clip(np.rint(image[..., :3].astype(np.float32) * gain), 0, 255).astype(np.uint8)
     # Every 8-bit level of each channel mapped once: a lookup per pixel, not float arithmetic.
     table = np.clip(np.rint(_LEVELS[:, None] * gain), 0, 255).astype(np.uint8)  # 256 x 3
     out = np.empty((*image.shape[:2], 3), dtype=np.uint8)
