@@ -180,7 +180,8 @@ def analyse_field(
     at one physical pixel size, and a field without a Pixel Spacing gets its scale from its own
     red cells (as the crops do), so a lab at twice BCCD's magnification is not called blurred.
     With ``owned`` (x0, y0, x1, y1) only the cells whose box centre lies in that part of the
-    field are kept and classified: the others belong to a neighbouring window of a whole slide.
+    field are kept and classified, and only that part is quality-checked: the rest belongs to a
+    neighbouring window of a whole slide.
     """
     height, width = field.image.shape[:2]
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
@@ -189,7 +190,11 @@ def analyse_field(
     found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
     rbc_diameter = field_rbc_diameter(field, detections)
-    quality = assess(field, settings, measured_spacing_um(field, detections, rbc_diameter))
+    checked = field
+    if owned is not None:  # a slide window's margins are its neighbours' to judge
+        x0, y0, x1, y1 = (max(round(v), 0) for v in owned)
+        checked = replace(field, image=field.image[y0:y1, x0:x1])
+    quality = assess(checked, settings, measured_spacing_um(field, detections, rbc_diameter))
     if not quality.passed:
         return FieldResult(index, field.source, width, height, quality, cells=())
     if owned is not None:
