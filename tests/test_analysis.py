@@ -193,6 +193,26 @@ def test_analyse_field_labels_and_batches(smear: tuple[np.ndarray, list]) -> Non
     assert result.regressed_counts == {"RBC": 20.0, "WBC": 2.0, "PLT": 1.0}
 
 
+def test_a_slide_window_is_quality_checked_on_its_own_block(smear: tuple[np.ndarray, list]) -> None:
+    """A window of a whole slide is judged on the block it owns, not on the margins it shares
+    with its neighbours: a good block beside black margins passes, the same window without an
+    owned block (half of it black) fails."""
+    image, truth = smear
+    pad = 320
+    window = np.zeros((480 + 2 * pad, 640 + 2 * pad, 3), np.uint8)
+    window[pad : pad + 480, pad : pad + 640] = image
+    shifted = [
+        Detection(kind, 0.9, (b[0] + pad, b[1] + pad, b[2] + pad, b[3] + pad)) for kind, b in truth
+    ]
+    wbcs = sum(1 for kind, _ in truth if kind == "WBC")
+    classifier = RowClassifier([one_hot("neutrophil", 0.95)] * wbcs)
+    block = (float(pad), float(pad), float(pad + 640), float(pad + 480))
+    owned = analyse_field(0, Field(window, "w"), ListDetector(shifted), classifier, SETTINGS, block)
+    assert owned.quality.passed and len(owned.cells) == len(truth)
+    whole = analyse_field(0, Field(window, "w"), ListDetector(shifted), RowClassifier([]), SETTINGS)
+    assert not whole.quality.passed and whole.cells == ()
+
+
 def test_failed_field_is_not_analysed(smear: tuple[np.ndarray, list]) -> None:
     image, truth = smear
     detector = ListDetector(detections_of(truth))
