@@ -252,16 +252,21 @@ def rbc_referenced(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
     """The crop with each channel's optical density scaled so that its red cells take the
     density of PBC's: the red cells are the one stained object every field shows, so their
     colour measures a lab's stain and camera (unchanged when too few red cells are seen)."""
-    return _rbc_scaled(balanced, rbc_density(balanced), window)
+    whole = optical_density(balanced)
+    return _rbc_scaled(balanced, _rbc_density(whole), window, whole)
 
 
-def _rbc_scaled(balanced: np.ndarray, found: np.ndarray | None, window: float) -> np.ndarray:
-    part = centre_window(balanced, window)  # measured on the whole crop, applied where seen
+def _rbc_scaled(
+    balanced: np.ndarray, found: np.ndarray | None, window: float, whole: np.ndarray
+) -> np.ndarray:
+    """``balanced`` (its optical density ``whole``) with per-channel gains that give its red
+    cells (``found``) PBC's density, in its central ``window``."""
     if found is None:
-        return part
+        return centre_window(balanced, window)
     gain = np.clip(np.asarray(REFERENCE_RBC_DENSITY, np.float32) / np.maximum(found, 1e-3),
                    1 / MAX_DENSITY_GAIN, MAX_DENSITY_GAIN)  # fmt: skip
-    out = (REFERENCE_WHITE + 1.0) * np.exp(-optical_density(part) * gain) - 1.0
+    od = centre_window(whole, window)  # measured on the whole crop, applied where seen
+    out = (REFERENCE_WHITE + 1.0) * np.exp(-od * gain) - 1.0
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -304,12 +309,12 @@ def stain_normalised(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
     whole = optical_density(balanced)
     rbc, nucleus = _stain_densities(whole)
     if rbc is None or nucleus is None:
-        return _rbc_scaled(balanced, rbc, window)
+        return _rbc_scaled(balanced, rbc, window, whole)
     here = np.stack([rbc, nucleus], axis=1)  # 3 x 2: red-cell stain, nuclear stain
     ref = np.stack([np.asarray(REFERENCE_RBC_DENSITY), np.asarray(REFERENCE_NUCLEUS_DENSITY)], 1)
     units = here / np.linalg.norm(here, axis=0)
     if float(units[:, 0] @ units[:, 1]) > MAX_STAIN_COSINE:
-        return _rbc_scaled(balanced, rbc, window)
+        return _rbc_scaled(balanced, rbc, window, whole)
     unmix = np.linalg.pinv(units)  # 2 x 3
     ref_units = ref / np.linalg.norm(ref, axis=0)
     gain = np.clip(np.linalg.norm(ref, axis=0) / np.maximum(np.diag(unmix @ here), 1e-3),

@@ -9,9 +9,9 @@ association against 312 with the loops woken; pynetdicom issues #120 and #650 di
 trade-off between the delay and idle CPU).
 
 Here the same loops wait as long as before when there is nothing to do, but return as soon as
-the data arrives: the DUL waits on the socket itself (``select`` with the old delay as timeout)
-and the reactor waits on its message queue's condition. Responses still leave within the DUL's
-1 ms (its outgoing queue cannot be waited on together with the socket). Idle CPU is unchanged.
+there is work: the DUL waits (``select``, the old delay as timeout) on its socket and on a
+socket pair that its outgoing queue writes a byte to, so a response leaves at once; the reactor
+waits on its message queue's condition. Idle CPU is unchanged.
 """
 
 from __future__ import annotations
