@@ -179,6 +179,11 @@ class AnalysisSettings(BaseModel):
     #: A leukocyte whose calibrated top probability is under this is reported "unidentified".
     min_class_probability: float = 0.6
     min_wbc_classified: int = 100
+    #: This lab's share of each leukocyte class (e.g. {neutrophil: 0.55, lymphocyte: 0.3, ...};
+    #: classes left out count as rare). The classifier's probabilities are moved to it from the
+    #: class mix it was trained under; empty: the model card's ``prevalence`` (adult peripheral
+    #: blood as shipped). See ``lisplugin.core.prevalence``.
+    leukocyte_prevalence: dict[str, float] = {}
     #: Minimum variance of the Laplacian for a field to count as in focus.
     min_focus: float = 20.0
     exposure_range: tuple[float, float] = (0.25, 0.92)

@@ -21,10 +21,23 @@ from lisplugin.core.crops import (
     pbc_scale,
     resize_rgb,
 )
+from lisplugin.core.prevalence import (
+    REFERENCE_PREVALENCE,
+    PrevalenceError,
+    label_mix,
+    prior_shift,
+    shares,
+)
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.evaluation.differential import differential_metrics, expected_calibration_error
 from lisplugin.inference.classifier import OnnxLeukocyteClassifier
-from lisplugin.inference.registry import card_figures, file_sha256, load_card
+from lisplugin.inference.registry import (
+    ModelCard,
+    ModelCardError,
+    card_figures,
+    file_sha256,
+    load_card,
+)
 from lisplugin.training import classifier as training
 from lisplugin.training.augment import photometric
 
@@ -120,6 +133,12 @@ def test_train_cli_on_a_handful_of_pbc_images(shared_data: Path, tmp_path: Path)
     assert [int(n) for n in row.strip("| ").split(" | ")[1:]] == [16, 16, 16]
     probs = OnnxLeukocyteClassifier(card).classify([np.zeros((160, 160, 3), np.uint8)])
     assert probs.shape == (1, 8) and probs.sum() == pytest.approx(1.0)
+    # the draws' class mix is written down (PBC alone here: shares of its 16 training crops),
+    # and the prevalence the probabilities are moved to
+    prior = card["training_prior"]
+    assert list(prior) == list(LEUKOCYTE_CLASSES) and sum(prior.values()) == pytest.approx(1)
+    assert all(16 * v == pytest.approx(round(16 * v), abs=1e-3) for v in prior.values())
+    assert card["prevalence"] == REFERENCE_PREVALENCE
     linked = {p.name for p in card_figures(out / "leukocyte-classifier.md") if p.is_file()}
     assert linked == {  # drawn beside the card, linked from it (matplotlib: the train extra)
         "leukocyte-classifier.confusion-pbc.png",
@@ -199,6 +218,59 @@ def test_shipped_model_loads_through_its_card_and_gives_probabilities() -> None:
     assert probs.shape == (4, len(card["classes"]))
     assert np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1.0)
     assert classifier.classify([]).shape == (0, len(card["classes"]))
+
+
+def test_prevalence_moves_probabilities_by_bayes_rule(tmp_path: Path) -> None:
+    """Two cards of the one shipped graph, with and without a prevalence: the probabilities
+    differ exactly by prevalence / training prior, renormalised; a lab's setting wins."""
+    shipped = load_card(DEFAULT_MODELS_DIR, "leukocyte-classifier")
+    assert shipped["prevalence"] == REFERENCE_PREVALENCE and shipped["training_prior"]
+    plain = ModelCard(**{**shipped.__dict__, "meta": {
+        k: v for k, v in shipped.meta.items() if k not in ("prevalence", "training_prior")
+    }})  # fmt: skip
+    rng = np.random.default_rng(3)
+    crops = [rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for _ in range(6)]
+    p = OnnxLeukocyteClassifier(plain, threads=1).classify(crops)
+    moved = OnnxLeukocyteClassifier(shipped, threads=1).classify(crops)
+    classes = list(shipped["classes"])
+    ratio = shares(REFERENCE_PREVALENCE, classes) / shares(shipped["training_prior"], classes)
+    expected = p * ratio
+    assert np.allclose(moved, expected / expected.sum(axis=1, keepdims=True), atol=1e-9)
+    lab = {"neutrophil": 0.5, "lymphocyte": 0.5}  # classes left out count as rare, not absent
+    own = OnnxLeukocyteClassifier(shipped, threads=1, prevalence=lab).classify(crops)
+    ratio = shares(lab, classes) / shares(shipped["training_prior"], classes)
+    expected = p * ratio
+    assert np.allclose(own, expected / expected.sum(axis=1, keepdims=True), atol=1e-9)
+    assert (own[:, 2:] > 0).all()
+    same = {c: float(v) for c, v in shipped["training_prior"].items()}
+    assert np.allclose(OnnxLeukocyteClassifier(shipped, prevalence=same).classify(crops), p)
+    with pytest.raises(ModelCardError, match="blast"):
+        OnnxLeukocyteClassifier(shipped, prevalence={"blast": 0.1})
+
+
+def test_the_daemon_takes_the_labs_prevalence_from_its_settings() -> None:
+    from lisplugin.config import AnalysisSettings
+    from lisplugin.service.models import load_models
+
+    lab = {"neutrophil": 0.4, "lymphocyte": 0.4, "eosinophil": 0.2}
+    _, classifier = load_models(AnalysisSettings(leukocyte_prevalence=lab))
+    assert classifier.prevalence == lab
+    _, shipped = load_models(AnalysisSettings())
+    assert shipped.prevalence == REFERENCE_PREVALENCE and shipped is not classifier
+
+
+def test_label_mix_weighs_each_draw() -> None:
+    classes = ["a", "b", "c"]
+    assert label_mix([0, 0, 1, 2], classes) == {"a": 0.5, "b": 0.25, "c": 0.25}
+    # two sites drawn half and half whatever their sizes
+    mix = label_mix([0, 0, 0, 1], classes, np.array([1 / 6, 1 / 6, 1 / 6, 1 / 2]))
+    assert mix == {"a": 0.5, "b": 0.5, "c": 0.0}
+    with pytest.raises(PrevalenceError):
+        shares({"a": -1.0, "b": 2.0}, classes)
+    # a class never trained on (a site left out) is not pushed up by its prevalence
+    shift = prior_shift(classes, {"a": 0.5, "b": 0.5, "c": 0.0}, {"a": 0.2, "b": 0.2, "c": 0.6})
+    assert shift is not None and shift[2] == 0.0 and shift[0] == pytest.approx(shift[1])
+    assert prior_shift(classes, None, {"a": 1.0}) is None
 
 
 def test_shipped_model_recognises_pbc_crops(shared_data: Path) -> None:

@@ -13,7 +13,7 @@ from lisplugin.settings_doc import REFERENCE_PATH, render, settings_docs
 def _keys(mapping: dict[str, Any], prefix: str = "") -> set[str]:
     keys: set[str] = set()
     for key, value in mapping.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # an empty mapping is a setting's own value
             keys |= _keys(value, f"{prefix}{key}.")
         else:
             keys.add(f"{prefix}{key}")

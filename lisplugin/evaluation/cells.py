@@ -119,7 +119,9 @@ def evaluate_samples(
     analysis = settings.analysis.model_copy(update={"min_class_probability": 0.0})
     detector, classifier = load_models(settings)
     if classifier_dir is not None:
-        classifier = OnnxLeukocyteClassifier(load_card(classifier_dir, analysis.classifier))
+        classifier = OnnxLeukocyteClassifier(
+            load_card(classifier_dir, analysis.classifier), prevalence=analysis.leukocyte_prevalence
+        )
     classes = list(LEUKOCYTE_CLASSES)
     if limit:
         samples = _spread(samples, limit)

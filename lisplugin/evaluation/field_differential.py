@@ -43,7 +43,9 @@ def evaluate(
     analysis = settings.analysis.model_copy(update={"min_class_probability": 0.0})
     detector, classifier = load_models(settings)
     if classifier_dir is not None:  # a freshly trained classifier with the shipped detector
-        classifier = OnnxLeukocyteClassifier(load_card(classifier_dir, analysis.classifier))
+        classifier = OnnxLeukocyteClassifier(
+            load_card(classifier_dir, analysis.classifier), prevalence=analysis.leukocyte_prevalence
+        )
     labels = read_labels(data / "wbc_labels.csv")
     images = sorted(p for p in (data / "JPEGImages").glob("*.jpg") if p.stem in labels)
     if split is not None:  # only fields of one split, e.g. those never used in training

@@ -5,7 +5,9 @@ The card front matter gives the input size, the central part of the crop the mod
 (``colour_normalisation``: none, ``white-point``, ``white-point+rbc`` or ``white-point+stains``,
 see ``lisplugin.core.crops``), the normalisation, the order of the output
 classes and the temperature fitted on the validation split; the graph outputs raw logits and the
-calibrated probabilities are ``softmax(logits / temperature)``.
+calibrated probabilities are ``softmax(logits / temperature)``, moved from the class mix of the
+training draws (``training_prior``) to the one expected where the model is used
+(``prevalence``, or the lab's setting; see ``lisplugin.core.prevalence``).
 
 For occlusion saliency the adapter also runs the graph without its test-time views
 (``classify_seen``): the shipped graph averages the logits of four rotated/mirrored copies of
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from lisplugin.core.crops import (
     colour_normalised,
     resize_rgb,
 )
+from lisplugin.core.prevalence import PrevalenceError, prior_shift
 from lisplugin.inference.registry import ModelCard, ModelCardError
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,14 @@ def single_view_graph(path: Path) -> bytes | None:
 class OnnxLeukocyteClassifier:
     """Calibrated class probabilities for PBC-scale leukocyte crops (any size, RGB uint8)."""
 
-    def __init__(self, card: ModelCard, threads: int = 2, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        threads: int = 2,
+        batch_size: int = 64,
+        prevalence: Mapping[str, float] | None = None,
+    ) -> None:
+        """``prevalence``: the lab's class mix, instead of the card's (its setting)."""
         try:
             self.input_size = int(card["input_size"])
             self.classes: Sequence[str] = tuple(str(c) for c in card["classes"])
@@ -83,6 +93,12 @@ class OnnxLeukocyteClassifier:
             raise ModelCardError(f"{card.name}: unknown colour_normalisation {self.colour!r}")
         self.version = card.version
         self.batch_size = batch_size
+        self.training_prior = card.get("training_prior")
+        self.prevalence = prevalence or card.get("prevalence")
+        try:
+            self._prior_shift = prior_shift(self.classes, self.training_prior, self.prevalence)
+        except PrevalenceError as exc:
+            raise ModelCardError(f"{card.name}: {exc}") from exc
         # Images are 0..255; fold the /255 and the normalisation into one scale and shift.
         self._scale = (1.0 / (255.0 * std)).reshape(1, 3, 1, 1)
         self._shift = (-mean / std).reshape(1, 3, 1, 1)
@@ -122,6 +138,8 @@ class OnnxLeukocyteClassifier:
 
     def _calibrated(self, logits: np.ndarray) -> np.ndarray:
         z = logits.astype(np.float64) / self.temperature
+        if self._prior_shift is not None:
+            z = z + self._prior_shift
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)

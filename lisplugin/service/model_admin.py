@@ -38,7 +38,10 @@ def _classifier(models: Path, settings: Settings) -> Any:
     from lisplugin.inference.classifier import OnnxLeukocyteClassifier
     from lisplugin.inference.registry import load_card
 
-    return OnnxLeukocyteClassifier(load_card(models, settings.analysis.classifier))
+    return OnnxLeukocyteClassifier(
+        load_card(models, settings.analysis.classifier),
+        prevalence=settings.analysis.leukocyte_prevalence,
+    )
 
 
 def gate(

@@ -16,7 +16,8 @@ from lisplugin.inference.detector import OnnxCellDetector
 from lisplugin.inference.registry import load_card
 from lisplugin.inference.store import active_models_dir
 
-_loaded: dict[tuple[Path, str, str], tuple[CellDetector, LeukocyteClassifier]] = {}
+_Key = tuple[Path, str, str, tuple[tuple[str, float], ...]]
+_loaded: dict[_Key, tuple[CellDetector, LeukocyteClassifier]] = {}
 _lock = threading.Lock()
 
 
@@ -29,10 +30,13 @@ def load_models(settings: Settings | AnalysisSettings) -> tuple[CellDetector, Le
         analysis, models_dir = settings.analysis, active_models_dir(settings)
     else:
         analysis, models_dir = settings, settings.models_dir
-    key = (Path(models_dir).resolve(), analysis.detector, analysis.classifier)
+    prevalence = tuple(sorted(analysis.leukocyte_prevalence.items()))
+    key = (Path(models_dir).resolve(), analysis.detector, analysis.classifier, prevalence)
     with _lock:
         if key not in _loaded:
             detector = OnnxCellDetector(load_card(key[0], analysis.detector))
-            classifier = OnnxLeukocyteClassifier(load_card(key[0], analysis.classifier))
+            classifier = OnnxLeukocyteClassifier(
+                load_card(key[0], analysis.classifier), prevalence=analysis.leukocyte_prevalence
+            )
             _loaded[key] = (detector, classifier)
         return _loaded[key]

@@ -133,6 +133,7 @@ def adapt(
 
     from lisplugin.config import load_settings
     from lisplugin.core.crops import classifier_input
+    from lisplugin.core.prevalence import label_mix
     from lisplugin.inference.classifier import OnnxLeukocyteClassifier
     from lisplugin.inference.registry import card_figures, file_sha256, load_card
     from lisplugin.training import classifier as trainer
@@ -223,6 +224,9 @@ def adapt(
         "file": onnx_path.name,
         "sha256": file_sha256(onnx_path),
         "temperature": round(temperature, 4),
+        # Its draws' class mix: the site's cells (and the replayed reference crops). The
+        # card's prevalence stays: the lab's expectation, not its folder's mix.
+        "training_prior": label_mix(y, classes, weights),
     }
     if front.get("precision") == "int8":  # as fast as the model it adapts: integer again
         from lisplugin.training.quantize import classifier_inputs, mark_quantized, quantize_graph

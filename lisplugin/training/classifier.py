@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lisplugin.core.crops import COLOUR_NORMALISATIONS
+from lisplugin.core.prevalence import REFERENCE_PREVALENCE, label_mix, prior_shift
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.datasets.sites import SITES
 from lisplugin.progress import progress
@@ -234,8 +235,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(best.x))
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def softmax(
+    logits: np.ndarray, temperature: float = 1.0, shift: np.ndarray | None = None
+) -> np.ndarray:
+    """Probabilities of ``logits / temperature``, each class's log moved by ``shift``."""
     z = logits.astype(np.float64) / temperature
+    if shift is not None:
+        z = z + shift
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
@@ -512,6 +518,12 @@ def _parser() -> argparse.ArgumentParser:
         "--style-p", type=float, default=0.5, help="share of crops re-rendered in a lab's style"
     )
     parser.add_argument(
+        "--no-prevalence",
+        action="store_true",
+        help="leave the card without a prevalence: probabilities keep the training draws' class "
+        "mix instead of being moved to adult peripheral blood's (lisplugin.core.prevalence)",
+    )
+    parser.add_argument(
         "--mix-style",
         type=float,
         default=0.0,
@@ -621,6 +633,11 @@ def cli(argv: list[str]) -> int:
         val_y = np.concatenate([v["val"][1] for v in sites.values()])
     val_logits = predict_logits(model, val_x, mean, std)
     temperature = fit_temperature(val_logits, val_y)
+    # The class mix the network learned under, and the one it is used under (Bayes' rule
+    # between the two at run time: lisplugin.core.prevalence).
+    training_prior = label_mix(train_y, classes, weights)
+    prevalence = None if args.no_prevalence else dict(REFERENCE_PREVALENCE)
+    shift = prior_shift(classes, training_prior, prevalence)
     val_raw = differential_metrics(val_y, softmax(val_logits), classes)
     val_cal = differential_metrics(val_y, softmax(val_logits, temperature), classes)
     log(f"temperature {temperature:.3f}: val ECE {val_raw['ece']:.4f} -> {val_cal['ece']:.4f}")
@@ -642,6 +659,8 @@ def cli(argv: list[str]) -> int:
         "std": std,
         "classes": classes,
         "temperature": round(temperature, 4),
+        "training_prior": training_prior,
+        **({"prevalence": prevalence} if prevalence else {}),
         "test_time_views": args.views,
         "sites": trained,
         "metrics": {},
@@ -674,7 +693,8 @@ def cli(argv: list[str]) -> int:
             scored = score_folder(args.data, args.out, args.data / "split.csv", "test")
             site_scores[name] = (scored.y_true, scored.probabilities)
         else:
-            site_scores[name] = (y, softmax(predict_logits(model, x, mean, std), temperature))
+            logits = predict_logits(model, x, mean, std)
+            site_scores[name] = (y, softmax(logits, temperature, shift))
         site_tests[name] = differential_metrics(*site_scores[name], classes)
         log(f"{name} test (crops): accuracy {site_tests[name]['accuracy']:.4f}")
     held_out = (
@@ -979,7 +999,13 @@ The crop is a PBC-scale window (160 x 160 px, a red cell ~37 px across; see
 chromatin, `stain_normalised`); the adapter takes its
 central {meta["centre_crop"]:.0%} and resizes that to {meta["input_size"]} px. The output is logits
 averaged over {meta["test_time_views"]} rotated/mirrored views (test-time augmentation inside
-the graph); `lisplugin/inference/classifier.py` returns `softmax(logits / temperature)`.
+the graph); `lisplugin/inference/classifier.py` returns `softmax(logits / temperature)`{
+        ", each class's probability then moved by Bayes' rule from the training draws' class mix"
+        " (`training_prior`) to the card's `prevalence` or the lab's setting"
+        " (`lisplugin/core/prevalence.py`); test figures below include it"
+        if meta.get("prevalence")
+        else ""
+    }.
 
 ## Data: sites and splits
 

@@ -1,0 +1,79 @@
+"""How common each leukocyte class is where the classifier is used, against where it learned.
+
+A classifier's probabilities carry the class mix of its training draws: half of them came from
+PBC's curated crops, where immature granulocytes, erythroblasts and platelets are a third of the
+cells; in a lab's specimens they are a few percent. At a lab whose stain the network has never
+seen, its doubt between a lymphocyte and an erythroblast is then settled by PBC's mix. Bayes'
+rule moves each probability from the training mix to the lab's (Saerens et al., Neural
+Computation 2002): ``p_lab(c | x) ~ p_train(c | x) * prevalence(c) / training_prior(c)``.
+
+The prevalence is a lab's expectation, not something learned from its cells one specimen at a
+time (an EM estimate per batch was measured and not kept: see the classifier's card).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+#: Share of each class among the leukocytes of adult peripheral-blood smears: mid-points of the
+#: adult reference intervals (neutrophils 40-75 %, lymphocytes 20-45 %, monocytes 2-10 %,
+#: eosinophils 1-6 %, basophils 0-1 %), with a little for immature granulocytes, erythroblasts
+#: and platelets taken for leukocytes, which specimens sent for a smear review do carry.
+REFERENCE_PREVALENCE: dict[str, float] = {
+    "neutrophil": 0.60,
+    "lymphocyte": 0.25,
+    "monocyte": 0.07,
+    "eosinophil": 0.03,
+    "basophil": 0.01,
+    "ig": 0.02,
+    "erythroblast": 0.01,
+    "platelet": 0.01,
+}
+
+#: No class is ever taken as impossible: a share under this counts as this.
+FLOOR = 1e-4
+
+
+class PrevalenceError(ValueError):
+    """A class mix that cannot be used (unknown classes, negative or no shares)."""
+
+
+def shares(mix: Mapping[str, float], classes: Sequence[str]) -> np.ndarray:
+    """``mix`` as shares of ``classes`` (in their order), summing to 1; absent classes floored."""
+    unknown = sorted(set(mix) - set(classes))
+    if unknown:
+        raise PrevalenceError(f"classes {unknown} are not the model's ({list(classes)})")
+    values = np.array([float(mix.get(c, 0.0)) for c in classes], dtype=np.float64)
+    if not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        raise PrevalenceError(f"shares must be non-negative and not all zero: {dict(mix)}")
+    values = np.maximum(values / values.sum(), FLOOR)
+    return values / values.sum()
+
+
+def prior_shift(
+    classes: Sequence[str],
+    training_prior: Mapping[str, float] | None,
+    prevalence: Mapping[str, float] | None,
+) -> np.ndarray | None:
+    """What to add to each class's log-probability: ``log(prevalence / training_prior)``.
+
+    A class the model never trained on gets nothing added: its probability says nothing about
+    the cell, and moving it by the ratio to a floor would let noise win. ``None`` (nothing to
+    add) when either mix is unknown.
+    """
+    if not training_prior or not prevalence:
+        return None
+    shift = np.log(shares(prevalence, classes)) - np.log(shares(training_prior, classes))
+    trained = np.array([float(training_prior.get(c, 0.0)) > 0 for c in classes])
+    return np.where(trained, shift, 0.0)
+
+
+def label_mix(labels: Sequence[int] | np.ndarray, classes: Sequence[str],
+              weights: np.ndarray | None = None) -> dict[str, float]:  # fmt: skip
+    """Each class's share of a training set's draws (``weights``: each crop's draw weight)."""
+    y = np.asarray(labels, dtype=np.int64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = float(w.sum()) or 1.0
+    return {c: round(float(w[y == i].sum()) / total, 4) for i, c in enumerate(classes)}
