@@ -179,10 +179,11 @@ class AnalysisSettings(BaseModel):
     #: A leukocyte whose calibrated top probability is under this is reported "unidentified".
     min_class_probability: float = 0.6
     min_wbc_classified: int = 100
-    #: This lab's share of each leukocyte class (e.g. {neutrophil: 0.55, lymphocyte: 0.3, ...};
-    #: classes left out count as rare). The classifier's probabilities are moved to it from the
-    #: class mix it was trained under; empty: the model card's ``prevalence`` (adult peripheral
-    #: blood as shipped). See ``lisplugin.core.prevalence``.
+    #: This lab's share of leukocyte classes (e.g. {erythroblast: 0.05, ig: 0.05}); the classes
+    #: left out keep their training proportions in what those leave. The classifier's
+    #: probabilities are moved to it from the class mix it was trained under; empty: the model
+    #: card's ``prevalence`` (as shipped: peripheral blood's few immature granulocytes,
+    #: erythroblasts and platelets). See ``lisplugin.core.prevalence``.
     leukocyte_prevalence: dict[str, float] = {}
     #: Minimum variance of the Laplacian for a field to count as in focus.
     min_focus: float = 20.0

@@ -24,6 +24,7 @@ from lisplugin.core.crops import (
 from lisplugin.core.prevalence import (
     REFERENCE_PREVALENCE,
     PrevalenceError,
+    lab_mix,
     label_mix,
     prior_shift,
     shares,
@@ -233,10 +234,13 @@ def test_prevalence_moves_probabilities_by_bayes_rule(tmp_path: Path) -> None:
     p = OnnxLeukocyteClassifier(plain, threads=1).classify(crops)
     moved = OnnxLeukocyteClassifier(shipped, threads=1).classify(crops)
     classes = list(shipped["classes"])
-    ratio = shares(REFERENCE_PREVALENCE, classes) / shares(shipped["training_prior"], classes)
+    prior = shares(shipped["training_prior"], classes)
+    ratio = lab_mix(REFERENCE_PREVALENCE, shipped["training_prior"], classes) / prior
     expected = p * ratio
     assert np.allclose(moved, expected / expected.sum(axis=1, keepdims=True), atol=1e-9)
-    lab = {"neutrophil": 0.5, "lymphocyte": 0.5}  # classes left out count as rare, not absent
+    # the classes the card leaves out keep their training proportions among themselves
+    assert np.allclose(ratio[:5], ratio[0]) and (ratio[5:] < 0.5).all()
+    lab = {"neutrophil": 0.5, "lymphocyte": 0.5}  # the rest count as rare, not absent
     own = OnnxLeukocyteClassifier(shipped, threads=1, prevalence=lab).classify(crops)
     ratio = shares(lab, classes) / shares(shipped["training_prior"], classes)
     expected = p * ratio
@@ -267,6 +271,12 @@ def test_label_mix_weighs_each_draw() -> None:
     assert mix == {"a": 0.5, "b": 0.5, "c": 0.0}
     with pytest.raises(PrevalenceError):
         shares({"a": -1.0, "b": 2.0}, classes)
+    # the classes a lab leaves out share what it leaves, in their training proportions
+    whole = lab_mix({"c": 0.6}, {"a": 0.3, "b": 0.1, "c": 0.6}, classes)
+    assert whole == pytest.approx([0.3, 0.1, 0.6])
+    assert lab_mix({"c": 0.2}, {"a": 0.3, "b": 0.1, "c": 0.6}, classes) == pytest.approx(
+        [0.6, 0.2, 0.2]
+    )
     # a class never trained on (a site left out) is not pushed up by its prevalence
     shift = prior_shift(classes, {"a": 0.5, "b": 0.5, "c": 0.0}, {"a": 0.2, "b": 0.2, "c": 0.6})
     assert shift is not None and shift[2] == 0.0 and shift[0] == pytest.approx(shift[1])
