@@ -83,8 +83,9 @@ def prior_shift(
     return np.where(trained, shift, 0.0)
 
 
-def label_mix(labels: Sequence[int] | np.ndarray, classes: Sequence[str],
-              weights: np.ndarray | None = None) -> dict[str, float]:  # fmt: skip
+def label_mix(
+    labels: Sequence[int] | np.ndarray, classes: Sequence[str], weights: np.ndarray | None = None
+) -> dict[str, float]:
     """Each class's share of a training set's draws (``weights``: each crop's draw weight)."""
     y = np.asarray(labels, dtype=np.int64)
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
