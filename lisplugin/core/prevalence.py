@@ -83,6 +83,19 @@ def prior_shift(
     return np.where(trained, shift, 0.0)
 
 
+def calibrated(
+    logits: np.ndarray, temperature: float = 1.0, shift: np.ndarray | None = None
+) -> np.ndarray:
+    """Probabilities of ``logits / temperature``, each class's log moved by ``shift``
+    (:func:`prior_shift`); each row sums to 1."""
+    z = logits.astype(np.float64) / temperature
+    if shift is not None:
+        z = z + shift
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
 def label_mix(
     labels: Sequence[int] | np.ndarray, classes: Sequence[str], weights: np.ndarray | None = None
 ) -> dict[str, float]:

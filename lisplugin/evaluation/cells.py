@@ -23,10 +23,8 @@ from lisplugin.core.analysis import analyse_field
 from lisplugin.core.crops import resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
 from lisplugin.datasets import Sample, load_rgb, read_samples, select
-from lisplugin.inference.classifier import OnnxLeukocyteClassifier
-from lisplugin.inference.registry import load_card
 from lisplugin.progress import progress as progress_bar
-from lisplugin.service.models import load_models
+from lisplugin.service.models import lab_classifier, load_models
 
 #: Column of the confusion matrix for images where no leukocyte was found.
 NONE = "none"
@@ -119,9 +117,7 @@ def evaluate_samples(
     analysis = settings.analysis.model_copy(update={"min_class_probability": 0.0})
     detector, classifier = load_models(settings)
     if classifier_dir is not None:
-        classifier = OnnxLeukocyteClassifier(
-            load_card(classifier_dir, analysis.classifier), prevalence=analysis.leukocyte_prevalence
-        )
+        classifier = lab_classifier(classifier_dir, analysis)
     classes = list(LEUKOCYTE_CLASSES)
     if limit:
         samples = _spread(samples, limit)

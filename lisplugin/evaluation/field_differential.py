@@ -22,10 +22,8 @@ from lisplugin.core.analysis import analyse_field
 from lisplugin.core.types import UNIDENTIFIED
 from lisplugin.datasets.bccd_wbc import LABELS, read_labels, read_split
 from lisplugin.dicom.decode import field_from_image_file
-from lisplugin.inference.classifier import OnnxLeukocyteClassifier
-from lisplugin.inference.registry import load_card
 from lisplugin.progress import progress
-from lisplugin.service.models import load_models
+from lisplugin.service.models import lab_classifier, load_models
 
 
 def evaluate(
@@ -43,9 +41,7 @@ def evaluate(
     analysis = settings.analysis.model_copy(update={"min_class_probability": 0.0})
     detector, classifier = load_models(settings)
     if classifier_dir is not None:  # a freshly trained classifier with the shipped detector
-        classifier = OnnxLeukocyteClassifier(
-            load_card(classifier_dir, analysis.classifier), prevalence=analysis.leukocyte_prevalence
-        )
+        classifier = lab_classifier(classifier_dir, analysis)
     labels = read_labels(data / "wbc_labels.csv")
     images = sorted(p for p in (data / "JPEGImages").glob("*.jpg") if p.stem in labels)
     if split is not None:  # only fields of one split, e.g. those never used in training

@@ -31,7 +31,7 @@ from lisplugin.core.crops import (
     colour_normalised,
     resize_rgb,
 )
-from lisplugin.core.prevalence import PrevalenceError, prior_shift
+from lisplugin.core.prevalence import PrevalenceError, calibrated, prior_shift
 from lisplugin.inference.registry import ModelCard, ModelCardError
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,7 @@ class OnnxLeukocyteClassifier:
         return self._calibrated(self.logits(crops))
 
     def _calibrated(self, logits: np.ndarray) -> np.ndarray:
-        z = logits.astype(np.float64) / self.temperature
-        if self._prior_shift is not None:
-            z = z + self._prior_shift
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return calibrated(logits, self.temperature, self._prior_shift)
 
     def seen_colours(self, crop: np.ndarray) -> np.ndarray:
         """``crop`` in the colours the model sees it (its card's colour normalisation).

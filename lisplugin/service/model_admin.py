@@ -35,13 +35,9 @@ class Refused(RuntimeError):
 
 
 def _classifier(models: Path, settings: Settings) -> Any:
-    from lisplugin.inference.classifier import OnnxLeukocyteClassifier
-    from lisplugin.inference.registry import load_card
+    from lisplugin.service.models import lab_classifier
 
-    return OnnxLeukocyteClassifier(
-        load_card(models, settings.analysis.classifier),
-        prevalence=settings.analysis.leukocyte_prevalence,
-    )
+    return lab_classifier(models, settings.analysis)
 
 
 def gate(

@@ -21,6 +21,13 @@ _loaded: dict[_Key, tuple[CellDetector, LeukocyteClassifier]] = {}
 _lock = threading.Lock()
 
 
+def lab_classifier(models_dir: Path, analysis: AnalysisSettings) -> OnnxLeukocyteClassifier:
+    """The classifier of ``models_dir`` with this lab's class prevalence, if it set one."""
+    return OnnxLeukocyteClassifier(
+        load_card(models_dir, analysis.classifier), prevalence=analysis.leukocyte_prevalence
+    )
+
+
 def load_models(settings: Settings | AnalysisSettings) -> tuple[CellDetector, LeukocyteClassifier]:
     """Detector and classifier named by the analysis settings, each checked against its card.
 
@@ -35,8 +42,6 @@ def load_models(settings: Settings | AnalysisSettings) -> tuple[CellDetector, Le
     with _lock:
         if key not in _loaded:
             detector = OnnxCellDetector(load_card(key[0], analysis.detector))
-            classifier = OnnxLeukocyteClassifier(
-                load_card(key[0], analysis.classifier), prevalence=analysis.leukocyte_prevalence
-            )
+            classifier = lab_classifier(key[0], analysis)
             _loaded[key] = (detector, classifier)
         return _loaded[key]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lisplugin.core.crops import COLOUR_NORMALISATIONS
-from lisplugin.core.prevalence import REFERENCE_PREVALENCE, label_mix, prior_shift
+from lisplugin.core.prevalence import REFERENCE_PREVALENCE, calibrated, label_mix, prior_shift
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.datasets.sites import SITES
 from lisplugin.progress import progress
@@ -235,16 +235,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(best.x))
 
 
-def softmax(
-    logits: np.ndarray, temperature: float = 1.0, shift: np.ndarray | None = None
-) -> np.ndarray:
-    """Probabilities of ``logits / temperature``, each class's log moved by ``shift``."""
-    z = logits.astype(np.float64) / temperature
-    if shift is not None:
-        z = z + shift
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
+#: The adapter's calibration, so that training scores crops as the daemon does.
+softmax = calibrated
 
 
 def _ema_step(average: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -521,7 +513,8 @@ def _parser() -> argparse.ArgumentParser:
         "--no-prevalence",
         action="store_true",
         help="leave the card without a prevalence: probabilities keep the training draws' class "
-        "mix instead of being moved to adult peripheral blood's (lisplugin.core.prevalence)",
+        "mix instead of PBC's rare classes being moved to their share in a lab "
+        "(lisplugin.core.prevalence)",
     )
     parser.add_argument(
         "--mix-style",
