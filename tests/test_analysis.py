@@ -21,8 +21,9 @@ from lisplugin.core.analysis import (
     median_rbc_diameter,
     result_values,
 )
-from lisplugin.core.crops import PBC_CROP_PX
+from lisplugin.core.crops import PBC_CROP_PX, pbc_scale, shared_scale
 from lisplugin.core.reference import parse_reference_ranges
+from lisplugin.core.report import specimen_to_json
 from lisplugin.core.rules import PatientContext, parse_rules
 from lisplugin.core.types import (
     LEUKOCYTE_CLASSES,
@@ -295,3 +296,71 @@ def test_analyse_fields_flags_and_versions(smear: tuple[np.ndarray, list]) -> No
     assert "1 of 2 fields failed" in specimen.flags[1].text
     assert "under-exposed (mean grey 0.15 < 0.25)" in specimen.flags[1].text
     assert specimen.needs_review
+
+
+class QueueDetector:
+    """Gives each call the next field's detections (analysis detects a specimen's fields in
+    order), so that every field can show its own leukocyte."""
+
+    version = "test-detector-queue"
+
+    def __init__(self, per_field: list[list[Detection]]):
+        self.per_field = list(per_field)
+
+    def detect(self, image: np.ndarray, pixel_spacing_um: float | None = None) -> FieldDetections:
+        return FieldDetections(tuple(self.per_field.pop(0)))
+
+
+def _crop_of_one_cell(diameter: int) -> tuple[np.ndarray, Detection]:
+    """A 240 px crop of a single dark leukocyte of ``diameter`` px, no red cells around it."""
+    image = np.full((240, 240, 3), 230, np.uint8)
+    yy, xx = np.mgrid[:240, :240]
+    image[(yy - 120) ** 2 + (xx - 120) ** 2 <= (diameter / 2) ** 2] = (90, 60, 140)
+    half = diameter / 2
+    return image, Detection("WBC", 0.9, (120 - half, 120 - half, 120 + half, 120 + half))
+
+
+def _dark_width(crop: np.ndarray) -> int:
+    return int((crop[PBC_CROP_PX // 2, :, 0] < 160).sum())
+
+
+def test_fields_without_a_scale_share_the_specimens(smear: tuple[np.ndarray, list]) -> None:
+    diameters = [40, 40, 60, 60, 80, 80]  # lymphocyte-, neutrophil-, monocyte-sized
+    crops = [_crop_of_one_cell(d) for d in diameters]
+    fields: list[Field] = [Field(image, f"crop{i}") for i, (image, _) in enumerate(crops)]
+    smear_image, truth = smear  # a field with its own red cells keeps its own scale
+    fields.append(Field(smear_image, "smear"))
+    detector = QueueDetector([[d] for _, d in crops] + [detections_of(truth)])
+    wbcs_in_smear = sum(1 for kind, _ in truth if kind == "WBC")
+    classifier = RowClassifier([one_hot("neutrophil")] * (len(crops) + wbcs_in_smear))
+    specimen = analyse_fields(fields, detector, classifier, SETTINGS, rules=[])
+    # median leukocyte 60 px -> 60 PBC px: each crop keeps its cell's size relative to the rest
+    assert [f.shared_scale for f in specimen.fields] == [pytest.approx(1.0)] * 6 + [None]
+    widths = [_dark_width(batch[0]) for batch in classifier.batches[: len(crops)]]
+    assert widths == [pytest.approx(d, abs=3) for d in diameters]
+    assert specimen_to_json(specimen)["fields"][0]["shared_scale"] == 1.0
+
+
+def test_one_cell_alone_is_cut_at_the_assumed_leukocyte_size() -> None:
+    """Too few leukocytes for a shared median: each is taken as 60 PBC px (as before)."""
+    crops = [_crop_of_one_cell(d) for d in (40, 80)]
+    classifier = RowClassifier([one_hot("neutrophil")] * 2)
+    specimen = analyse_fields(
+        [Field(image, f"crop{i}") for i, (image, _) in enumerate(crops)],
+        QueueDetector([[d] for _, d in crops]),
+        classifier,
+        SETTINGS,
+        rules=[],
+    )
+    assert [f.shared_scale for f in specimen.fields] == [None, None]
+    widths = [_dark_width(batch[0]) for batch in classifier.batches]
+    assert widths == [pytest.approx(60, abs=3)] * 2
+
+
+def test_shared_scale_needs_five_leukocytes_and_takes_their_median() -> None:
+    assert shared_scale([50.0] * 4) is None
+    assert shared_scale([30.0, 50.0, 120.0, 40.0, 60.0]) == pytest.approx(60.0 / 50.0)
+    box = (0.0, 0.0, 30.0, 30.0)
+    assert pbc_scale(None, None, box, shared=2.0) == 2.0
+    assert pbc_scale(None, 74.0, box, shared=2.0) == pytest.approx(0.5)  # red cells win
+    assert pbc_scale(None, None, box) == pytest.approx(2.0)  # 60 px / 30 px

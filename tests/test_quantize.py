@@ -46,8 +46,11 @@ def _rebuilt_classifier(card: ModelCard, card_path: Path, out: Path) -> None:
 
 
 def test_quantized_models_run_behind_their_cards_and_agree_with_the_float_ones(
-    shared_data: Path, tmp_path: Path
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    workdir = tmp_path / "cwd"  # onnxruntime's shape inference may drop files into the cwd
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     source = _float_models(MODELS, tmp_path / "float")
     names = [n for n in ("cell-detector", "leukocyte-classifier") if (source / f"{n}.md").exists()]
     out = tmp_path / "int8"
@@ -66,6 +69,7 @@ def test_quantized_models_run_behind_their_cards_and_agree_with_the_float_ones(
         cells = OnnxCellDetector.from_models_dir(out).detect(field).cells
         reference = OnnxCellDetector.from_models_dir(source).detect(field).cells
         assert abs(len(cells) - len(reference)) <= max(2, len(reference) // 10)
+    assert sorted(p.name for p in workdir.iterdir()) == []  # nothing left where it was run
     crops = [load_rgb(p) for p in sorted((shared_data / "pbc").rglob("*.jpg"))[::500][:12]]
     p8 = OnnxLeukocyteClassifier(load_card(out, "leukocyte-classifier")).classify(crops)
     p32 = OnnxLeukocyteClassifier(load_card(source, "leukocyte-classifier")).classify(crops)

@@ -27,8 +27,10 @@ from lisplugin.core.crops import (
     PBC_UM_PER_PX,
     PBC_WBC_BOX_PX,
     background_colour,
+    box_side,
     leukocyte_crop,
     pbc_scale,
+    shared_scale,
     usable_spacing,
 )
 from lisplugin.core.quality import assess
@@ -51,6 +53,7 @@ from lisplugin.core.types import (
     CellDetector,
     Detection,
     Field,
+    FieldDetections,
     FieldResult,
     LeukocyteClassifier,
     ResultValue,
@@ -79,11 +82,16 @@ def median_rbc_diameter(detections: Iterable[Detection], width: int, height: int
     sizes = [
         max(x1 - x0, y1 - y0)
         for d in detections
-        if d.kind == "RBC"
+        if d.kind == "RBC" and _whole(d.box, width, height)
         for x0, y0, x1, y1 in [d.box]
-        if x0 > EDGE_PX and y0 > EDGE_PX and x1 < width - EDGE_PX and y1 < height - EDGE_PX
     ]
     return float(np.median(sizes)) if len(sizes) >= MIN_RBC_FOR_SCALE else None
+
+
+def _whole(box: tuple[float, float, float, float], width: int, height: int) -> bool:
+    """Whether a box is clear of the field's edge (a cut cell would read small)."""
+    x0, y0, x1, y1 = box
+    return x0 > EDGE_PX and y0 > EDGE_PX and x1 < width - EDGE_PX and y1 < height - EDGE_PX
 
 
 def _centre_in(
@@ -105,10 +113,12 @@ def leukocyte_crops(
     detections: Sequence[Detection],
     rbc_diameter: float | None,
     box_px: float = PBC_WBC_BOX_PX,
+    shared: float | None = None,
 ) -> list[np.ndarray]:
     """PBC-scale crops of the field's leukocytes, in detection order: the classifier's input.
 
-    The scale comes from the DICOM pixel spacing, else the field's own red cells, else the
+    The scale comes from the DICOM pixel spacing, else the field's own red cells, else
+    ``shared`` (the scale of the specimen's or folder's images, ``shared_scale``), else the
     leukocyte box taken as ``box_px`` PBC px (``pbc_scale``); training, adaptation and the
     daemon all cut crops here.
     """
@@ -120,7 +130,7 @@ def leukocyte_crops(
         leukocyte_crop(
             field.image,
             d.box,
-            pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box, box_px),
+            pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box, box_px, shared),
             background=background,
         )
         for d in leukocytes
@@ -128,20 +138,44 @@ def leukocyte_crops(
 
 
 def measured_spacing_um(
-    field: Field, detections: Sequence[Detection], rbc_diameter: float | None
+    field: Field,
+    detections: Sequence[Detection],
+    rbc_diameter: float | None,
+    shared: float | None = None,
 ) -> float | None:
-    """Physical pixel size of a field: its Pixel Spacing, else what its red cells (or, with too
-    few whole red cells, its leukocytes) say; None when it shows no cells at all."""
+    """Physical pixel size of a field: its Pixel Spacing, else what its red cells (or the
+    specimen's shared scale, or with neither its leukocytes) say; None when it shows no cells."""
     wbcs = [d.box for d in detections if d.kind == "WBC"]
-    if usable_spacing(field.pixel_spacing_um) is None and rbc_diameter is None and not wbcs:
+    unknown = usable_spacing(field.pixel_spacing_um) is None and rbc_diameter is None
+    if unknown and shared is None and not wbcs:
         return None
     boxes = wbcs or [(0.0, 0.0, 1.0, 1.0)]
-    scales = [pbc_scale(field.pixel_spacing_um, rbc_diameter, box) for box in boxes]
+    scales = [pbc_scale(field.pixel_spacing_um, rbc_diameter, box, shared=shared) for box in boxes]
     return PBC_UM_PER_PX * float(np.median(scales))
 
 
+def unscaled_leukocyte_sides(field: Field, detections: Sequence[Detection]) -> list[float]:
+    """Box sides of the field's leukocytes when the field has no scale of its own (no usable
+    Pixel Spacing, too few whole red cells): what :func:`shared_scale` pools over a specimen's
+    or a folder's images. Leukocytes cut by the field's edge are left out while whole ones
+    remain (a crop's neighbours at its border would read small)."""
+    if usable_spacing(field.pixel_spacing_um) is not None:
+        return []
+    if field_rbc_diameter(field, detections) is not None:
+        return []
+    height, width = field.image.shape[:2]
+    wbcs = [d for d in detections if d.kind == "WBC"]
+    whole = [d for d in wbcs if _whole(d.box, width, height)]
+    chosen = whole or sorted(wbcs, key=lambda d: -d.score)[:1]
+    return [box_side(d.box) for d in chosen]
+
+
 def most_confident_leukocyte(
-    field: Field, detector: CellDetector, label: str | None = None
+    field: Field,
+    detector: CellDetector,
+    label: str | None = None,
+    found: FieldDetections | None = None,
+    shared: float | None = None,
 ) -> tuple[Detection, np.ndarray] | None:
     """The leukocyte the detector is surest of, with its crop; None when it finds none.
 
@@ -149,15 +183,19 @@ def most_confident_leukocyte(
     ``adapt``) may show others at its edges: the most confident detection is the labelled one.
     With its ``label`` known (training on a site of single-cell crops), a field without a
     scale is cut at that class's measured PBC size (``CLASS_BOX_PX``), so that the site's cells
-    keep the sizes PBC's have; the daemon, which knows no label, assumes 60 px.
+    keep the sizes PBC's have; otherwise ``shared`` (the folder's scale) or 60 px. ``found``:
+    the field's detections when the caller has them already.
     """
-    detections = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um).cells
+    if found is None:
+        found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
+    detections = found.cells
     wbcs = [d for d in detections if d.kind == "WBC"]
     if not wbcs:
         return None
     best = max(wbcs, key=lambda d: d.score)
     box_px = CLASS_BOX_PX.get(label, PBC_WBC_BOX_PX) if label else PBC_WBC_BOX_PX
-    (crop,) = leukocyte_crops(field, [best], field_rbc_diameter(field, detections), box_px=box_px)
+    rbc = field_rbc_diameter(field, detections)
+    (crop,) = leukocyte_crops(field, [best], rbc, box_px=box_px, shared=None if label else shared)
     return best, crop
 
 
@@ -173,6 +211,8 @@ def analyse_field(
     classifier: LeukocyteClassifier,
     settings: AnalysisSettings,
     owned: tuple[float, float, float, float] | None = None,
+    found: FieldDetections | None = None,
+    shared_scale: float | None = None,
 ) -> FieldResult:
     """Detect, check and classify one field; every leukocyte of the field in one batch.
 
@@ -181,25 +221,33 @@ def analyse_field(
     red cells (as the crops do), so a lab at twice BCCD's magnification is not called blurred.
     With ``owned`` (x0, y0, x1, y1) only the cells whose box centre lies in that part of the
     field are kept and classified, and only that part is quality-checked: the rest belongs to a
-    neighbouring window of a whole slide.
+    neighbouring window of a whole slide. ``found``: the field's detections when the caller
+    has them already; ``shared_scale``: the specimen's scale, used when the field has none of
+    its own (``unscaled_leukocyte_sides``).
     """
     height, width = field.image.shape[:2]
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
     if unknown:
         raise ValueError(f"classifier classes {unknown} are not reportable leukocyte classes")
-    found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
+    if found is None:
+        found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
     rbc_diameter = field_rbc_diameter(field, detections)
+    if usable_spacing(field.pixel_spacing_um) is not None or rbc_diameter is not None:
+        shared_scale = None  # the field's own evidence wins
     checked = field
     if owned is not None:  # a slide window's margins are its neighbours' to judge
         x0, y0, x1, y1 = (max(round(v), 0) for v in owned)
         checked = replace(field, image=field.image[y0:y1, x0:x1])
-    quality = assess(checked, settings, measured_spacing_um(field, detections, rbc_diameter))
+    spacing = measured_spacing_um(field, detections, rbc_diameter, shared_scale)
+    quality = assess(checked, settings, spacing)
     if not quality.passed:
-        return FieldResult(index, field.source, width, height, quality, cells=())
+        return FieldResult(
+            index, field.source, width, height, quality, cells=(), shared_scale=shared_scale
+        )
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
-    crops = leukocyte_crops(field, detections, rbc_diameter)
+    crops = leukocyte_crops(field, detections, rbc_diameter, shared=shared_scale)
     probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
@@ -222,6 +270,7 @@ def analyse_field(
         quality,
         cells=tuple(cells),
         regressed_counts=found.regressed_counts,
+        shared_scale=shared_scale,
     )
 
 
@@ -293,11 +342,38 @@ def analyse_fields(
     patient: PatientContext | None = None,
 ) -> SpecimenResult:
     """Analyse every field of a specimen and aggregate them; a whole-slide level gives the
-    fields of its monolayer (see :mod:`lisplugin.core.slide`)."""
+    fields of its monolayer (see :mod:`lisplugin.core.slide`).
+
+    The fields are detected first: those without a scale of their own (no Pixel Spacing, no
+    red cells) take the scale of the specimen's leukocytes together (``shared_scale``), since
+    they come from one microscope.
+    """
+    found = {
+        i: detector.detect(item.image, pixel_spacing_um=item.pixel_spacing_um)
+        for i, item in enumerate(fields)
+        if isinstance(item, Field)
+    }
+    shared = shared_scale(
+        [
+            side
+            for i, detections in found.items()
+            for side in unscaled_leukocyte_sides(fields[i], detections.cells)  # type: ignore[arg-type]
+        ]
+    )
     results: list[FieldResult] = []
-    for item in fields:
+    for i, item in enumerate(fields):
         if isinstance(item, Field):
-            results.append(analyse_field(len(results), item, detector, classifier, settings))
+            results.append(
+                analyse_field(
+                    len(results),
+                    item,
+                    detector,
+                    classifier,
+                    settings,
+                    found=found.pop(i),
+                    shared_scale=shared,
+                )
+            )
         else:
             results += analyse_slide(
                 item, len(results), detector, classifier, settings, analyse_field

@@ -11,6 +11,7 @@ Everything here is plain numpy so it runs the same in training, evaluation and t
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -57,22 +58,49 @@ def pbc_scale(
     median_rbc_diameter_px: float | None,
     wbc_box: tuple[float, float, float, float],
     box_px: float = PBC_WBC_BOX_PX,
+    shared: float | None = None,
 ) -> float:
     """Factor that maps field pixels to PBC pixels, from the best evidence available.
 
     The physical pixel spacing (DICOM Pixel Spacing) is exact when present; otherwise the
     median red-cell diameter in the field calibrates the magnification (red cells vary far less
-    than leukocytes); as a last resort the leukocyte box itself is assumed to be ``box_px``
-    PBC px wide (60 px; a labelled training crop may take its class's ``CLASS_BOX_PX``).
+    than leukocytes); otherwise ``shared``, the scale of the other images from the same
+    microscope (:func:`shared_scale`); as a last resort the leukocyte box itself is assumed to
+    be ``box_px`` PBC px wide (60 px; a labelled training crop may take its class's
+    ``CLASS_BOX_PX``).
     """
     spacing = usable_spacing(pixel_spacing_um)
     if spacing is not None:
         return spacing / PBC_UM_PER_PX
     if median_rbc_diameter_px is not None and median_rbc_diameter_px > 0:
         return PBC_RBC_PX / float(median_rbc_diameter_px)
-    x0, y0, x1, y1 = wbc_box
-    side = max((x1 - x0 + y1 - y0) / 2.0, 1.0)
-    return box_px / side
+    if shared is not None and shared > 0:
+        return float(shared)
+    return box_px / box_side(wbc_box)
+
+
+def box_side(box: tuple[float, float, float, float]) -> float:
+    """Mean side of a box (at least 1 px): a leukocyte's size, as the scale rules read it."""
+    x0, y0, x1, y1 = box
+    return max((x1 - x0 + y1 - y0) / 2.0, 1.0)
+
+
+#: Fewer leukocytes than this give no shared scale: their median says little of the mix.
+MIN_WBC_FOR_SHARED_SCALE = 5
+
+
+def shared_scale(leukocyte_sides: Sequence[float], box_px: float = PBC_WBC_BOX_PX) -> float | None:
+    """One field -> PBC factor for images of one microscope that have no scale of their own.
+
+    Crops of single leukocytes show no red cells and often carry no Pixel Spacing. Taking each
+    leukocyte's box as 60 PBC px makes a small lymphocyte as large as a monocyte; taking the
+    *median* leukocyte of the images (a specimen's fields, a lab's class folders) as 60 px keeps
+    the size differences the classifier learnt. None with fewer than
+    ``MIN_WBC_FOR_SHARED_SCALE`` leukocytes.
+    """
+    if len(leukocyte_sides) < MIN_WBC_FOR_SHARED_SCALE:
+        return None
+    return box_px / max(float(np.median(np.asarray(leukocyte_sides, dtype=float))), 1.0)
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:

@@ -91,6 +91,9 @@ class FieldResult:
     quality: FieldQuality
     cells: tuple[Cell, ...]
     regressed_counts: dict[str, float] | None = None  # image-level count cross-check
+    #: Field -> PBC px factor taken from the specimen's other fields (``shared_scale``) when
+    #: this field had no scale of its own; None when its own evidence (or none) set the crops.
+    shared_scale: float | None = None
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,12 @@ lymphocyte, monocyte, eosinophil, basophil, ig, erythroblast, platelet``; other 
 ignored), each image showing one labelled leukocyte, as a whole field or a crop at any
 magnification. Each image goes through the daemon's own path (quality control, detector, scale
 normalisation by the field's red cells, classifier); the most confident leukocyte of the image
-is the labelled one. An image where none is found (or that fails quality control) counts as
-wrong, under the column ``none`` of the confusion matrix: a lab sees that cell as missed.
+is the labelled one. The folder is one lab's microscope, so the images are analysed as the
+fields of one specimen are: those without red cells or Pixel Spacing (crops of single cells)
+share the scale of the folder's leukocytes, the median one taken as 60 PBC px
+(``--per-image-scale``: each such image on its own, as a one-field case). An image where none
+is found (or that fails quality control) counts as wrong, under the column ``none`` of the
+confusion matrix: a lab sees that cell as missed.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from lisplugin.config import DEFAULT_MODELS_DIR, load_settings
-from lisplugin.core.analysis import analyse_field
-from lisplugin.core.crops import resize_rgb
+from lisplugin.core.analysis import analyse_field, unscaled_leukocyte_sides
+from lisplugin.core.crops import resize_rgb, shared_scale
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
 from lisplugin.datasets import Sample, load_rgb, read_samples, select
 from lisplugin.progress import progress as progress_bar
@@ -82,6 +86,7 @@ def evaluate_cells(
     limit: int | None = None,
     magnification: float = 1.0,
     progress: bool = False,
+    per_image_scale: bool = False,
 ) -> dict[str, Any]:
     """Score the most confident leukocyte of each labelled image in ``data``'s class folders."""
     samples = select(read_samples(data, classes=LEUKOCYTE_CLASSES), split)
@@ -92,7 +97,9 @@ def evaluate_cells(
     if models_dir is not None and not (models_dir / detector_card).is_file():
         # A training run's folder holds only the classifier: the shipped detector finds cells.
         models_dir, classifier_dir = None, models_dir
-    report = evaluate_samples(samples, models_dir, classifier_dir, limit, magnification, progress)
+    report = evaluate_samples(
+        samples, models_dir, classifier_dir, limit, magnification, progress, per_image_scale
+    )
     report["data"] = str(data)
     return report
 
@@ -104,11 +111,14 @@ def evaluate_samples(
     limit: int | None = None,
     magnification: float = 1.0,
     progress: bool = False,
+    per_image_scale: bool = False,
 ) -> dict[str, Any]:
     """Score the most confident leukocyte of each labelled image, through the daemon's path.
 
     ``classifier_dir`` takes the classifier from another folder (a freshly trained or adapted
-    one) with the detector of ``models_dir`` (default: the shipped models).
+    one) with the detector of ``models_dir`` (default: the shipped models). The images are one
+    specimen to the analysis: those without a scale of their own share the folder's
+    (``shared_scale``), unless ``per_image_scale`` (each image a case of its own).
     """
     settings = load_settings()
     if models_dir is not None:
@@ -121,27 +131,37 @@ def evaluate_samples(
     classes = list(LEUKOCYTE_CLASSES)
     if limit:
         samples = _spread(samples, limit)
-    truth, predicted = [], []
-    found = qc_failed = 0
     shown = progress_bar(samples, desc="cells", unit="img") if progress else samples
-    for index, sample in enumerate(shown):
-        image = rescaled(load_rgb(sample.path), magnification)
-        field = Field(image, str(sample.path))
-        result = analyse_field(index, field, detector, classifier, analysis)
+    # Detected first, so that images without a scale of their own (crops without red cells or
+    # Pixel Spacing) share the scale of the folder's leukocytes: one lab, one microscope.
+    found, sides = [], []
+    for sample in shown:
+        field = Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
+        found.append(detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um))
+        sides += unscaled_leukocyte_sides(field, found[-1].cells)
+    shared = None if per_image_scale else shared_scale(sides)
+    truth, predicted = [], []
+    detected = qc_failed = 0
+    for index, sample in enumerate(samples):
+        field = Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
+        result = analyse_field(
+            index, field, detector, classifier, analysis, found=found[index], shared_scale=shared
+        )
         wbcs = [c for c in result.cells if c.kind == "WBC"]
         qc_failed += not result.quality.passed
         truth.append(sample.label)
         if not wbcs:
             predicted.append(NONE)
             continue
-        found += 1
+        detected += 1
         predicted.append(max(wbcs, key=lambda c: c.score).label)
     report = cell_metrics(truth, predicted, classes)
     report.update(
         {
-            "found": found,
+            "found": detected,
             "quality_failed": qc_failed,
             "magnification": magnification,
+            "shared_scale": None if shared is None else round(shared, 5),
             "model_versions": {"detector": detector.version, "classifier": classifier.version},
         }
     )
@@ -176,13 +196,25 @@ def cli(argv: list[str]) -> int:
         default=1.0,
         help="resample every image by this factor first (0.5, 2: robustness to magnification)",
     )
+    parser.add_argument(
+        "--per-image-scale",
+        action="store_true",
+        help="images without red cells or Pixel Spacing each take their leukocyte as 60 PBC px "
+        "(as a one-field case would) instead of sharing the folder's scale",
+    )
     parser.add_argument("--json", action="store_true", help="print the whole JSON report")
     parser.add_argument(
         "--figures", type=Path, metavar="DIR", help="also draw the confusion matrix (PNG) into DIR"
     )
     args = parser.parse_args(argv)
     report = evaluate_cells(
-        args.data, args.models, args.split, args.limit, args.magnification, progress=True
+        args.data,
+        args.models,
+        args.split,
+        args.limit,
+        args.magnification,
+        progress=True,
+        per_image_scale=args.per_image_scale,
     )
     if args.figures is not None:
         from lisplugin.evaluation.figures import confusion_figure

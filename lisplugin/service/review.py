@@ -550,10 +550,12 @@ def cell_crop(case: Case, cell_id: int, out_size: int = PBC_CROP_PX) -> np.ndarr
         if c["field"] == cell["field"]
     ]
     box = tuple(cell["box"])
+    described = case.result["fields"][cell["field"]]  # type: ignore[index]  # _field checked it
     scale = pbc_scale(
         field.pixel_spacing_um,
         median_rbc_diameter(neighbours, width, height),
         box,  # type: ignore[arg-type]
+        shared=described.get("shared_scale"),
     )
     return leukocyte_crop(field.image, box, scale, out_size)  # type: ignore[arg-type]
 

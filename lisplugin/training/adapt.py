@@ -41,19 +41,28 @@ def collect_folder(
     data: Path, detector: Any, log: Callable[[str], None] = print
 ) -> tuple[list[np.ndarray], list[str], int]:
     """PBC-scale crops and labels of a lab's class folders, cut by the daemon's own path; and
-    the number of images in which no leukocyte was found (left out)."""
-    from lisplugin.core.analysis import most_confident_leukocyte
+    the number of images in which no leukocyte was found (left out). Images without a scale of
+    their own share the folder's, as ``evaluate cells`` cuts them."""
+    from lisplugin.core.analysis import most_confident_leukocyte, unscaled_leukocyte_sides
+    from lisplugin.core.crops import shared_scale
     from lisplugin.core.types import Field
     from lisplugin.datasets import load_rgb, read_samples
 
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
-    crops, labels, missed = [], [], 0
+    found, sides = [], []
     for sample in progress(samples, desc="cells", unit="img"):
-        found = most_confident_leukocyte(Field(load_rgb(sample.path), str(sample.path)), detector)
-        if found is None:
+        field = Field(load_rgb(sample.path), str(sample.path))
+        found.append(detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um))
+        sides += unscaled_leukocyte_sides(field, found[-1].cells)
+    shared = shared_scale(sides)
+    crops, labels, missed = [], [], 0
+    for sample, detections in zip(samples, found, strict=True):
+        field = Field(load_rgb(sample.path), str(sample.path))
+        cut = most_confident_leukocyte(field, detector, found=detections, shared=shared)
+        if cut is None:
             missed += 1
             continue
-        crops.append(found[1])
+        crops.append(cut[1])
         labels.append(sample.label)
     log(f"{len(crops)} cells from {len(samples)} images in {data} ({missed} without a leukocyte)")
     return crops, labels, missed

@@ -16,6 +16,7 @@ start from an integer model too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,11 @@ def quantize_graph(
             x = next(self._inputs, None)
             return None if x is None else {input_name: x}
 
-    with tempfile.TemporaryDirectory() as tmp:
+    source, target = Path(source).resolve(), Path(target).resolve()
+    # onnxruntime's symbolic shape inference, where it gives up, saves its partial graph
+    # ("sym_shape_infer_temp.onnx" and its weights) into the working directory: keep that
+    # litter in the temporary folder, not in the caller's (it once reached the repository).
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         prepared = Path(tmp) / "prepared.onnx"
         # Symbolic shape inference cannot follow the detector's dynamic padding; ONNX's own
         # shape inference and the graph optimisations are enough for the quantiser.
