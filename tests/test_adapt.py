@@ -152,6 +152,19 @@ def test_evaluate_cells_scores_a_labs_folders(lab: Path) -> None:
         assert set(row) >= {"recall", "precision", "n"}
 
 
+@pytest.mark.data
+def test_a_labs_crops_without_red_cells_share_the_folders_scale(lab: Path) -> None:
+    """Zheng et al.'s crops show no red cells: one scale for the folder, not one per crop."""
+    from lisplugin.evaluation.cells import evaluate_cells
+
+    shared = evaluate_cells(lab)
+    alone = evaluate_cells(lab, per_image_scale=True)
+    assert shared["shared_scale"] is not None
+    assert 0.5 < shared["shared_scale"] < 1.2  # their median leukocyte is 50-120 px wide
+    assert alone["shared_scale"] is None
+    assert shared["n"] == alone["n"] == 12
+
+
 def test_model_store_promote_and_rollback(tmp_path: Path) -> None:
     candidate = tmp_path / "candidate"
     shutil.copytree(MODELS, candidate)

@@ -336,7 +336,11 @@ def test_fields_without_a_scale_share_the_specimens(smear: tuple[np.ndarray, lis
     specimen = analyse_fields(fields, detector, classifier, SETTINGS, rules=[])
     # median leukocyte 60 px -> 60 PBC px: each crop keeps its cell's size relative to the rest
     assert [f.shared_scale for f in specimen.fields] == [pytest.approx(1.0)] * 6 + [None]
-    widths = [_dark_width(batch[0]) for batch in classifier.batches[: len(crops)]]
+    assert [f.source for f in specimen.fields] == [f.source for f in fields]  # in their order
+    assert [f.index for f in specimen.fields] == list(range(len(fields)))
+    # the smear (its own scale) was classified as it came, the crops after: one batch each
+    crop_batches = [b for b in classifier.batches if len(b) == 1]
+    widths = [_dark_width(batch[0]) for batch in crop_batches]
     assert widths == [pytest.approx(d, abs=3) for d in diameters]
     assert specimen_to_json(specimen)["fields"][0]["shared_scale"] == 1.0
 

@@ -154,14 +154,20 @@ def measured_spacing_um(
     return PBC_UM_PER_PX * float(np.median(scales))
 
 
-def unscaled_leukocyte_sides(field: Field, detections: Sequence[Detection]) -> list[float]:
-    """Box sides of the field's leukocytes when the field has no scale of its own (no usable
-    Pixel Spacing, too few whole red cells): what :func:`shared_scale` pools over a specimen's
-    or a folder's images. Leukocytes cut by the field's edge are left out while whole ones
-    remain (a crop's neighbours at its border would read small)."""
+def has_own_scale(field: Field, detections: Sequence[Detection]) -> bool:
+    """Whether a field's crops take their scale from the field itself: a usable Pixel Spacing
+    or enough whole red cells."""
     if usable_spacing(field.pixel_spacing_um) is not None:
-        return []
-    if field_rbc_diameter(field, detections) is not None:
+        return True
+    return field_rbc_diameter(field, detections) is not None
+
+
+def unscaled_leukocyte_sides(field: Field, detections: Sequence[Detection]) -> list[float]:
+    """Box sides of the field's leukocytes when the field has no scale of its own
+    (:func:`has_own_scale`): what :func:`shared_scale` pools over a specimen's or a folder's
+    images. Leukocytes cut by the field's edge are left out while whole ones remain (a crop's
+    neighbours at its border would read small)."""
+    if has_own_scale(field, detections):
         return []
     height, width = field.image.shape[:2]
     wbcs = [d for d in detections if d.kind == "WBC"]
@@ -344,42 +350,36 @@ def analyse_fields(
     """Analyse every field of a specimen and aggregate them; a whole-slide level gives the
     fields of its monolayer (see :mod:`lisplugin.core.slide`).
 
-    The fields are detected first: those without a scale of their own (no Pixel Spacing, no
-    red cells) take the scale of the specimen's leukocytes together (``shared_scale``), since
-    they come from one microscope.
+    Fields without a scale of their own (no Pixel Spacing, no red cells) come from the same
+    microscope as the rest of the specimen: they are analysed last, with the scale of their
+    leukocytes together (``shared_scale``); the others as they come, holding nothing back.
     """
-    found = {
-        i: detector.detect(item.image, pixel_spacing_um=item.pixel_spacing_um)
-        for i, item in enumerate(fields)
-        if isinstance(item, Field)
-    }
-    shared = shared_scale(
-        [
-            side
-            for i, detections in found.items()
-            for side in unscaled_leukocyte_sides(fields[i], detections.cells)  # type: ignore[arg-type]
-        ]
-    )
-    results: list[FieldResult] = []
-    for i, item in enumerate(fields):
-        if isinstance(item, Field):
-            results.append(
-                analyse_field(
-                    len(results),
-                    item,
-                    detector,
-                    classifier,
-                    settings,
-                    found=found.pop(i),
-                    shared_scale=shared,
-                )
-            )
-        else:
+    results: list[FieldResult | None] = []
+    deferred: list[tuple[int, Field, FieldDetections]] = []
+    sides: list[float] = []
+    for item in fields:
+        if not isinstance(item, Field):
             results += analyse_slide(
                 item, len(results), detector, classifier, settings, analyse_field
             )
+            continue
+        found = detector.detect(item.image, pixel_spacing_um=item.pixel_spacing_um)
+        if has_own_scale(item, found.cells):
+            results.append(
+                analyse_field(len(results), item, detector, classifier, settings, found=found)
+            )
+        else:
+            deferred.append((len(results), item, found))
+            sides += unscaled_leukocyte_sides(item, found.cells)
+            results.append(None)  # its place, filled below
+    shared = shared_scale(sides)
+    for index, item, found in deferred:
+        results[index] = analyse_field(
+            index, item, detector, classifier, settings, found=found, shared_scale=shared
+        )
     versions = {"detector": detector.version, "classifier": classifier.version}
-    return aggregate(results, settings, versions, rules, ranges, patient)
+    analysed = [r for r in results if r is not None]
+    return aggregate(analysed, settings, versions, rules, ranges, patient)
 
 
 #: Units of each result key, as config/loinc.yaml expects them.
