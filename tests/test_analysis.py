@@ -68,7 +68,9 @@ class RowClassifier:
         self.rows = [np.asarray(r, dtype=float) for r in rows]
         self.batches: list[list[np.ndarray]] = []
 
-    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray:
         self.batches.append(list(crops))
         out, self.rows = self.rows[: len(crops)], self.rows[len(crops) :]
         return np.stack(out)

@@ -605,15 +605,17 @@ def test_signed_out_cells_are_the_sites_training_set(station: Station) -> None:
     case = station.case(path)
     cell = leukocytes(case)[0]
     url = f"/api/cases/{station.case_id}"
-    assert collect_reviews(station.runtime.settings, print)[0] == []  # nothing signed out yet
+    assert collect_reviews(station.runtime.settings, print).crops == []  # nothing signed out
     new_class = other_class(cell)
     changed = tech.patch(
         f"{url}/cells/{cell['id']}", json={"class": new_class, "version": case["version"]}
     ).json()
     assert release(path, url, changed["version"]).status_code == 200
-    crops, labels, skipped = collect_reviews(station.runtime.settings, print)
+    cells = collect_reviews(station.runtime.settings, print)
+    crops, labels = cells.crops, cells.labels
     released = [c for c in leukocytes(station.case(path)) if c["class"] in LEUKOCYTE_CLASSES]
-    assert skipped == 0 and len(crops) == len(labels) == len(released)
+    assert cells.skipped == 0 and len(crops) == len(labels) == len(released)
+    assert len(cells.nuclei) == len(crops)  # one stain reference per crop (the case's or None)
     assert sorted(labels) == sorted(c["class"] for c in released)
     assert new_class in labels
     assert all(c.shape == (160, 160, 3) for c in crops)

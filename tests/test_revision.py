@@ -153,7 +153,9 @@ class DarkCentreClassifier:
     version = "test"
     classes = ("neutrophil", "lymphocyte")
 
-    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray:
         darkness = np.array([1.0 - c[70:90, 70:90].mean() / 255.0 for c in crops])
         lymphocyte = 1.0 / (1.0 + np.exp(-8.0 * (darkness - 0.3)))
         return np.stack([1.0 - lymphocyte, lymphocyte], axis=1)
@@ -184,7 +186,9 @@ class CountingClassifier:
         self.input_size = inner.input_size
         self.seen_batches: list[int] = []
 
-    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray:
         return self.inner.classify(crops)
 
     def seen_colours(self, crop: np.ndarray) -> np.ndarray:

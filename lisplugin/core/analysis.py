@@ -28,8 +28,10 @@ from lisplugin.core.crops import (
     PBC_WBC_BOX_PX,
     background_colour,
     box_side,
+    crop_nucleus,
     leukocyte_crop,
     pbc_scale,
+    shared_nucleus,
     shared_scale,
     usable_spacing,
 )
@@ -219,6 +221,7 @@ def analyse_field(
     owned: tuple[float, float, float, float] | None = None,
     found: FieldDetections | None = None,
     shared_scale: float | None = None,
+    nucleus: np.ndarray | None = None,
 ) -> FieldResult:
     """Detect, check and classify one field; every leukocyte of the field in one batch.
 
@@ -229,7 +232,8 @@ def analyse_field(
     field are kept and classified, and only that part is quality-checked: the rest belongs to a
     neighbouring window of a whole slide. ``found``: the field's detections when the caller
     has them already; ``shared_scale``: the specimen's scale, used when the field has none of
-    its own (``unscaled_leukocyte_sides``).
+    its own (``unscaled_leukocyte_sides``); ``nucleus``: the specimen's chromatin density, the
+    stain reference of its crops (``specimen_nucleus``).
     """
     height, width = field.image.shape[:2]
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
@@ -254,7 +258,7 @@ def analyse_field(
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
     crops = leukocyte_crops(field, detections, rbc_diameter, shared=shared_scale)
-    probabilities = np.asarray(classifier.classify(crops)) if crops else np.zeros((0, 0))
+    probabilities = np.asarray(classifier.classify(crops, nucleus)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
     wbc_rows = iter(probabilities)
@@ -338,6 +342,21 @@ def aggregate(
     return replace(specimen, flags=tuple(flags))
 
 
+def specimen_nucleus(
+    fields: Iterable[tuple[Field, FieldDetections]], shared: float | None = None
+) -> np.ndarray | None:
+    """The chromatin density of a specimen's leukocytes (their crops cut as the analysis cuts
+    them, ``shared``: the specimen's scale): the stain reference of all its crops
+    (``core.crops.shared_nucleus``); None with too few leukocytes beside red cells."""
+    densities = []
+    for field, found in fields:
+        rbc = field_rbc_diameter(field, found.cells)
+        densities += [
+            crop_nucleus(c) for c in leukocyte_crops(field, found.cells, rbc, shared=shared)
+        ]
+    return shared_nucleus(densities)
+
+
 def analyse_fields(
     fields: Sequence[Field | TiledImage],
     detector: CellDetector,
@@ -350,36 +369,43 @@ def analyse_fields(
     """Analyse every field of a specimen and aggregate them; a whole-slide level gives the
     fields of its monolayer (see :mod:`lisplugin.core.slide`).
 
-    Fields without a scale of their own (no Pixel Spacing, no red cells) come from the same
-    microscope as the rest of the specimen: they are analysed last, with the scale of their
-    leukocytes together (``shared_scale``); the others as they come, holding nothing back.
+    The fields come from one smear and one microscope: they are all detected first, then
+    those without a scale of their own (no Pixel Spacing, no red cells) take the scale of
+    their leukocytes together (``shared_scale``), and every crop takes the specimen's
+    chromatin density as its stain reference (``specimen_nucleus``). (The fields are in memory
+    already; their detections are a fraction of that.)
     """
-    results: list[FieldResult | None] = []
-    deferred: list[tuple[int, Field, FieldDetections]] = []
-    sides: list[float] = []
-    for item in fields:
-        if not isinstance(item, Field):
+    found = {
+        i: detector.detect(item.image, pixel_spacing_um=item.pixel_spacing_um)
+        for i, item in enumerate(fields)
+        if isinstance(item, Field)
+    }
+    plain = [(fields[i], detections) for i, detections in found.items()]
+    shared = shared_scale(
+        [side for field, d in plain for side in unscaled_leukocyte_sides(field, d.cells)]  # type: ignore[arg-type]
+    )
+    nucleus = specimen_nucleus(plain, shared)  # type: ignore[arg-type]
+    results: list[FieldResult] = []
+    for i, item in enumerate(fields):
+        if isinstance(item, Field):
+            results.append(
+                analyse_field(
+                    len(results),
+                    item,
+                    detector,
+                    classifier,
+                    settings,
+                    found=found.pop(i),
+                    shared_scale=shared,
+                    nucleus=nucleus,
+                )
+            )
+        else:
             results += analyse_slide(
                 item, len(results), detector, classifier, settings, analyse_field
             )
-            continue
-        found = detector.detect(item.image, pixel_spacing_um=item.pixel_spacing_um)
-        if has_own_scale(item, found.cells):
-            results.append(
-                analyse_field(len(results), item, detector, classifier, settings, found=found)
-            )
-        else:
-            deferred.append((len(results), item, found))
-            sides += unscaled_leukocyte_sides(item, found.cells)
-            results.append(None)  # its place, filled below
-    shared = shared_scale(sides)
-    for index, item, found in deferred:
-        results[index] = analyse_field(
-            index, item, detector, classifier, settings, found=found, shared_scale=shared
-        )
     versions = {"detector": detector.version, "classifier": classifier.version}
-    analysed = [r for r in results if r is not None]
-    return aggregate(analysed, settings, versions, rules, ranges, patient)
+    return aggregate(results, settings, versions, rules, ranges, patient)
 
 
 #: Units of each result key, as config/loinc.yaml expects them.

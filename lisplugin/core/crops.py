@@ -327,15 +327,24 @@ def _stain_densities(od: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | No
     return rbc, np.median(dense, axis=0)
 
 
-def stain_normalised(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
+def stain_normalised(
+    balanced: np.ndarray, window: float = 1.0, nucleus: np.ndarray | None = None
+) -> np.ndarray:
     """The crop re-expressed in PBC's two stains (object-guided Macenko): each pixel's density
     split along the red cells' and the nucleus's stain directions of this crop, each stain's
     amount scaled so that the red cells and the chromatin take PBC's density, and put back
-    along PBC's directions; what the two stains do not explain is kept as it is."""
+    along PBC's directions; what the two stains do not explain is kept as it is.
+
+    ``nucleus``: the chromatin density of the crop's specimen (:func:`shared_nucleus`), used
+    in place of the crop's own where the crop shows red cells. A lymphocyte's chromatin is
+    denser than a monocyte's: one reference per specimen keeps that difference, one per crop
+    erased it.
+    """
     # The crop's density is measured once; without a nucleus, or with two stains that cannot
     # be told apart, the red cells alone set the gains (``rbc_referenced``).
     whole = optical_density(balanced)
-    rbc, nucleus = _stain_densities(whole)
+    rbc, own = _stain_densities(whole)
+    nucleus = own if rbc is None or nucleus is None else np.asarray(nucleus, np.float32)
     if rbc is None or nucleus is None:
         return _rbc_scaled(balanced, rbc, window, whole)
     here = np.stack([rbc, nucleus], axis=1)  # 3 x 2: red-cell stain, nuclear stain
@@ -364,9 +373,12 @@ def stain_normalised(balanced: np.ndarray, window: float = 1.0) -> np.ndarray:
 COLOUR_NORMALISATIONS = (None, "white-point", "white-point+rbc", "white-point+stains")
 
 
-def colour_normalised(crop: np.ndarray, colour: str | None, window: float = 1.0) -> np.ndarray:
+def colour_normalised(
+    crop: np.ndarray, colour: str | None, window: float = 1.0, nucleus: np.ndarray | None = None
+) -> np.ndarray:
     """The central ``window`` of a crop in the colours the classifier sees (its card's
-    ``colour_normalisation``); the statistics are always measured on the whole crop."""
+    ``colour_normalisation``); the statistics are always measured on the whole crop
+    (``nucleus``: the specimen's chromatin density, for ``white-point+stains``)."""
     if colour not in COLOUR_NORMALISATIONS:
         raise ValueError(f"unknown colour normalisation {colour!r}")
     if colour is None:
@@ -375,11 +387,36 @@ def colour_normalised(crop: np.ndarray, colour: str | None, window: float = 1.0)
     if colour == "white-point+rbc":
         return rbc_referenced(balanced, window)
     if colour == "white-point+stains":
-        return stain_normalised(balanced, window)
+        return stain_normalised(balanced, window, nucleus)
     return centre_window(balanced, window)
 
 
-def classifier_input(crop: np.ndarray, size: int, centre: float, colour: str | None) -> np.ndarray:
+def classifier_input(
+    crop: np.ndarray,
+    size: int,
+    centre: float,
+    colour: str | None,
+    nucleus: np.ndarray | None = None,
+) -> np.ndarray:
     """A PBC-scale crop as the classifier sees it: colour-normalised as its card says, the
     central ``centre`` window, resized to ``size``. The adapter and training both call this."""
-    return resize_rgb(colour_normalised(crop, colour, centre), size)
+    return resize_rgb(colour_normalised(crop, colour, centre, nucleus), size)
+
+
+def crop_nucleus(crop: np.ndarray) -> np.ndarray | None:
+    """A crop's chromatin density as :func:`stain_normalised` measures it (white-balanced);
+    None where it shows no red cells or no nucleus."""
+    return _stain_densities(optical_density(white_balanced(crop)))[1]
+
+
+#: Fewer leukocytes than this give no shared chromatin reference: each crop keeps its own.
+MIN_WBC_FOR_SHARED_NUCLEUS = 5
+
+
+def shared_nucleus(densities: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """The median chromatin density of a specimen's (or a lab folder's) leukocytes, the stain
+    reference of all its crops; None with fewer than ``MIN_WBC_FOR_SHARED_NUCLEUS``."""
+    seen = [d for d in densities if d is not None]
+    if len(seen) < MIN_WBC_FOR_SHARED_NUCLEUS:
+        return None
+    return np.median(np.stack(seen), axis=0).astype(np.float32)

@@ -37,7 +37,9 @@ class ViewClassifier(Protocol):
     centre: float
     input_size: int
 
-    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray: ...
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray: ...
 
     def seen_colours(self, crop: np.ndarray) -> np.ndarray: ...
 

@@ -163,6 +163,12 @@ class LeukocyteClassifier(Protocol):
     version: str
     classes: Sequence[str]
 
-    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Return an (N, len(classes)) array of probabilities that sum to 1 per row."""
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Return an (N, len(classes)) array of probabilities that sum to 1 per row.
+
+        ``nucleus``: the chromatin density of the crops' specimen, the stain reference that
+        replaces each crop's own (``core.crops.shared_nucleus``); None: each crop's own.
+        """
         ...

@@ -43,9 +43,11 @@ class TimedClassifier:
         self.seconds = 0.0
         self.cells = 0
 
-    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray:
         started = time.perf_counter()
-        probabilities = self.inner.classify(crops)
+        probabilities = self.inner.classify(crops, nucleus)
         self.seconds += time.perf_counter() - started
         self.cells += len(crops)
         return probabilities

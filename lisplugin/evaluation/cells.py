@@ -8,9 +8,10 @@ normalisation by the field's red cells, classifier); the most confident leukocyt
 is the labelled one. The folder is one lab's microscope, so the images are analysed as the
 fields of one specimen are: those without red cells or Pixel Spacing (crops of single cells)
 share the scale of the folder's leukocytes, the median one taken as 60 PBC px
-(``--per-image-scale``: each such image on its own, as a one-field case). An image where none
-is found (or that fails quality control) counts as wrong, under the column ``none`` of the
-confusion matrix: a lab sees that cell as missed.
+(``--per-image-scale``: each such image on its own, as a one-field case), and the crops share
+the folder's chromatin density as their stain reference (``--per-crop-stain``: each its own).
+An image where none is found (or that fails quality control) counts as wrong, under the column
+``none`` of the confusion matrix: a lab sees that cell as missed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lisplugin.config import DEFAULT_MODELS_DIR, load_settings
-from lisplugin.core.analysis import analyse_field, unscaled_leukocyte_sides
+from lisplugin.core.analysis import analyse_field, specimen_nucleus, unscaled_leukocyte_sides
 from lisplugin.core.crops import resize_rgb, shared_scale
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
 from lisplugin.datasets import Sample, load_rgb, read_samples, select
@@ -87,6 +88,7 @@ def evaluate_cells(
     magnification: float = 1.0,
     progress: bool = False,
     per_image_scale: bool = False,
+    per_crop_stain: bool = False,
 ) -> dict[str, Any]:
     """Score the most confident leukocyte of each labelled image in ``data``'s class folders."""
     samples = select(read_samples(data, classes=LEUKOCYTE_CLASSES), split)
@@ -98,7 +100,14 @@ def evaluate_cells(
         # A training run's folder holds only the classifier: the shipped detector finds cells.
         models_dir, classifier_dir = None, models_dir
     report = evaluate_samples(
-        samples, models_dir, classifier_dir, limit, magnification, progress, per_image_scale
+        samples,
+        models_dir,
+        classifier_dir,
+        limit,
+        magnification,
+        progress,
+        per_image_scale,
+        per_crop_stain,
     )
     report["data"] = str(data)
     return report
@@ -112,13 +121,16 @@ def evaluate_samples(
     magnification: float = 1.0,
     progress: bool = False,
     per_image_scale: bool = False,
+    per_crop_stain: bool = False,
 ) -> dict[str, Any]:
     """Score the most confident leukocyte of each labelled image, through the daemon's path.
 
     ``classifier_dir`` takes the classifier from another folder (a freshly trained or adapted
     one) with the detector of ``models_dir`` (default: the shipped models). The images are one
     specimen to the analysis: those without a scale of their own share the folder's
-    (``shared_scale``), unless ``per_image_scale`` (each image a case of its own).
+    (``shared_scale``), unless ``per_image_scale`` (each image a case of its own), and every
+    crop takes the folder's chromatin density as its stain reference (``specimen_nucleus``),
+    unless ``per_crop_stain``.
     """
     settings = load_settings()
     if models_dir is not None:
@@ -140,12 +152,26 @@ def evaluate_samples(
         found.append(detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um))
         sides += unscaled_leukocyte_sides(field, found[-1].cells)
     shared = None if per_image_scale else shared_scale(sides)
+    nucleus = None
+    if not per_crop_stain:  # one lab, one stain: the folder's chromatin is the reference
+        pairs = (
+            (Field(rescaled(load_rgb(s.path), magnification), str(s.path)), found[i])
+            for i, s in enumerate(samples)
+        )
+        nucleus = specimen_nucleus(pairs, shared)
     truth, predicted = [], []
     detected = qc_failed = 0
     for index, sample in enumerate(samples):
         field = Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
         result = analyse_field(
-            index, field, detector, classifier, analysis, found=found[index], shared_scale=shared
+            index,
+            field,
+            detector,
+            classifier,
+            analysis,
+            found=found[index],
+            shared_scale=shared,
+            nucleus=nucleus,
         )
         wbcs = [c for c in result.cells if c.kind == "WBC"]
         qc_failed += not result.quality.passed
@@ -162,6 +188,7 @@ def evaluate_samples(
             "quality_failed": qc_failed,
             "magnification": magnification,
             "shared_scale": None if shared is None else round(shared, 5),
+            "shared_nucleus": None if nucleus is None else [round(float(v), 4) for v in nucleus],
             "model_versions": {"detector": detector.version, "classifier": classifier.version},
         }
     )
@@ -202,6 +229,11 @@ def cli(argv: list[str]) -> int:
         help="images without red cells or Pixel Spacing each take their leukocyte as 60 PBC px "
         "(as a one-field case would) instead of sharing the folder's scale",
     )
+    parser.add_argument(
+        "--per-crop-stain",
+        action="store_true",
+        help="normalise each crop's stain to its own chromatin instead of the folder's",
+    )
     parser.add_argument("--json", action="store_true", help="print the whole JSON report")
     parser.add_argument(
         "--figures", type=Path, metavar="DIR", help="also draw the confusion matrix (PNG) into DIR"
@@ -215,6 +247,7 @@ def cli(argv: list[str]) -> int:
         args.magnification,
         progress=True,
         per_image_scale=args.per_image_scale,
+        per_crop_stain=args.per_crop_stain,
     )
     if args.figures is not None:
         from lisplugin.evaluation.figures import confusion_figure

@@ -84,12 +84,16 @@ def differential_metrics(
 
 
 def score_crops(
-    classifier: Any, crops: Sequence[np.ndarray], labels: Sequence[str]
+    classifier: Any,
+    crops: Sequence[np.ndarray],
+    labels: Sequence[str],
+    nuclei: Sequence[np.ndarray | None] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and per-class recall of a classifier adapter on PBC-scale crops."""
+    """Accuracy and per-class recall of a classifier adapter on PBC-scale crops (``nuclei``:
+    each crop's specimen chromatin density, its stain reference; None: each crop's own)."""
     if not len(crops):
         return {"n": 0, "accuracy": None, "per_class_recall": {}}
-    probs = classifier.classify(list(crops))
+    probs = classify_each(classifier, crops, nuclei)
     predicted = np.asarray([classifier.classes[i] for i in probs.argmax(axis=1)])
     truth = np.asarray(labels)
     return {
@@ -99,6 +103,24 @@ def score_crops(
             c: round(float((predicted[truth == c] == c).mean()), 4) for c in sorted(set(labels))
         },
     }
+
+
+def classify_each(
+    classifier: Any,
+    crops: Sequence[np.ndarray],
+    nuclei: Sequence[np.ndarray | None] | None = None,
+) -> np.ndarray:
+    """Probabilities of crops that may come from several specimens: one batch per specimen
+    stain reference (crops in their order)."""
+    if nuclei is None:
+        return np.asarray(classifier.classify(list(crops)))
+    groups: dict[bytes | None, list[int]] = {}
+    for i, n in enumerate(nuclei):
+        groups.setdefault(None if n is None else np.asarray(n, np.float32).tobytes(), []).append(i)
+    out = np.zeros((len(crops), len(classifier.classes)))
+    for idx in groups.values():
+        out[idx] = classifier.classify([crops[i] for i in idx], nuclei[idx[0]])
+    return out
 
 
 @dataclass(frozen=True)

@@ -118,13 +118,14 @@ class OnnxLeukocyteClassifier:
         self._single: ort.InferenceSession | None = None
         self._single_lock = threading.Lock()
 
-    def logits(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Uncalibrated logits, (N, len(classes)), computed in batches."""
+    def logits(self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None) -> np.ndarray:
+        """Uncalibrated logits, (N, len(classes)), computed in batches (``nucleus``: the
+        specimen's chromatin density, see ``core.crops.shared_nucleus``)."""
         out = [np.zeros((0, len(self.classes)), dtype=np.float32)]
         for start in range(0, len(crops), self.batch_size):
             batch = np.stack(
                 [
-                    classifier_input(c, self.input_size, self.centre, self.colour)
+                    classifier_input(c, self.input_size, self.centre, self.colour, nucleus)
                     for c in crops[start : start + self.batch_size]
                 ]
             )
@@ -132,9 +133,11 @@ class OnnxLeukocyteClassifier:
             out.append(self._session.run(None, {self._input: x})[0])
         return np.concatenate(out)
 
-    def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray:
         """Calibrated probabilities, (N, len(classes)); each row sums to 1."""
-        return self._calibrated(self.logits(crops))
+        return self._calibrated(self.logits(crops, nucleus))
 
     def _calibrated(self, logits: np.ndarray) -> np.ndarray:
         return calibrated(logits, self.temperature, self._prior_shift)

@@ -13,8 +13,11 @@ import datetime as dt
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lisplugin.config import Settings
 
@@ -98,3 +101,15 @@ class ModelStore:
 def active_models_dir(settings: Settings) -> Path:
     """The models folder the daemon analyses with now (see :class:`ModelStore`)."""
     return ModelStore.of(settings).active()
+
+
+def stain_rows(nuclei: Sequence[np.ndarray | None]) -> np.ndarray:
+    """Stain references as an (N, 3) array for the held-back file, NaN where a crop has none."""
+    return np.asarray([[np.nan] * 3 if n is None else list(n) for n in nuclei], dtype=np.float32)
+
+
+def stain_list(rows: np.ndarray | None, n: int) -> list[np.ndarray | None]:
+    """The references of :func:`stain_rows` again (all None for a file written without)."""
+    if rows is None:
+        return [None] * n
+    return [None if np.isnan(r).any() else r for r in np.asarray(rows, dtype=np.float32)]

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from lisplugin.config import Settings, load_settings
 from lisplugin.evaluation.differential import score_crops
-from lisplugin.inference.store import HELD_BACK_FILE, ModelStore, ModelStoreError
+from lisplugin.inference.store import HELD_BACK_FILE, ModelStore, ModelStoreError, stain_list
 from lisplugin.storage.db import Database
 from lisplugin.storage.orm_review import AuditEvent, Role, User
 
@@ -62,10 +62,11 @@ def gate(
     if held.is_file():
         data = np.load(held)
         crops, labels = data["crops"], data["labels"].astype(str)
+        stains = stain_list(data.get("nuclei"), len(labels))
         checks["held_back"] = {
             "n": len(labels),
-            "current": score_crops(old, list(crops), list(labels))["accuracy"],
-            "candidate": score_crops(new, list(crops), list(labels))["accuracy"],
+            "current": score_crops(old, list(crops), list(labels), stains)["accuracy"],
+            "candidate": score_crops(new, list(crops), list(labels), stains)["accuracy"],
         }
         if checks["held_back"]["candidate"] < checks["held_back"]["current"]:
             raise Refused(

@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,32 @@ import numpy as np
 
 from lisplugin.core.types import LEUKOCYTE_CLASSES
 from lisplugin.evaluation.differential import score_crops
-from lisplugin.inference.store import HELD_BACK_FILE
+from lisplugin.inference.store import HELD_BACK_FILE, stain_rows
 from lisplugin.progress import progress
 
 
-def collect_folder(
-    data: Path, detector: Any, log: Callable[[str], None] = print
-) -> tuple[list[np.ndarray], list[str], int]:
+@dataclass
+class SiteCells:
+    """A site's labelled leukocytes as the classifier sees them: PBC-scale crops, their
+    labels, each crop's specimen stain reference (``core.crops.shared_nucleus``; None: the
+    crop's own), and how many images or cells could not be used."""
+
+    crops: list[np.ndarray] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    nuclei: list[np.ndarray | None] = field(default_factory=list)
+    skipped: int = 0
+
+
+def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print) -> SiteCells:
     """PBC-scale crops and labels of a lab's class folders, cut by the daemon's own path; and
-    the number of images in which no leukocyte was found (left out). Images without a scale of
-    their own share the folder's, as ``evaluate cells`` cuts them."""
-    from lisplugin.core.analysis import most_confident_leukocyte, unscaled_leukocyte_sides
+    the number of images in which no leukocyte was found (left out). The folder is one lab:
+    images without a scale of their own share the folder's, and all crops its chromatin as
+    stain reference, as ``evaluate cells`` does."""
+    from lisplugin.core.analysis import (
+        most_confident_leukocyte,
+        specimen_nucleus,
+        unscaled_leukocyte_sides,
+    )
     from lisplugin.core.crops import shared_scale
     from lisplugin.core.types import Field
     from lisplugin.datasets import load_rgb, read_samples
@@ -51,55 +67,65 @@ def collect_folder(
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
     found, sides = [], []
     for sample in progress(samples, desc="cells", unit="img"):
-        field = Field(load_rgb(sample.path), str(sample.path))
-        found.append(detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um))
-        sides += unscaled_leukocyte_sides(field, found[-1].cells)
+        image = Field(load_rgb(sample.path), str(sample.path))
+        found.append(detector.detect(image.image, pixel_spacing_um=image.pixel_spacing_um))
+        sides += unscaled_leukocyte_sides(image, found[-1].cells)
     shared = shared_scale(sides)
-    crops, labels, missed = [], [], 0
+    nucleus = specimen_nucleus(
+        ((Field(load_rgb(s.path), str(s.path)), d) for s, d in zip(samples, found, strict=True)),
+        shared,
+    )
+    cells = SiteCells()
     for sample, detections in zip(samples, found, strict=True):
-        field = Field(load_rgb(sample.path), str(sample.path))
-        cut = most_confident_leukocyte(field, detector, found=detections, shared=shared)
+        image = Field(load_rgb(sample.path), str(sample.path))
+        cut = most_confident_leukocyte(image, detector, found=detections, shared=shared)
         if cut is None:
-            missed += 1
+            cells.skipped += 1
             continue
-        crops.append(cut[1])
-        labels.append(sample.label)
-    log(f"{len(crops)} cells from {len(samples)} images in {data} ({missed} without a leukocyte)")
-    return crops, labels, missed
+        cells.crops.append(cut[1])
+        cells.labels.append(sample.label)
+        cells.nuclei.append(nucleus)
+    log(
+        f"{len(cells.crops)} cells from {len(samples)} images in {data} "
+        f"({cells.skipped} without a leukocyte)"
+    )
+    return cells
 
 
-def collect_reviews(
-    settings: Any, log: Callable[[str], None] = print
-) -> tuple[list[np.ndarray], list[str], int]:
-    """Crops and released classes of every leukocyte of the signed-out cases in the database."""
+def collect_reviews(settings: Any, log: Callable[[str], None] = print) -> SiteCells:
+    """Crops and released classes of every leukocyte of the signed-out cases in the database;
+    each case's leukocytes share its chromatin as stain reference, as in the analysis."""
     from sqlalchemy import select
 
+    from lisplugin.core.crops import crop_nucleus, shared_nucleus
     from lisplugin.service.review import cell_crop
     from lisplugin.storage.db import Database
     from lisplugin.storage.orm import Case, CaseStatus
 
     db = Database(settings.database_url)
-    crops: list[np.ndarray] = []
-    labels: list[str] = []
-    skipped = 0
+    cells = SiteCells()
     try:
         with db.session() as session:
             cases = session.scalars(select(Case).where(Case.status == CaseStatus.FINAL)).all()
             for case in progress(cases, desc="signed-out cases", unit="case"):
+                crops: list[np.ndarray] = []
                 for cell in (case.result or {}).get("cells") or []:
                     if cell.get("kind") != "WBC" or cell.get("class") not in LEUKOCYTE_CLASSES:
                         continue
                     try:
                         crops.append(cell_crop(case, int(cell["id"])))
                     except Exception as exc:  # an image purged or unreadable: skip that cell
-                        skipped += 1
+                        cells.skipped += 1
                         log(f"case {case.id} cell {cell['id']}: not cut again ({exc})")
                         continue
-                    labels.append(str(cell["class"]))
-            log(f"{len(crops)} reviewed leukocytes from {len(cases)} signed-out cases")
+                    cells.labels.append(str(cell["class"]))
+                nucleus = shared_nucleus([crop_nucleus(c) for c in crops])
+                cells.crops += crops
+                cells.nuclei += [nucleus] * len(crops)
+            log(f"{len(cells.crops)} reviewed leukocytes from {len(cases)} signed-out cases")
     finally:
         db.dispose()
-    return crops, labels, skipped
+    return cells
 
 
 def held_back_split(
@@ -135,6 +161,7 @@ def adapt(
     seed: int = 0,
     command: str = "",
     log: Callable[[str], None] = print,
+    nuclei: Sequence[np.ndarray | None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the classifier of ``base_dir`` on a site's crops; write ``out``; return the
     before/after figures on the held-back cells."""
@@ -162,7 +189,11 @@ def adapt(
     train_labels = [labels[i] for i in train_idx]
     held_crops = [crops[i] for i in held_idx]
     held_labels = [labels[i] for i in held_idx]
-    before = score_crops(base, held_crops, held_labels)
+    # each crop's specimen stain reference (None: its own), as the daemon would classify it
+    stains = list(nuclei) if nuclei is not None else [None] * len(crops)
+    train_stains = [stains[i] for i in train_idx]
+    held_stains = [stains[i] for i in held_idx]
+    before = score_crops(base, held_crops, held_labels, held_stains)
     log(f"held back {len(held_idx)} of {len(crops)} cells; model in use: {before['accuracy']}")
 
     torch.set_num_threads(threads)
@@ -170,7 +201,12 @@ def adapt(
     front = dict(base_card.meta)
     size, centre = int(front["input_size"]), float(front.get("centre_crop", 1.0))
     colour = front.get("colour_normalisation")
-    x = np.stack([classifier_input(c, size, centre, colour) for c in train_crops])
+    x = np.stack(
+        [
+            classifier_input(c, size, centre, colour, n)
+            for c, n in zip(train_crops, train_stains, strict=True)
+        ]
+    )
     y = np.asarray([classes.index(c) for c in train_labels], dtype=np.int64)
     weights = np.full(len(y), 1.0 / len(y))
     val_x, val_y = x, y
@@ -248,7 +284,7 @@ def adapt(
     card_path = out / f"{names.classifier}.md"
     trainer.write_card(card_path, meta, "")
     adapted = OnnxLeukocyteClassifier(load_card(out, names.classifier))
-    after = score_crops(adapted, held_crops, held_labels)
+    after = score_crops(adapted, held_crops, held_labels, held_stains)
     if reference is not None:
         from lisplugin.evaluation.differential import evaluate_folder
 
@@ -260,7 +296,10 @@ def adapt(
         }
     if held_crops:  # for `models promote`, which scores both models on them again
         np.savez_compressed(
-            out / HELD_BACK_FILE, crops=np.stack(held_crops), labels=np.asarray(held_labels)
+            out / HELD_BACK_FILE,
+            crops=np.stack(held_crops),
+            labels=np.asarray(held_labels),
+            nuclei=stain_rows(held_stains),
         )
     counts = {c: int(sum(1 for lab in labels if lab == c)) for c in sorted(set(labels))}
     report = {
@@ -383,16 +422,17 @@ def cli(argv: list[str]) -> int:
 
     if args.data is not None:
         detector = OnnxCellDetector(load_card(base_dir, settings.analysis.detector))
-        crops, labels, _ = collect_folder(args.data, detector, log)
+        cells = collect_folder(args.data, detector, log)
         source = f"class folders {args.data}"
     else:
-        crops, labels, _ = collect_reviews(settings, log)
+        cells = collect_reviews(settings, log)
         source = "signed-out cases of this daemon"
     try:
         report = adapt(
-            crops, labels, base_dir, args.out, source=source, held_back=args.held_back,
-            steps=args.steps, lr=args.lr, reference=args.reference, threads=args.threads,
-            seed=args.seed, command="lisplugin adapt " + shlex.join(argv), log=log,
+            cells.crops, cells.labels, base_dir, args.out, source=source,
+            held_back=args.held_back, steps=args.steps, lr=args.lr, reference=args.reference,
+            threads=args.threads, seed=args.seed, nuclei=cells.nuclei,
+            command="lisplugin adapt " + shlex.join(argv), log=log,
         )  # fmt: skip
     except ValueError as exc:
         print(f"lisplugin adapt: {exc}", file=sys.stderr)
