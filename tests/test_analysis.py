@@ -21,7 +21,13 @@ from lisplugin.core.analysis import (
     median_rbc_diameter,
     result_values,
 )
-from lisplugin.core.crops import PBC_CROP_PX, pbc_scale, shared_scale
+from lisplugin.core.crops import (
+    PBC_CROP_PX,
+    crop_nucleus,
+    pbc_scale,
+    shared_nucleus,
+    shared_scale,
+)
 from lisplugin.core.reference import parse_reference_ranges
 from lisplugin.core.report import specimen_to_json
 from lisplugin.core.rules import PatientContext, parse_rules
@@ -67,11 +73,13 @@ class RowClassifier:
     def __init__(self, rows: list[list[float]]):
         self.rows = [np.asarray(r, dtype=float) for r in rows]
         self.batches: list[list[np.ndarray]] = []
+        self.nuclei: list[np.ndarray | None] = []
 
     def classify(
         self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
     ) -> np.ndarray:
         self.batches.append(list(crops))
+        self.nuclei.append(nucleus)
         out, self.rows = self.rows[: len(crops)], self.rows[len(crops) :]
         return np.stack(out)
 
@@ -370,3 +378,22 @@ def test_shared_scale_needs_five_leukocytes_and_takes_their_median() -> None:
     assert pbc_scale(None, None, box, shared=2.0) == 2.0
     assert pbc_scale(None, 74.0, box, shared=2.0) == pytest.approx(0.5)  # red cells win
     assert pbc_scale(None, None, box) == pytest.approx(2.0)  # 60 px / 30 px
+
+
+def test_every_field_of_a_specimen_takes_its_chromatin_reference() -> None:
+    """One stain reference per specimen: the median chromatin of all its leukocytes, given
+    with every field's crops (a field alone, or too few leukocytes: each crop its own)."""
+    fields, per_field = [], []
+    for seed in range(3):
+        image, truth = synthetic_field(seed, n_wbc=3)
+        fields.append(Field(image, f"f{seed}"))
+        per_field.append(detections_of(truth))
+    classifier = RowClassifier([one_hot("lymphocyte")] * 9)
+    analyse_fields(fields, QueueDetector(per_field), classifier, SETTINGS, rules=[])
+    expected = shared_nucleus([crop_nucleus(c) for batch in classifier.batches for c in batch])
+    assert expected is not None and len(classifier.nuclei) == 3
+    for nucleus in classifier.nuclei:
+        assert np.array_equal(nucleus, expected)
+    alone = RowClassifier([one_hot("lymphocyte")] * 3)
+    analyse_fields(fields[:1], QueueDetector(per_field[:1]), alone, SETTINGS, rules=[])
+    assert alone.nuclei == [None]  # 3 leukocytes: fewer than a shared median needs

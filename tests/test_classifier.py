@@ -522,6 +522,53 @@ def test_stain_normalisation_undoes_another_labs_stain(shared_data: Path) -> Non
     assert np.median(untouched) < 0.35 * np.median(before)
 
 
+def test_a_specimens_chromatin_reference_keeps_what_tells_cells_apart(shared_data: Path) -> None:
+    """Lymphocytes' chromatin is denser than monocytes'. Normalised each to its own chromatin,
+    another lab's cells lose that difference; normalised to their specimen's median (one stain
+    reference for all), they keep it, and take PBC's stain as well as before."""
+    from lisplugin.core.crops import (
+        REFERENCE_WHITE,
+        colour_normalised,
+        crop_nucleus,
+        optical_density,
+        shared_nucleus,
+        stain_normalised,
+        white_balanced,
+    )
+    from lisplugin.datasets import load_rgb
+
+    def restained(image: np.ndarray) -> np.ndarray:  # another lab: paler, bluer chromatin
+        od = optical_density(image) * np.array([0.45, 0.6, 0.8], np.float32)
+        return np.clip(np.rint((REFERENCE_WHITE + 1) * np.exp(-od) - 1), 0, 255).astype(np.uint8)
+
+    raw = {
+        name: [load_rgb(p) for p in sorted((shared_data / "pbc" / name).iterdir())[:12]]
+        for name in ("lymphocyte", "monocyte")
+    }
+    cells = {name: [white_balanced(c) for c in crops] for name, crops in raw.items()}
+    other = {name: [restained(c) for c in crops] for name, crops in cells.items()}
+    specimen = shared_nucleus([crop_nucleus(c) for crops in other.values() for c in crops])
+    assert specimen is not None
+
+    def gap(crops: dict[str, list[np.ndarray]]) -> float:
+        """Lymphocytes' chromatin minus monocytes' (summed density, median of each class)."""
+        density = {n: np.median([crop_nucleus(c).sum() for c in cs]) for n, cs in crops.items()}
+        return float(density["lymphocyte"] - density["monocyte"])
+
+    pbc = gap(cells)
+    own = gap({n: [stain_normalised(c) for c in cs] for n, cs in other.items()})
+    shared = gap(
+        {n: [stain_normalised(c, nucleus=specimen) for c in cs] for n, cs in other.items()}
+    )
+    assert pbc > 0.2  # PBC's lymphocytes are the denser
+    assert abs(shared - pbc) < 0.5 * pbc  # kept
+    assert own < 0.5 * shared  # mostly erased by a reference per crop
+    # a crop given its own chromatin as the reference comes out as it did without one
+    crop, mode = raw["monocyte"][0], "white-point+stains"
+    own_reference = colour_normalised(crop, mode, nucleus=crop_nucleus(crop))
+    assert np.array_equal(own_reference, colour_normalised(crop, mode))
+
+
 @pytest.mark.parametrize("colour", COLOUR_NORMALISATIONS)
 def test_saliency_windows_are_in_the_colours_the_model_sees(
     shared_data: Path, colour: str | None, tmp_path: Path

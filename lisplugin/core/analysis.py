@@ -222,6 +222,7 @@ def analyse_field(
     found: FieldDetections | None = None,
     shared_scale: float | None = None,
     nucleus: np.ndarray | None = None,
+    crops: Sequence[np.ndarray] | None = None,
 ) -> FieldResult:
     """Detect, check and classify one field; every leukocyte of the field in one batch.
 
@@ -233,7 +234,8 @@ def analyse_field(
     neighbouring window of a whole slide. ``found``: the field's detections when the caller
     has them already; ``shared_scale``: the specimen's scale, used when the field has none of
     its own (``unscaled_leukocyte_sides``); ``nucleus``: the specimen's chromatin density, the
-    stain reference of its crops (``specimen_nucleus``).
+    stain reference of its crops (``specimen_nucleus``); ``crops``: the leukocyte crops of the
+    whole field, in detection order, when the caller has cut them already (not with ``owned``).
     """
     height, width = field.image.shape[:2]
     unknown = [c for c in classifier.classes if c not in LEUKOCYTE_CLASSES]
@@ -257,7 +259,8 @@ def analyse_field(
         )
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
-    crops = leukocyte_crops(field, detections, rbc_diameter, shared=shared_scale)
+    if crops is None:
+        crops = leukocyte_crops(field, detections, rbc_diameter, shared=shared_scale)
     probabilities = np.asarray(classifier.classify(crops, nucleus)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
@@ -348,13 +351,14 @@ def specimen_nucleus(
     """The chromatin density of a specimen's leukocytes (their crops cut as the analysis cuts
     them, ``shared``: the specimen's scale): the stain reference of all its crops
     (``core.crops.shared_nucleus``); None with too few leukocytes beside red cells."""
-    densities = []
-    for field, found in fields:
-        rbc = field_rbc_diameter(field, found.cells)
-        densities += [
-            crop_nucleus(c) for c in leukocyte_crops(field, found.cells, rbc, shared=shared)
-        ]
-    return shared_nucleus(densities)
+    return shared_nucleus(
+        [crop_nucleus(c) for field, found in fields for c in _crops(field, found, shared)]
+    )
+
+
+def _crops(field: Field, found: FieldDetections, shared: float | None) -> list[np.ndarray]:
+    rbc = field_rbc_diameter(field, found.cells)
+    return leukocyte_crops(field, found.cells, rbc, shared=shared)
 
 
 def analyse_fields(
@@ -384,7 +388,9 @@ def analyse_fields(
     shared = shared_scale(
         [side for field, d in plain for side in unscaled_leukocyte_sides(field, d.cells)]  # type: ignore[arg-type]
     )
-    nucleus = specimen_nucleus(plain, shared)  # type: ignore[arg-type]
+    # cut once: they give the specimen's stain reference, then go to the classifier
+    crops = {i: _crops(fields[i], d, shared) for i, d in found.items()}  # type: ignore[arg-type]
+    nucleus = shared_nucleus([crop_nucleus(c) for cut in crops.values() for c in cut])
     results: list[FieldResult] = []
     for i, item in enumerate(fields):
         if isinstance(item, Field):
@@ -398,6 +404,7 @@ def analyse_fields(
                     found=found.pop(i),
                     shared_scale=shared,
                     nucleus=nucleus,
+                    crops=crops.pop(i),
                 )
             )
         else:
