@@ -377,7 +377,7 @@ def analyse_fields(
     those without a scale of their own (no Pixel Spacing, no red cells) take the scale of
     their leukocytes together (``shared_scale``), and every crop takes the specimen's
     chromatin density as its stain reference (``specimen_nucleus``). (The fields are in memory
-    already; their detections are a fraction of that.)
+    already; their detections and leukocyte crops are a fraction of that.)
     """
     found = {
         i: detector.detect(item.image, pixel_spacing_um=item.pixel_spacing_um)
