@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 
 from lisplugin.config import DEFAULT_MODELS_DIR, load_settings
-from lisplugin.core.analysis import analyse_field, specimen_nucleus, unscaled_leukocyte_sides
+from lisplugin.core.analysis import (
+    analyse_field,
+    specimen_nucleus,
+    unscaled_leukocyte_sides,
+    without_masks,
+)
 from lisplugin.core.crops import resize_rgb, shared_scale
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
 from lisplugin.datasets import Sample, load_rgb, read_samples, select
@@ -149,7 +154,9 @@ def evaluate_samples(
     found, sides = [], []
     for sample in shown:
         field = Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
-        found.append(detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um))
+        found.append(
+            without_masks(detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um))
+        )
         sides += unscaled_leukocyte_sides(field, found[-1].cells)
     shared = None if per_image_scale else shared_scale(sides)
     nucleus = None

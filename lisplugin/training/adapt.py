@@ -59,6 +59,7 @@ def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print
         most_confident_leukocyte,
         specimen_nucleus,
         unscaled_leukocyte_sides,
+        without_masks,
     )
     from lisplugin.core.crops import shared_scale
     from lisplugin.core.types import Field
@@ -68,7 +69,9 @@ def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print
     found, sides = [], []
     for sample in progress(samples, desc="cells", unit="img"):
         image = Field(load_rgb(sample.path), str(sample.path))
-        found.append(detector.detect(image.image, pixel_spacing_um=image.pixel_spacing_um))
+        found.append(
+            without_masks(detector.detect(image.image, pixel_spacing_um=image.pixel_spacing_um))
+        )
         sides += unscaled_leukocyte_sides(image, found[-1].cells)
     shared = shared_scale(sides)
     nucleus = specimen_nucleus(
