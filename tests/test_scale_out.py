@@ -242,5 +242,11 @@ def test_soak_daemons_killed_and_the_lis_away(
     assert figures["kills"] >= 1, figures
     assert figures["captures_accepted"] == 60, figures
     assert (figures["lost"], figures["duplicated"], figures["out_of_order"]) == (0, 0, 0), figures
-    # one analysis per accession; a re-send after a lost ACK carries its MSH-10 again
-    assert figures["orus_received"] - figures["resent_same_msh10"] == 20, figures
+    # One analysis per accession, and one more only where a capture of it was stored after
+    # the analysis: a capture whose daemon was killed is sent again to another, and on a loaded
+    # machine that can take longer than the soak's 2 s stable time (seen twice at load 4-6,
+    # 21 ORUs). Such a re-analysis is the product's right answer; one that no capture
+    # justified is counted in "duplicated" above. A re-send carries its MSH-10 again.
+    distinct = figures["orus_received"] - figures["resent_same_msh10"]
+    assert figures["analyses_not_justified"] == 0, figures
+    assert 20 <= distinct <= 20 + figures["kills"], figures
