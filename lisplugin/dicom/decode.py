@@ -150,6 +150,8 @@ def validate_header(ds: Dataset, limits: InstanceLimits) -> int:
     validate_identity(ds)
     if "PixelData" not in ds:
         raise UnusableInstance("no pixel data")
+    if ds["PixelData"].value is None:  # the element present, with no value (found by fuzzing)
+        raise UnusableInstance("pixel data empty")
     photometric = _photometric(ds)
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if photometric in _J2K_ONLY_PHOTOMETRIC and transfer_syntax not in JPEG2000TransferSyntaxes:
