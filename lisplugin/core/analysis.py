@@ -16,7 +16,7 @@ not counted, since blur or bad exposure makes the classes unreliable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -245,7 +245,7 @@ def analyse_field(
         found = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
     detections = found.cells
     rbc_diameter = field_rbc_diameter(field, detections)
-    if usable_spacing(field.pixel_spacing_um) is not None or rbc_diameter is not None:
+    if has_own_scale(field, detections):
         shared_scale = None  # the field's own evidence wins
     checked = field
     if owned is not None:  # a slide window's margins are its neighbours' to judge
@@ -345,10 +345,33 @@ def aggregate(
     return replace(specimen, flags=tuple(flags))
 
 
-def without_masks(found: FieldDetections) -> FieldDetections:
-    """The detections without their outline masks: what a folder of many images keeps
-    between its passes (scores need boxes and labels, not outlines; a tenth of the memory)."""
-    return replace(found, cells=tuple(replace(d, mask=None) for d in found.cells))
+@dataclass(frozen=True)
+class FolderDetections:
+    """A lab folder's detections, image by image (without outline masks: scores need boxes
+    and labels; a tenth of the memory), and the references its images share."""
+
+    found: list[FieldDetections]
+    scale: float | None  # ``shared_scale`` of the images without a scale of their own
+    nucleus: np.ndarray | None  # ``specimen_nucleus``: the folder's stain reference
+
+
+def detect_folder(
+    fields: Callable[[], Iterable[Field]],
+    detector: CellDetector,
+    share_scale: bool = True,
+    share_stain: bool = True,
+) -> FolderDetections:
+    """Detect a folder of one lab's images as the fields of one specimen (``evaluate cells``,
+    ``adapt --data``). ``fields`` is called once per pass (detection, then the stain
+    reference), so that a large folder is read image by image rather than held in memory."""
+    found, sides = [], []
+    for field in fields():
+        detected = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
+        found.append(replace(detected, cells=tuple(replace(d, mask=None) for d in detected.cells)))
+        sides += unscaled_leukocyte_sides(field, detected.cells)
+    scale = shared_scale(sides) if share_scale else None
+    nucleus = specimen_nucleus(zip(fields(), found, strict=True), scale) if share_stain else None
+    return FolderDetections(found, scale, nucleus)
 
 
 def specimen_nucleus(

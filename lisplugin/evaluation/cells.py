@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lisplugin.config import DEFAULT_MODELS_DIR, load_settings
-from lisplugin.core.analysis import (
-    analyse_field,
-    specimen_nucleus,
-    unscaled_leukocyte_sides,
-    without_masks,
-)
-from lisplugin.core.crops import resize_rgb, shared_scale
+from lisplugin.core.analysis import analyse_field, detect_folder
+from lisplugin.core.crops import resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
 from lisplugin.datasets import Sample, load_rgb, read_samples, select
 from lisplugin.progress import progress as progress_bar
@@ -149,23 +145,16 @@ def evaluate_samples(
     if limit:
         samples = _spread(samples, limit)
     shown = progress_bar(samples, desc="cells", unit="img") if progress else samples
-    # Detected first, so that images without a scale of their own (crops without red cells or
-    # Pixel Spacing) share the scale of the folder's leukocytes: one lab, one microscope.
-    found, sides = [], []
-    for sample in shown:
-        field = Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
-        found.append(
-            without_masks(detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um))
-        )
-        sides += unscaled_leukocyte_sides(field, found[-1].cells)
-    shared = None if per_image_scale else shared_scale(sides)
-    nucleus = None
-    if not per_crop_stain:  # one lab, one stain: the folder's chromatin is the reference
-        pairs = (
-            (Field(rescaled(load_rgb(s.path), magnification), str(s.path)), found[i])
-            for i, s in enumerate(samples)
-        )
-        nucleus = specimen_nucleus(pairs, shared)
+    # Detected first: the folder is one lab, and its images share a scale (those without one
+    # of their own) and a stain reference, as a specimen's fields do.
+    passes = iter([shown, samples])  # the progress bar on the detection pass
+
+    def fields() -> Iterator[Field]:
+        for sample in next(passes):
+            yield Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
+
+    folder = detect_folder(fields, detector, not per_image_scale, not per_crop_stain)
+    found, shared, nucleus = folder.found, folder.scale, folder.nucleus
     truth, predicted = [], []
     detected = qc_failed = 0
     for index, sample in enumerate(samples):

@@ -25,7 +25,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,29 +55,19 @@ def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print
     the number of images in which no leukocyte was found (left out). The folder is one lab:
     images without a scale of their own share the folder's, and all crops its chromatin as
     stain reference, as ``evaluate cells`` does."""
-    from lisplugin.core.analysis import (
-        most_confident_leukocyte,
-        specimen_nucleus,
-        unscaled_leukocyte_sides,
-        without_masks,
-    )
-    from lisplugin.core.crops import shared_scale
+    from lisplugin.core.analysis import detect_folder, most_confident_leukocyte
     from lisplugin.core.types import Field
     from lisplugin.datasets import load_rgb, read_samples
 
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
-    found, sides = [], []
-    for sample in progress(samples, desc="cells", unit="img"):
-        image = Field(load_rgb(sample.path), str(sample.path))
-        found.append(
-            without_masks(detector.detect(image.image, pixel_spacing_um=image.pixel_spacing_um))
-        )
-        sides += unscaled_leukocyte_sides(image, found[-1].cells)
-    shared = shared_scale(sides)
-    nucleus = specimen_nucleus(
-        ((Field(load_rgb(s.path), str(s.path)), d) for s, d in zip(samples, found, strict=True)),
-        shared,
-    )
+    passes = iter([progress(samples, desc="cells", unit="img"), samples])
+
+    def fields() -> Iterator[Field]:
+        for sample in next(passes):
+            yield Field(load_rgb(sample.path), str(sample.path))
+
+    folder = detect_folder(fields, detector)
+    found, shared, nucleus = folder.found, folder.scale, folder.nucleus
     cells = SiteCells()
     for sample, detections in zip(samples, found, strict=True):
         image = Field(load_rgb(sample.path), str(sample.path))
