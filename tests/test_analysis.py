@@ -29,7 +29,7 @@ from lisplugin.core.crops import (
     shared_scale,
 )
 from lisplugin.core.reference import parse_reference_ranges
-from lisplugin.core.report import specimen_to_json
+from lisplugin.core.report import field_to_json, specimen_to_json
 from lisplugin.core.rules import PatientContext, parse_rules
 from lisplugin.core.types import (
     LEUKOCYTE_CLASSES,
@@ -389,11 +389,16 @@ def test_every_field_of_a_specimen_takes_its_chromatin_reference() -> None:
         fields.append(Field(image, f"f{seed}"))
         per_field.append(detections_of(truth))
     classifier = RowClassifier([one_hot("lymphocyte")] * 9)
-    analyse_fields(fields, QueueDetector(per_field), classifier, SETTINGS, rules=[])
+    result = analyse_fields(fields, QueueDetector(per_field), classifier, SETTINGS, rules=[])
     expected = shared_nucleus([crop_nucleus(c) for batch in classifier.batches for c in batch])
     assert expected is not None and len(classifier.nuclei) == 3
-    for nucleus in classifier.nuclei:
-        assert np.array_equal(nucleus, expected)
+    for nucleus, field in zip(classifier.nuclei, result.fields, strict=True):
+        assert np.allclose(nucleus, expected, atol=1e-5)
+        # kept with the result, exactly as the classifier got it (review and saliency re-use it)
+        assert field.stain_reference is not None
+        assert np.array_equal(np.asarray(field.stain_reference, np.float32), nucleus)
+        assert field_to_json(field)["stain_reference"] == list(field.stain_reference)
     alone = RowClassifier([one_hot("lymphocyte")] * 3)
-    analyse_fields(fields[:1], QueueDetector(per_field[:1]), alone, SETTINGS, rules=[])
+    single = analyse_fields(fields[:1], QueueDetector(per_field[:1]), alone, SETTINGS, rules=[])
     assert alone.nuclei == [None]  # 3 leukocytes: fewer than a shared median needs
+    assert single.fields[0].stain_reference is None

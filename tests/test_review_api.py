@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import numpy as np
 import pydicom
 import pytest
 from PIL import Image
@@ -558,6 +559,8 @@ def test_field_cell_and_saliency_images(station: Station) -> None:
     assert image.size == (field["width"], field["height"])
     assert client.get(f"{url}/fields/5.png").status_code == 404
 
+    # the case's leukocytes were classified against their median chromatin, kept with it
+    assert len(field["stain_reference"]) == 3 and len(leukocytes(case)) >= 5
     cell = leukocytes(case)[0]
     crop = Image.open(io.BytesIO(client.get(f"{url}/cells/{cell['id']}.png").content))
     assert crop.size == (320, 320)  # the classifier's 160 px window, at twice the detail
@@ -615,7 +618,10 @@ def test_signed_out_cells_are_the_sites_training_set(station: Station) -> None:
     crops, labels = cells.crops, cells.labels
     released = [c for c in leukocytes(station.case(path)) if c["class"] in LEUKOCYTE_CLASSES]
     assert cells.skipped == 0 and len(crops) == len(labels) == len(released)
-    assert len(cells.nuclei) == len(crops)  # one stain reference per crop (the case's or None)
+    # each crop with the stain reference it was classified against, as stored
+    stored = case["result"]["fields"][0]["stain_reference"]
+    assert len(cells.nuclei) == len(crops) and stored is not None
+    assert all(np.array_equal(n, np.asarray(stored, np.float32)) for n in cells.nuclei)
     assert sorted(labels) == sorted(c["class"] for c in released)
     assert new_class in labels
     assert all(c.shape == (160, 160, 3) for c in crops)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -189,10 +190,10 @@ class CountingClassifier:
     def classify(
         self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
     ) -> np.ndarray:
-        return self.inner.classify(crops)
+        return self.inner.classify(crops, nucleus)
 
-    def seen_colours(self, crop: np.ndarray) -> np.ndarray:
-        return self.inner.seen_colours(crop)
+    def seen_colours(self, crop: np.ndarray, nucleus: np.ndarray | None = None) -> np.ndarray:
+        return self.inner.seen_colours(crop, nucleus)
 
     def classify_seen(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         self.seen_batches.append(len(windows))
@@ -224,6 +225,28 @@ def test_saliency_of_the_shipped_model_covers_what_it_sees_in_one_batch(
     answer = shipped_classifier.classify([crop])[0]
     assert found.top_class == shipped_classifier.classes[int(np.argmax(answer))]
     assert found.probability == pytest.approx(float(answer.max()))
+
+
+def test_saliency_explains_the_answer_given_against_the_specimens_stain_reference(
+    shipped_classifier: OnnxLeukocyteClassifier, shared_data: Path
+) -> None:
+    """A cell classified against its specimen's chromatin is explained against it too: the
+    probability shown beside the map is the one in the result, not the crop's own-reference one."""
+    from PIL import Image
+
+    from lisplugin.core.crops import crop_nucleus
+
+    path = sorted((shared_data / "pbc" / "monocyte").glob("*.jpg"))[0]
+    crop = np.asarray(Image.open(path).convert("RGB"))
+    own = crop_nucleus(crop)
+    assert own is not None
+    specimen = (own * 0.6).astype(np.float32)  # a specimen whose chromatin is paler
+    answer = shipped_classifier.classify([crop], specimen)[0]
+    alone = shipped_classifier.classify([crop])[0]
+    assert abs(float(answer.max()) - float(alone[int(np.argmax(answer))])) > 0.01
+    found = occlusion_sensitivity(crop, shipped_classifier, nucleus=specimen)
+    assert found.top_class == shipped_classifier.classes[int(np.argmax(answer))]
+    assert found.probability == pytest.approx(float(answer.max()), abs=1e-6)
 
 
 def test_single_view_graph_is_one_of_the_models_test_time_views(

@@ -253,14 +253,24 @@ def analyse_field(
         checked = replace(field, image=field.image[y0:y1, x0:x1])
     spacing = measured_spacing_um(field, detections, rbc_diameter, shared_scale)
     quality = assess(checked, settings, spacing)
+    reference = None if nucleus is None else tuple(round(float(v), 5) for v in nucleus)
     if not quality.passed:
         return FieldResult(
-            index, field.source, width, height, quality, cells=(), shared_scale=shared_scale
+            index,
+            field.source,
+            width,
+            height,
+            quality,
+            cells=(),
+            shared_scale=shared_scale,
+            stain_reference=reference,
         )
     if owned is not None:
         detections = tuple(d for d in detections if _centre_in(d.box, owned))
     if crops is None:
         crops = leukocyte_crops(field, detections, rbc_diameter, shared=shared_scale)
+    if reference is not None:  # classified against the reference as stored, to the digit
+        nucleus = np.asarray(reference, dtype=np.float32)
     probabilities = np.asarray(classifier.classify(crops, nucleus)) if crops else np.zeros((0, 0))
     classes = list(classifier.classes)
     cells = []
@@ -284,6 +294,7 @@ def analyse_field(
         cells=tuple(cells),
         regressed_counts=found.regressed_counts,
         shared_scale=shared_scale,
+        stain_reference=reference,
     )
 
 

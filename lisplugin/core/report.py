@@ -53,6 +53,7 @@ def field_to_json(field: FieldResult) -> dict[str, Any]:
         else {k: round(float(v), 2) for k, v in field.regressed_counts.items()},
         "cells": len(field.cells),
         "shared_scale": None if field.shared_scale is None else round(field.shared_scale, 5),
+        "stain_reference": None if field.stain_reference is None else list(field.stain_reference),
     }
 
 

@@ -138,6 +138,10 @@ def field_from_json(data: Mapping[str, Any], cells: Sequence[Cell] = ()) -> Fiel
         ),
         cells=tuple(c for c in cells if c.field_index == int(data["index"])),
         regressed_counts=data.get("regressed_counts"),
+        shared_scale=data.get("shared_scale"),
+        stain_reference=None
+        if data.get("stain_reference") is None
+        else tuple(float(v) for v in data["stain_reference"]),
     )
 
 

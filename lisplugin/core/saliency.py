@@ -41,7 +41,7 @@ class ViewClassifier(Protocol):
         self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
     ) -> np.ndarray: ...
 
-    def seen_colours(self, crop: np.ndarray) -> np.ndarray: ...
+    def seen_colours(self, crop: np.ndarray, nucleus: np.ndarray | None = None) -> np.ndarray: ...
 
     def classify_seen(self, windows: Sequence[np.ndarray]) -> np.ndarray: ...
 
@@ -69,6 +69,7 @@ def occlusion_sensitivity(
     classifier: LeukocyteClassifier,
     patch: int = PATCH_PX,
     stride: int = STRIDE_PX,
+    nucleus: np.ndarray | None = None,
 ) -> Saliency:
     """Heat map of the top-class probability drop when each part the classifier sees of
     ``crop`` is hidden.
@@ -76,11 +77,13 @@ def occlusion_sensitivity(
     The top class and its probability are the classifier's answer for the crop (what the
     result reports). With a :class:`ViewClassifier` the occluded windows are scored in one
     batch, one view each, at the model's input size and in the colours of the unoccluded crop;
-    any other classifier gets occluded copies of the whole crop.
+    any other classifier gets occluded copies of the whole crop. ``nucleus``: the stain
+    reference the crop was classified against (the specimen's chromatin), so that the answer
+    explained is the one the result reports.
     """
     height, width = crop.shape[:2]
     fast = isinstance(classifier, ViewClassifier)
-    coloured = classifier.seen_colours(crop) if fast else crop[..., :3]
+    coloured = classifier.seen_colours(crop, nucleus) if fast else crop[..., :3]
     seen = centre_window(coloured, float(getattr(classifier, "centre", 1.0)))
     side = seen.shape[0]
     top, left = (height - side) // 2, (width - side) // 2
@@ -99,7 +102,7 @@ def occlusion_sensitivity(
             window = base.copy()
             window[at[y] : at[y + patch], at[x] : at[x + patch]] = fill
             windows.append(window)
-        answer = np.asarray(classifier.classify([crop]))[0]
+        answer = np.asarray(classifier.classify([crop], nucleus))[0]
         scored = np.asarray(classifier.classify_seen([base, *windows]))  # type: ignore[attr-defined]
     else:
         occluded = []
@@ -107,7 +110,7 @@ def occlusion_sensitivity(
             image = crop[..., :3].copy()
             image[top + y : top + y + patch, left + x : left + x + patch] = fill
             occluded.append(image)
-        scored = np.asarray(classifier.classify([crop, *occluded]))
+        scored = np.asarray(classifier.classify([crop, *occluded], nucleus))
         answer = scored[0]
     best = int(np.argmax(answer))
     drops = scored[0, best] - scored[1:, best]

@@ -94,6 +94,10 @@ class FieldResult:
     #: Field -> PBC px factor taken from the specimen's other fields (``shared_scale``) when
     #: this field had no scale of its own; None when its own evidence (or none) set the crops.
     shared_scale: float | None = None
+    #: The specimen's chromatin optical density (RGB) its crops were stain-normalised against
+    #: (``core.crops.shared_nucleus``); None when each crop was measured on its own. Kept so
+    #: that a cell cut again (review, saliency, adaptation) is classified as it was.
+    stain_reference: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

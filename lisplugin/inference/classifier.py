@@ -142,13 +142,14 @@ class OnnxLeukocyteClassifier:
     def _calibrated(self, logits: np.ndarray) -> np.ndarray:
         return calibrated(logits, self.temperature, self._prior_shift)
 
-    def seen_colours(self, crop: np.ndarray) -> np.ndarray:
+    def seen_colours(self, crop: np.ndarray, nucleus: np.ndarray | None = None) -> np.ndarray:
         """``crop`` in the colours the model sees it (its card's colour normalisation).
 
         Occluded copies of a crop are made from this, so that all share the unoccluded
-        crop's white point and stains (a patch of glass would otherwise shift their colours).
+        crop's white point and stains (a patch of glass would otherwise shift their colours);
+        ``nucleus``: the stain reference it was classified against.
         """
-        return colour_normalised(crop, self.colour)
+        return colour_normalised(crop, self.colour, nucleus=nucleus)
 
     def _single_view(self) -> ort.InferenceSession:
         """The graph without its test-time views, cut out once (the whole graph if it cannot)."""

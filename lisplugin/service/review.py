@@ -560,6 +560,15 @@ def cell_crop(case: Case, cell_id: int, out_size: int = PBC_CROP_PX) -> np.ndarr
     return leukocyte_crop(field.image, box, scale, out_size)  # type: ignore[arg-type]
 
 
+def cell_stain_reference(case: Case, cell_id: int) -> np.ndarray | None:
+    """The stain reference the cell's crop was classified against (its field's
+    ``stain_reference``, the specimen's chromatin); None: its crop was its own reference
+    (or the result was stored before the reference was kept)."""
+    described = case.result["fields"][_cell(case, cell_id)["field"]]  # type: ignore[index]
+    reference = described.get("stain_reference")
+    return None if reference is None else np.asarray(reference, dtype=np.float32)
+
+
 class SaliencyCache:
     """Occlusion maps are costly (about 150 classifier runs): one at a time, and kept."""
 
@@ -577,7 +586,9 @@ class SaliencyCache:
         with self._lock:
             if key not in self._images:
                 crop = cell_crop(case, cell_id)
-                found = occlusion_sensitivity(crop, pipeline.classifier)
+                found = occlusion_sensitivity(
+                    crop, pipeline.classifier, nucleus=cell_stain_reference(case, cell_id)
+                )
                 seen = found.seen(crop)  # the part the classifier looks at
                 overlay = Image.fromarray(heat_overlay(seen, found.heat))
                 image = np.asarray(overlay.resize((PBC_CROP_PX * 2, PBC_CROP_PX * 2)))

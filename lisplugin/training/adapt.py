@@ -86,12 +86,13 @@ def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print
 
 
 def collect_reviews(settings: Any, log: Callable[[str], None] = print) -> SiteCells:
-    """Crops and released classes of every leukocyte of the signed-out cases in the database;
-    each case's leukocytes share its chromatin as stain reference, as in the analysis."""
+    """Crops and released classes of every leukocyte of the signed-out cases in the database,
+    each with the stain reference it was classified against (stored with the result; results
+    stored before it was kept: the case's leukocytes' median chromatin, measured again)."""
     from sqlalchemy import select
 
     from lisplugin.core.crops import crop_nucleus, shared_nucleus
-    from lisplugin.service.review import cell_crop
+    from lisplugin.service.review import cell_crop, cell_stain_reference
     from lisplugin.storage.db import Database
     from lisplugin.storage.orm import Case, CaseStatus
 
@@ -102,19 +103,27 @@ def collect_reviews(settings: Any, log: Callable[[str], None] = print) -> SiteCe
             cases = session.scalars(select(Case).where(Case.status == CaseStatus.FINAL)).all()
             for case in progress(cases, desc="signed-out cases", unit="case"):
                 crops: list[np.ndarray] = []
+                stored: list[np.ndarray | None] = []
                 for cell in (case.result or {}).get("cells") or []:
                     if cell.get("kind") != "WBC" or cell.get("class") not in LEUKOCYTE_CLASSES:
                         continue
                     try:
-                        crops.append(cell_crop(case, int(cell["id"])))
+                        crop = cell_crop(case, int(cell["id"]))
+                        reference = cell_stain_reference(case, int(cell["id"]))
                     except Exception as exc:  # an image purged or unreadable: skip that cell
                         cells.skipped += 1
                         log(f"case {case.id} cell {cell['id']}: not cut again ({exc})")
                         continue
+                    crops.append(crop)
+                    stored.append(reference)
                     cells.labels.append(str(cell["class"]))
-                nucleus = shared_nucleus([crop_nucleus(c) for c in crops])
+                fields = (case.result or {}).get("fields") or []
+                if any("stain_reference" in f for f in fields):
+                    cells.nuclei += stored
+                else:
+                    nucleus = shared_nucleus([crop_nucleus(c) for c in crops])
+                    cells.nuclei += [nucleus] * len(crops)
                 cells.crops += crops
-                cells.nuclei += [nucleus] * len(crops)
             log(f"{len(cells.crops)} reviewed leukocytes from {len(cases)} signed-out cases")
     finally:
         db.dispose()
