@@ -18,6 +18,7 @@ from lisplugin.core.analysis import (
     aggregate,
     analyse_field,
     analyse_fields,
+    detect_folder,
     median_rbc_diameter,
     result_values,
 )
@@ -402,3 +403,46 @@ def test_every_field_of_a_specimen_takes_its_chromatin_reference() -> None:
     single = analyse_fields(fields[:1], QueueDetector(per_field[:1]), alone, SETTINGS, rules=[])
     assert alone.nuclei == [None]  # 3 leukocytes: fewer than a shared median needs
     assert single.fields[0].stain_reference is None
+
+
+class SpecimenRowClassifier(RowClassifier):
+    """A classifier that normalises its features on a specimen (``for_specimen``): it records
+    the crops it was given and answers for the specimen with another classifier."""
+
+    def __init__(self, rows: list[list[float]], specimen: RowClassifier) -> None:
+        super().__init__(rows)
+        self.specimen = specimen
+        self.given: list[list[np.ndarray]] = []
+
+    def specimen_sample(self, count: int) -> list[int]:
+        return list(range(0, count, 2))  # every other crop
+
+    def for_specimen(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> RowClassifier:
+        self.given.append(list(crops))
+        return self.specimen
+
+
+def test_a_specimen_is_classified_with_features_normalised_on_its_own_leukocytes() -> None:
+    """The daemon hands every leukocyte crop of a case (in field and detection order) to the
+    classifier's ``for_specimen`` and classifies every field with what it returns; a lab's
+    folder hands the sample the classifier asks for."""
+    fields, per_field = [], []
+    for seed in range(3):
+        image, truth = synthetic_field(seed, n_wbc=3)
+        fields.append(Field(image, f"f{seed}"))
+        per_field.append(detections_of(truth))
+    specimen = RowClassifier([one_hot("monocyte")] * 9)
+    classifier = SpecimenRowClassifier([], specimen)
+    result = analyse_fields(fields, QueueDetector(per_field), classifier, SETTINGS, rules=[])
+    assert [len(g) for g in classifier.given] == [9] and classifier.batches == []
+    given = classifier.given[0]
+    cut = [c for batch in specimen.batches for c in batch]  # what was classified, in order
+    assert len(cut) == 9 and all(np.array_equal(a, b) for a, b in zip(given, cut, strict=True))
+    assert {c.label for c in result.cells if c.kind == "WBC"} == {"monocyte"}
+
+    folder = detect_folder(lambda: iter(fields), QueueDetector(per_field), classifier=classifier)
+    assert folder.classifier is specimen
+    assert len(classifier.given[1]) == 5  # crops 0, 2, 4, 6, 8 of the folder's 9
+    assert all(np.array_equal(a, b) for a, b in zip(classifier.given[1], given[::2], strict=True))

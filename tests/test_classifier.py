@@ -585,6 +585,8 @@ def test_saliency_windows_are_in_the_colours_the_model_sees(
         text.replace(old, f"colour_normalisation: {colour or 'null'}", 1)
     )
     (card_dir / "leukocyte-classifier.onnx").symlink_to(shipped.onnx_path)
+    norms = shipped["specimen_norms"]["file"]
+    (card_dir / norms).symlink_to(DEFAULT_MODELS_DIR / norms)
     classifier = OnnxLeukocyteClassifier(load_card(card_dir, "leukocyte-classifier"))
     assert classifier.colour == colour
     size, centre = classifier.input_size, classifier.centre

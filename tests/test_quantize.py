@@ -43,6 +43,9 @@ def _rebuilt_classifier(card: ModelCard, card_path: Path, out: Path) -> None:
     text = card_path.read_text()
     text = text.replace(f"sha256: {card.sha256}", f"sha256: {file_sha256(graph)}", 1)
     (out / "leukocyte-classifier.md").write_text(text.replace("precision: int8", "", 1))
+    norms = card.get("specimen_norms")
+    if norms:  # the training sites' feature statistics travel with the card
+        (out / norms["file"]).symlink_to(card_path.parent / norms["file"])
 
 
 def test_quantized_models_run_behind_their_cards_and_agree_with_the_float_ones(

@@ -234,7 +234,7 @@ def analyse_field(
     neighbouring window of a whole slide. ``found``: the field's detections when the caller
     has them already; ``shared_scale``: the specimen's scale, used when the field has none of
     its own (``unscaled_leukocyte_sides``); ``nucleus``: the specimen's chromatin density, the
-    stain reference of its crops (``specimen_nucleus``); ``crops``: the leukocyte crops of the
+    stain reference of its crops (``shared_nucleus``); ``crops``: the leukocyte crops of the
     whole field, in detection order, when the caller has cut them already (not with ``owned``).
     """
     height, width = field.image.shape[:2]
@@ -253,7 +253,7 @@ def analyse_field(
         checked = replace(field, image=field.image[y0:y1, x0:x1])
     spacing = measured_spacing_um(field, detections, rbc_diameter, shared_scale)
     quality = assess(checked, settings, spacing)
-    reference = None if nucleus is None else tuple(round(float(v), 5) for v in nucleus)
+    reference = stain_reference(nucleus)
     if not quality.passed:
         return FieldResult(
             index,
@@ -356,6 +356,32 @@ def aggregate(
     return replace(specimen, flags=tuple(flags))
 
 
+def stain_reference(nucleus: np.ndarray | None) -> tuple[float, ...] | None:
+    """A specimen's chromatin reference as the result keeps it (5 decimals): what its crops
+    are classified against, so that a cell cut again is classified the same."""
+    return None if nucleus is None else tuple(round(float(v), 5) for v in nucleus)
+
+
+def _as_array(reference: tuple[float, ...] | None) -> np.ndarray | None:
+    return None if reference is None else np.asarray(reference, dtype=np.float32)
+
+
+def specimen_classifier(
+    classifier: LeukocyteClassifier, crops: Sequence[np.ndarray], nucleus: np.ndarray | None
+) -> LeukocyteClassifier:
+    """The classifier with its features normalised on the specimen's leukocytes (``crops``,
+    in the analysis's order), where it can (``for_specimen``; see
+    ``lisplugin.inference.specimen_norms``); else the classifier itself."""
+    adapt = getattr(classifier, "for_specimen", None)
+    return classifier if adapt is None else adapt(crops, nucleus)  # type: ignore[no-any-return]
+
+
+def specimen_sample(classifier: LeukocyteClassifier, count: int) -> list[int]:
+    """Which of a specimen's ``count`` leukocyte crops its feature statistics need."""
+    sample = getattr(classifier, "specimen_sample", None)
+    return [] if sample is None else list(sample(count))
+
+
 @dataclass(frozen=True)
 class FolderDetections:
     """A lab folder's detections, image by image (without outline masks: scores need boxes
@@ -363,7 +389,9 @@ class FolderDetections:
 
     found: list[FieldDetections]
     scale: float | None  # ``shared_scale`` of the images without a scale of their own
-    nucleus: np.ndarray | None  # ``specimen_nucleus``: the folder's stain reference
+    nucleus: np.ndarray | None  # ``shared_nucleus``: the folder's stain reference
+    #: ``specimen_classifier`` for the folder (the classifier given when it cannot adapt)
+    classifier: LeukocyteClassifier | None = None
 
 
 def detect_folder(
@@ -371,29 +399,33 @@ def detect_folder(
     detector: CellDetector,
     share_scale: bool = True,
     share_stain: bool = True,
+    classifier: LeukocyteClassifier | None = None,
 ) -> FolderDetections:
     """Detect a folder of one lab's images as the fields of one specimen (``evaluate cells``,
     ``adapt --data``). ``fields`` is called once per pass (detection, then the stain
-    reference), so that a large folder is read image by image rather than held in memory."""
+    reference and the crops the ``classifier``'s specimen statistics need), so that a large
+    folder is read image by image rather than held in memory."""
     found, sides = [], []
     for field in fields():
         detected = detector.detect(field.image, pixel_spacing_um=field.pixel_spacing_um)
         found.append(replace(detected, cells=tuple(replace(d, mask=None) for d in detected.cells)))
         sides += unscaled_leukocyte_sides(field, detected.cells)
     scale = shared_scale(sides) if share_scale else None
-    nucleus = specimen_nucleus(zip(fields(), found, strict=True), scale) if share_stain else None
-    return FolderDetections(found, scale, nucleus)
-
-
-def specimen_nucleus(
-    fields: Iterable[tuple[Field, FieldDetections]], shared: float | None = None
-) -> np.ndarray | None:
-    """The chromatin density of a specimen's leukocytes (their crops cut as the analysis cuts
-    them, ``shared``: the specimen's scale): the stain reference of all its crops
-    (``core.crops.shared_nucleus``); None with too few leukocytes beside red cells."""
-    return shared_nucleus(
-        [crop_nucleus(c) for field, found in fields for c in _crops(field, found, shared)]
-    )
+    total = sum(1 for f in found for d in f.cells if d.kind == "WBC")
+    wanted = set(specimen_sample(classifier, total)) if classifier is not None else set()
+    densities, kept, index = [], [], 0
+    if share_stain or wanted:
+        for field, detected in zip(fields(), found, strict=True):
+            for crop in _crops(field, detected, scale):
+                densities.append(crop_nucleus(crop) if share_stain else None)
+                if index in wanted:
+                    kept.append(crop)
+                index += 1
+    nucleus = shared_nucleus(densities) if share_stain else None
+    adapted = None
+    if classifier is not None:
+        adapted = specimen_classifier(classifier, kept, _as_array(stain_reference(nucleus)))
+    return FolderDetections(found, scale, nucleus, adapted)
 
 
 def _crops(field: Field, found: FieldDetections, shared: float | None) -> list[np.ndarray]:
@@ -416,7 +448,7 @@ def analyse_fields(
     The fields come from one smear and one microscope: they are all detected first, then
     those without a scale of their own (no Pixel Spacing, no red cells) take the scale of
     their leukocytes together (``shared_scale``), and every crop takes the specimen's
-    chromatin density as its stain reference (``specimen_nucleus``). (The fields are in memory
+    chromatin density as its stain reference (``shared_nucleus``). (The fields are in memory
     already; their detections and leukocyte crops are a fraction of that.)
     """
     found = {
@@ -431,6 +463,12 @@ def analyse_fields(
     # cut once: they give the specimen's stain reference, then go to the classifier
     crops = {i: _crops(fields[i], d, shared) for i, d in found.items()}  # type: ignore[arg-type]
     nucleus = shared_nucleus([crop_nucleus(c) for cut in crops.values() for c in cut])
+    # and they give the specimen's feature statistics, where the classifier takes them
+    specimen = specimen_classifier(
+        classifier,
+        [c for cut in crops.values() for c in cut],
+        _as_array(stain_reference(nucleus)),
+    )
     results: list[FieldResult] = []
     for i, item in enumerate(fields):
         if isinstance(item, Field):
@@ -439,7 +477,7 @@ def analyse_fields(
                     len(results),
                     item,
                     detector,
-                    classifier,
+                    specimen,
                     settings,
                     found=found.pop(i),
                     shared_scale=shared,

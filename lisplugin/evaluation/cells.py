@@ -90,6 +90,7 @@ def evaluate_cells(
     progress: bool = False,
     per_image_scale: bool = False,
     per_crop_stain: bool = False,
+    per_crop_norms: bool = False,
 ) -> dict[str, Any]:
     """Score the most confident leukocyte of each labelled image in ``data``'s class folders."""
     samples = select(read_samples(data, classes=LEUKOCYTE_CLASSES), split)
@@ -109,6 +110,7 @@ def evaluate_cells(
         progress,
         per_image_scale,
         per_crop_stain,
+        per_crop_norms,
     )
     report["data"] = str(data)
     return report
@@ -123,6 +125,7 @@ def evaluate_samples(
     progress: bool = False,
     per_image_scale: bool = False,
     per_crop_stain: bool = False,
+    per_crop_norms: bool = False,
 ) -> dict[str, Any]:
     """Score the most confident leukocyte of each labelled image, through the daemon's path.
 
@@ -130,8 +133,9 @@ def evaluate_samples(
     one) with the detector of ``models_dir`` (default: the shipped models). The images are one
     specimen to the analysis: those without a scale of their own share the folder's
     (``shared_scale``), unless ``per_image_scale`` (each image a case of its own), and every
-    crop takes the folder's chromatin density as its stain reference (``specimen_nucleus``),
-    unless ``per_crop_stain``.
+    crop takes the folder's chromatin density as its stain reference (``shared_nucleus``),
+    unless ``per_crop_stain``; the classifier's features are normalised on the folder's
+    leukocytes where its card ships ``specimen_norms``, unless ``per_crop_norms``.
     """
     settings = load_settings()
     if models_dir is not None:
@@ -153,8 +157,15 @@ def evaluate_samples(
         for sample in next(passes):
             yield Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
 
-    folder = detect_folder(fields, detector, not per_image_scale, not per_crop_stain)
+    folder = detect_folder(
+        fields,
+        detector,
+        not per_image_scale,
+        not per_crop_stain,
+        None if per_crop_norms else classifier,
+    )
     found, shared, nucleus = folder.found, folder.scale, folder.nucleus
+    specimen = folder.classifier or classifier
     truth, predicted = [], []
     detected = qc_failed = 0
     for index, sample in enumerate(samples):
@@ -163,7 +174,7 @@ def evaluate_samples(
             index,
             field,
             detector,
-            classifier,
+            specimen,
             analysis,
             found=found[index],
             shared_scale=shared,
@@ -185,6 +196,7 @@ def evaluate_samples(
             "magnification": magnification,
             "shared_scale": None if shared is None else round(shared, 5),
             "shared_nucleus": None if nucleus is None else [round(float(v), 4) for v in nucleus],
+            "specimen_norms": specimen is not classifier,
             "model_versions": {"detector": detector.version, "classifier": classifier.version},
         }
     )
@@ -230,6 +242,12 @@ def cli(argv: list[str]) -> int:
         action="store_true",
         help="normalise each crop's stain to its own chromatin instead of the folder's",
     )
+    parser.add_argument(
+        "--per-crop-norms",
+        action="store_true",
+        help="keep the classifier's training-site feature statistics instead of normalising "
+        "its features on the folder's leukocytes (card field specimen_norms)",
+    )
     parser.add_argument("--json", action="store_true", help="print the whole JSON report")
     parser.add_argument(
         "--figures", type=Path, metavar="DIR", help="also draw the confusion matrix (PNG) into DIR"
@@ -244,6 +262,7 @@ def cli(argv: list[str]) -> int:
         progress=True,
         per_image_scale=args.per_image_scale,
         per_crop_stain=args.per_crop_stain,
+        per_crop_norms=args.per_crop_norms,
     )
     if args.figures is not None:
         from lisplugin.evaluation.figures import confusion_figure

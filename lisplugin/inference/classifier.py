@@ -33,6 +33,7 @@ from lisplugin.core.crops import (
 )
 from lisplugin.core.prevalence import PrevalenceError, calibrated, prior_shift
 from lisplugin.inference.registry import ModelCard, ModelCardError
+from lisplugin.inference.specimen_norms import NormsSettings, SpecimenNorms
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +118,68 @@ class OnnxLeukocyteClassifier:
         self._views = int(card.get("test_time_views", 1))
         self._single: ort.InferenceSession | None = None
         self._single_lock = threading.Lock()
+        described = card.get("specimen_norms")
+        self.norms: SpecimenNorms | None = None
+        if described:
+            try:
+                self.norms = SpecimenNorms(
+                    self._onnx_path, NormsSettings.from_card(described), threads=threads
+                )
+            except (KeyError, OSError, TypeError, ValueError) as exc:
+                raise ModelCardError(f"{card.name}: specimen_norms: {exc}") from exc
 
-    def logits(self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None) -> np.ndarray:
-        """Uncalibrated logits, (N, len(classes)), computed in batches (``nucleus``: the
-        specimen's chromatin density, see ``core.crops.shared_nucleus``)."""
-        out = [np.zeros((0, len(self.classes)), dtype=np.float32)]
-        for start in range(0, len(crops), self.batch_size):
-            batch = np.stack(
+    def inputs(self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None) -> np.ndarray:
+        """The graph's input for ``crops``: (N, 3, size, size) float32, normalised."""
+        return self.normalised(
+            np.stack(
                 [
                     classifier_input(c, self.input_size, self.centre, self.colour, nucleus)
-                    for c in crops[start : start + self.batch_size]
+                    for c in crops
                 ]
             )
-            x = batch.transpose(0, 3, 1, 2).astype(np.float32) * self._scale + self._shift
-            out.append(self._session.run(None, {self._input: x})[0])
+        )
+
+    def normalised(self, batch: np.ndarray) -> np.ndarray:
+        """Prepared crops (N, size, size, 3) uint8 as the graph's input (N, 3, size, size)."""
+        x = batch.transpose(0, 3, 1, 2).astype(np.float32) * self._scale + self._shift
+        return x.astype(np.float32)
+
+    def logits(
+        self,
+        crops: Sequence[np.ndarray],
+        nucleus: np.ndarray | None = None,
+        feed: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Uncalibrated logits, (N, len(classes)), computed in batches (``nucleus``: the
+        specimen's chromatin density, see ``core.crops.shared_nucleus``; ``feed``: the
+        specimen's feature scale and shift, see :meth:`for_specimen`)."""
+        out = [np.zeros((0, len(self.classes)), dtype=np.float32)]
+        for start in range(0, len(crops), self.batch_size):
+            x = self.inputs(crops[start : start + self.batch_size], nucleus)
+            if feed is not None and self.norms is not None:
+                out.append(self.norms.logits(x, feed))
+            else:
+                out.append(self._session.run(None, {self._input: x})[0])
         return np.concatenate(out)
+
+    def specimen_sample(self, count: int) -> list[int]:
+        """Which of a specimen's ``count`` crops :meth:`for_specimen` needs (none: no norms,
+        or too few leukocytes to normalise on)."""
+        if self.norms is None or count < self.norms.settings.min_cells:
+            return []
+        return self.norms.sample(count)
+
+    def for_specimen(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> OnnxLeukocyteClassifier | SpecimenClassifier:
+        """This classifier with its features normalised on the specimen's own leukocytes
+        (``crops``, all of them, in the analysis's order; see ``specimen_norms``), or itself
+        where the card has no ``specimen_norms`` or the specimen too few leukocytes."""
+        norms = self.norms
+        if norms is None or len(crops) < norms.settings.min_cells:
+            return self
+        chosen = [crops[i] for i in norms.sample(len(crops))]
+        return SpecimenClassifier(self, norms.affine(self.inputs(chosen, nucleus)))
 
     def classify(
         self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
@@ -181,3 +229,24 @@ class OnnxLeukocyteClassifier:
         x = batch.transpose(0, 3, 1, 2).astype(np.float32) * self._scale + self._shift
         name = session.get_inputs()[0].name
         return self._calibrated(session.run(None, {name: x})[0])
+
+
+class SpecimenClassifier:
+    """A classifier whose features are normalised on one specimen's leukocytes
+    (:meth:`OnnxLeukocyteClassifier.for_specimen`); everything else is its base's."""
+
+    def __init__(self, base: OnnxLeukocyteClassifier, feed: dict[str, np.ndarray]) -> None:
+        self.base = base
+        self.feed = feed
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.base, name)
+
+    def logits(self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None) -> np.ndarray:
+        return self.base.logits(crops, nucleus, self.feed)
+
+    def classify(
+        self, crops: Sequence[np.ndarray], nucleus: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Calibrated probabilities under the specimen's feature statistics."""
+        return self.base._calibrated(self.logits(crops, nucleus))

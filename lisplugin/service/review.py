@@ -32,12 +32,24 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from lisplugin.config import Hl7Settings, Settings
-from lisplugin.core.analysis import median_rbc_diameter, result_values
+from lisplugin.core.analysis import (
+    median_rbc_diameter,
+    result_values,
+    specimen_classifier,
+    specimen_sample,
+)
 from lisplugin.core.crops import PBC_CROP_PX, leukocyte_crop, pbc_scale
 from lisplugin.core.revision import RevisionError, reclassified, reclassify, revise
 from lisplugin.core.rules import PatientContext, PreviousResult, reason_required
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
-from lisplugin.core.types import Detection, Field, Flag, ResultValue, SpecimenResult
+from lisplugin.core.types import (
+    Detection,
+    Field,
+    Flag,
+    LeukocyteClassifier,
+    ResultValue,
+    SpecimenResult,
+)
 from lisplugin.dicom.decode import UnusableInstance
 from lisplugin.dicom.frames import read_frame
 from lisplugin.service.cases import EXTEND_MARK, queue_oru
@@ -569,6 +581,22 @@ def cell_stain_reference(case: Case, cell_id: int) -> np.ndarray | None:
     return None if reference is None else np.asarray(reference, dtype=np.float32)
 
 
+def case_classifier(
+    case: Case, classifier: LeukocyteClassifier, reference: np.ndarray | None
+) -> LeukocyteClassifier:
+    """The classifier as it read the case's cells: its features normalised on the case's
+    leukocytes where the model does that (``specimen_norms``). The statistics are measured
+    again on the leukocytes the result keeps, which are all of them unless a field failed
+    quality control (its cells are not kept; then the answer may differ by a little)."""
+    leukocytes = [c for c in case.result["cells"] if c["kind"] == "WBC"]  # type: ignore[index]
+    chosen = specimen_sample(classifier, len(leukocytes))
+    if not chosen:
+        return classifier
+    return specimen_classifier(
+        classifier, [cell_crop(case, int(leukocytes[i]["id"])) for i in chosen], reference
+    )
+
+
 class SaliencyCache:
     """Occlusion maps are costly (about 150 classifier runs): one at a time, and kept."""
 
@@ -586,9 +614,9 @@ class SaliencyCache:
         with self._lock:
             if key not in self._images:
                 crop = cell_crop(case, cell_id)
-                found = occlusion_sensitivity(
-                    crop, pipeline.classifier, nucleus=cell_stain_reference(case, cell_id)
-                )
+                reference = cell_stain_reference(case, cell_id)
+                classifier = case_classifier(case, pipeline.classifier, reference)
+                found = occlusion_sensitivity(crop, classifier, nucleus=reference)
                 seen = found.seen(crop)  # the part the classifier looks at
                 overlay = Image.fromarray(heat_overlay(seen, found.heat))
                 image = np.asarray(overlay.resize((PBC_CROP_PX * 2, PBC_CROP_PX * 2)))

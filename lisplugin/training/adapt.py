@@ -266,7 +266,14 @@ def adapt(
     trainer.export_onnx(model, onnx_path, size)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     meta = {
-        **{k: v for k, v in front.items() if k not in ("precision", "quantization")},
+        # Not the base graph's feature statistics (``specimen_norms``): fine-tuned on the lab's
+        # own cells, the adapted network is fitted to its stain; `lisplugin train norms` can
+        # measure new ones.
+        **{
+            k: v
+            for k, v in front.items()
+            if k not in ("precision", "quantization", "specimen_norms")
+        },
         "version": f"{front['version']}+site.{stamp}",
         "file": onnx_path.name,
         "sha256": file_sha256(onnx_path),

@@ -223,10 +223,12 @@ def quantize_folder(
     elif out.resolve() != models.resolve():  # into a folder: only what is quantised now
         for name in names:
             card = load_card(models, name)
+            norms = card.get("specimen_norms") or {}
             for path in (
                 models / f"{name}.md",
                 card.onnx_path,
                 *card_figures(models / f"{name}.md"),
+                *([models / norms["file"]] if norms.get("file") else []),
             ):
                 shutil.copyfile(path, out / path.name)
     versions = {}
