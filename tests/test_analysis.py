@@ -381,14 +381,20 @@ def test_shared_scale_needs_five_leukocytes_and_takes_their_median() -> None:
     assert pbc_scale(None, None, box) == pytest.approx(2.0)  # 60 px / 30 px
 
 
-def test_every_field_of_a_specimen_takes_its_chromatin_reference() -> None:
-    """One stain reference per specimen: the median chromatin of all its leukocytes, given
-    with every field's crops (a field alone, or too few leukocytes: each crop its own)."""
+def _three_fields() -> tuple[list[Field], list[list[Detection]]]:
+    """Three synthetic fields of three leukocytes each, and their detections."""
     fields, per_field = [], []
     for seed in range(3):
         image, truth = synthetic_field(seed, n_wbc=3)
         fields.append(Field(image, f"f{seed}"))
         per_field.append(detections_of(truth))
+    return fields, per_field
+
+
+def test_every_field_of_a_specimen_takes_its_chromatin_reference() -> None:
+    """One stain reference per specimen: the median chromatin of all its leukocytes, given
+    with every field's crops (a field alone, or too few leukocytes: each crop its own)."""
+    fields, per_field = _three_fields()
     classifier = RowClassifier([one_hot("lymphocyte")] * 9)
     result = analyse_fields(fields, QueueDetector(per_field), classifier, SETTINGS, rules=[])
     expected = shared_nucleus([crop_nucleus(c) for batch in classifier.batches for c in batch])
@@ -428,11 +434,7 @@ def test_a_specimen_is_classified_with_features_normalised_on_its_own_leukocytes
     """The daemon hands every leukocyte crop of a case (in field and detection order) to the
     classifier's ``for_specimen`` and classifies every field with what it returns; a lab's
     folder hands the sample the classifier asks for."""
-    fields, per_field = [], []
-    for seed in range(3):
-        image, truth = synthetic_field(seed, n_wbc=3)
-        fields.append(Field(image, f"f{seed}"))
-        per_field.append(detections_of(truth))
+    fields, per_field = _three_fields()
     specimen = RowClassifier([one_hot("monocyte")] * 9)
     classifier = SpecimenRowClassifier([], specimen)
     result = analyse_fields(fields, QueueDetector(per_field), classifier, SETTINGS, rules=[])
