@@ -10,14 +10,14 @@ here, so none of them imports another.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from lisplugin.core.types import LEUKOCYTE_CLASSES
+from lisplugin.core.types import LEUKOCYTE_CLASSES, Field
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -70,3 +70,22 @@ def load_rgb(path: Path) -> np.ndarray:
     """An image file as H x W x 3 uint8 RGB."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def folder_fields(
+    samples: Sequence[Sample],
+    first: Iterable[Sample] | None = None,
+    read: Callable[[Path], np.ndarray] | None = None,
+) -> Callable[[], Iterator[Field]]:
+    """The samples' images as fields, once per call: what ``core.analysis.detect_folder`` reads
+    a folder through, pass by pass, image by image. ``first``: the first pass's samples
+    (the same, wrapped in a progress bar); ``read``: path -> RGB image (default
+    :func:`load_rgb`)."""
+    passes = iter([first if first is not None else samples])
+    load = read or load_rgb
+
+    def fields() -> Iterator[Field]:
+        for sample in next(passes, samples):
+            yield Field(load(sample.path), str(sample.path))
+
+    return fields

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from lisplugin.config import DEFAULT_MODELS_DIR, load_settings
 from lisplugin.core.analysis import analyse_field, detect_folder
 from lisplugin.core.crops import resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
-from lisplugin.datasets import Sample, load_rgb, read_samples, select
+from lisplugin.datasets import Sample, folder_fields, load_rgb, read_samples, select
 from lisplugin.progress import progress as progress_bar
 from lisplugin.service.models import lab_classifier, load_models
 
@@ -151,12 +150,7 @@ def evaluate_samples(
     shown = progress_bar(samples, desc="cells", unit="img") if progress else samples
     # Detected first: the folder is one lab, and its images share a scale (those without one
     # of their own) and a stain reference, as a specimen's fields do.
-    passes = iter([shown, samples])  # the progress bar on the detection pass
-
-    def fields() -> Iterator[Field]:
-        for sample in next(passes):
-            yield Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
-
+    fields = folder_fields(samples, shown, lambda path: rescaled(load_rgb(path), magnification))
     folder = detect_folder(
         fields,
         detector,

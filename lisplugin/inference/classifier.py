@@ -141,8 +141,7 @@ class OnnxLeukocyteClassifier:
 
     def normalised(self, batch: np.ndarray) -> np.ndarray:
         """Prepared crops (N, size, size, 3) uint8 as the graph's input (N, 3, size, size)."""
-        x = batch.transpose(0, 3, 1, 2).astype(np.float32) * self._scale + self._shift
-        return x.astype(np.float32)
+        return batch.transpose(0, 3, 1, 2).astype(np.float32) * self._scale + self._shift
 
     def logits(
         self,

@@ -57,6 +57,14 @@ def read_front_matter(card_path: Path) -> dict[str, Any]:
     return meta
 
 
+def replace_front_matter(card_path: Path, meta: dict[str, Any]) -> None:
+    """Write ``meta`` as the card's front matter; its body stays as it is."""
+    read_front_matter(card_path)  # a card with front matter to replace
+    body = card_path.read_text(encoding="utf-8").split("---\n", 2)[2]
+    front = yaml.safe_dump(meta, sort_keys=False, width=100, allow_unicode=True)
+    card_path.write_text(f"---\n{front}---\n{body}", encoding="utf-8")
+
+
 def load_card(models_dir: Path, name: str, verify: bool = True) -> ModelCard:
     """Read the card called ``name`` and check that its ONNX file is the one it describes."""
     card_path = Path(models_dir) / f"{name}.md"

@@ -219,9 +219,13 @@ class NormsSettings:
             max_cells=int(described["max_cells"]),  # type: ignore[call-overload]
             layers=None if described.get("layers") is None else int(described["layers"]),  # type: ignore[call-overload]
         )
-        if not 0.0 <= settings.alpha <= 1.0 or not 1 <= settings.min_cells <= settings.max_cells:
-            raise ValueError("needs 0 <= alpha <= 1 and 1 <= min_cells <= max_cells")
+        settings.validate()
         return settings
+
+    def validate(self) -> None:
+        """Raise ValueError unless 0 <= alpha <= 1 and 1 <= min_cells <= max_cells."""
+        if not 0.0 <= self.alpha <= 1.0 or not 1 <= self.min_cells <= self.max_cells:
+            raise ValueError("needs 0 <= alpha <= 1 and 1 <= min_cells <= max_cells")
 
 
 class SpecimenNorms:

@@ -547,14 +547,26 @@ def _cell(case: Case, cell_id: int) -> dict[str, Any]:
     return cells[cell_id]
 
 
-def cell_crop(case: Case, cell_id: int, out_size: int = PBC_CROP_PX) -> np.ndarray:
+def cell_crop(
+    case: Case,
+    cell_id: int,
+    out_size: int = PBC_CROP_PX,
+    decoded: dict[int, Field] | None = None,
+) -> np.ndarray:
     """The scale-normalised window the classifier saw (same scale evidence as the analysis).
 
     ``out_size`` above the classifier's 160 px shows the same window with more of the
-    field's detail, where the field has it.
+    field's detail, where the field has it. ``decoded``: fields already decoded, by index,
+    kept there as they are decoded (many cells of one case: each field decoded once).
     """
     cell = _cell(case, cell_id)
-    field = _field(case, cell["field"])
+    index = int(cell["field"])
+    if decoded is None:
+        field = _field(case, index)
+    else:
+        if index not in decoded:
+            decoded[index] = _field(case, index)
+        field = decoded[index]
     height, width = field.image.shape[:2]
     neighbours = [
         Detection(c["kind"], c["score"], tuple(c["box"]))  # type: ignore[arg-type]
@@ -592,9 +604,9 @@ def case_classifier(
     chosen = specimen_sample(classifier, len(leukocytes))
     if not chosen:
         return classifier
-    return specimen_classifier(
-        classifier, [cell_crop(case, int(leukocytes[i]["id"])) for i in chosen], reference
-    )
+    decoded: dict[int, Field] = {}
+    crops = [cell_crop(case, int(leukocytes[i]["id"]), decoded=decoded) for i in chosen]
+    return specimen_classifier(classifier, crops, reference)
 
 
 class SaliencyCache:

@@ -25,7 +25,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,16 +57,12 @@ def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print
     stain reference, as ``evaluate cells`` does."""
     from lisplugin.core.analysis import detect_folder, most_confident_leukocyte
     from lisplugin.core.types import Field
-    from lisplugin.datasets import load_rgb, read_samples
+    from lisplugin.datasets import folder_fields, load_rgb, read_samples
 
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
-    passes = iter([progress(samples, desc="cells", unit="img"), samples])
-
-    def fields() -> Iterator[Field]:
-        for sample in next(passes):
-            yield Field(load_rgb(sample.path), str(sample.path))
-
-    folder = detect_folder(fields, detector)
+    folder = detect_folder(
+        folder_fields(samples, progress(samples, desc="cells", unit="img")), detector
+    )
     found, shared, nucleus = folder.found, folder.scale, folder.nucleus
     cells = SiteCells()
     for sample, detections in zip(samples, found, strict=True):
@@ -104,11 +100,12 @@ def collect_reviews(settings: Any, log: Callable[[str], None] = print) -> SiteCe
             for case in progress(cases, desc="signed-out cases", unit="case"):
                 crops: list[np.ndarray] = []
                 stored: list[np.ndarray | None] = []
+                decoded: dict[int, Any] = {}  # each field of the case decoded once
                 for cell in (case.result or {}).get("cells") or []:
                     if cell.get("kind") != "WBC" or cell.get("class") not in LEUKOCYTE_CLASSES:
                         continue
                     try:
-                        crop = cell_crop(case, int(cell["id"]))
+                        crop = cell_crop(case, int(cell["id"]), decoded=decoded)
                         reference = cell_stain_reference(case, int(cell["id"]))
                     except Exception as exc:  # an image purged or unreadable: skip that cell
                         cells.skipped += 1

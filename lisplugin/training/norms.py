@@ -18,10 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lisplugin.inference.registry import load_card
-from lisplugin.inference.specimen_norms import measure_source, save_source
+from lisplugin.inference.registry import load_card, read_front_matter, replace_front_matter
+from lisplugin.inference.specimen_norms import NormsSettings, measure_source, save_source
 
 CARD = "leukocyte-classifier"
 NORMS_FILE = f"{CARD}.norms.npz"
@@ -89,12 +87,9 @@ def write_norms(
 
 def _set_front_matter(card_path: Path, described: dict[str, Any], sites: Sequence[str]) -> None:
     """Put ``specimen_norms`` into the card's front matter (the body is left as it is)."""
-    text = card_path.read_text(encoding="utf-8")
-    _, front, body = text.split("---\n", 2)
-    meta: dict[str, Any] = yaml.safe_load(front)
+    meta = read_front_matter(card_path)
     meta["specimen_norms"] = {**described, "sites": list(sites), "split": "val"}
-    dumped = yaml.safe_dump(meta, sort_keys=False, width=100, allow_unicode=True)
-    card_path.write_text(f"---\n{dumped}---\n{body}", encoding="utf-8")
+    replace_front_matter(card_path, meta)
 
 
 def cli(argv: Sequence[str]) -> int:
@@ -118,10 +113,10 @@ def cli(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--limit", type=int, help="at most N crops per site (tests)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.alpha <= 1.0:
-        parser.error("--alpha must lie in [0, 1]")
-    if not 1 <= args.min_cells <= args.max_cells:
-        parser.error("need 1 <= --min-cells <= --max-cells")
+    try:  # the bounds a card is loaded with
+        NormsSettings(NORMS_FILE, "", args.alpha, args.min_cells, args.max_cells).validate()
+    except ValueError as exc:
+        parser.error(str(exc))
     started = time.monotonic()
     described = write_norms(
         args.models,
