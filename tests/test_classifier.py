@@ -112,6 +112,39 @@ def test_mix_style_mixes_feature_statistics_only_while_training(tmp_path: Path) 
     assert "/model/features/features.0/Conv" in names
 
 
+def test_specimen_batch_norms_normalise_each_run_by_its_own_statistics() -> None:
+    """Trained with specimen runs, the first batch norms normalise each run of the batch as a
+    batch norm would that run alone; in evaluation they are plain (folded) batch norms whose
+    running statistics are the runs' means."""
+    torch.manual_seed(0)
+    model = training.LeukocyteNet(8)
+    assert training.specimen_batch_norms(model, 2) == training.SPECIMEN_LAYERS
+    kinds = [type(m) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert kinds[:3] == [training.SpecimenBatchNorm2d] * 3
+    assert training.SpecimenBatchNorm2d not in kinds[3:]
+    bn = training.SpecimenBatchNorm2d(3, momentum=1.0)
+    bn.groups = 2
+    x = torch.cat([torch.randn(4, 3, 5, 5) * 3 + 1, torch.randn(4, 3, 5, 5) - 2])
+    alone = [torch.nn.BatchNorm2d(3, momentum=1.0).train() for _ in range(2)]
+    expected = torch.cat([alone[0](x[:4]), alone[1](x[4:])])
+    torch.testing.assert_close(bn.train()(x), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, (alone[0].running_mean + alone[1].running_mean) / 2)
+    torch.testing.assert_close(bn.running_var, (alone[0].running_var + alone[1].running_var) / 2)
+    plain = torch.nn.BatchNorm2d(3)
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn.eval()(x), plain.eval()(x))
+
+
+def test_specimen_order_draws_each_run_from_one_site() -> None:
+    site_of = np.array([0] * 50 + [1] * 10 + [2] * 40)
+    weights = np.where(site_of == 0, 0.5 / 50, np.where(site_of == 1, 0.25 / 10, 0.25 / 40))
+    order = training.specimen_order(weights, site_of, 400, 8, torch.Generator().manual_seed(0))
+    runs = site_of[order.numpy()].reshape(400, 8)
+    assert (runs == runs[:, :1]).all()
+    shares = np.bincount(runs[:, 0], minlength=3) / 400
+    assert abs(shares[0] - 0.5) < 0.08 and abs(shares[1] - 0.25) < 0.08
+
+
 def test_fit_temperature_recovers_overconfidence() -> None:
     rng = np.random.default_rng(1)
     true_logits = rng.normal(size=(4000, 4)) * 2

@@ -134,6 +134,22 @@ def test_a_card_whose_norms_do_not_match_is_refused(normed: Path, tmp_path: Path
         OnnxLeukocyteClassifier(load_card(folder, CARD))
 
 
+def test_the_spread_within_sites_leaves_out_the_spread_between_them(normed: Path) -> None:
+    """Measured within sites, a layer's variance is the weighted mean of each site's own; pooled,
+    it adds the spread between the sites' means (here a tinted and a plain site)."""
+    classifier = OnnxLeukocyteClassifier(load_card(normed, CARD))
+    a, b = classifier.inputs(_crops(3, 16)), classifier.inputs(_crops(4, 16, (30, -20, 10)))
+    pooled = measure_source(classifier._onnx_path, [(a, 0.75), (b, 0.25)])
+    within = measure_source(classifier._onnx_path, [(a, 0.75), (b, 0.25)], within=True)
+    alone = [measure_source(classifier._onnx_path, [(x, 1.0)])[0] for x in (a, b)]
+    np.testing.assert_allclose(within[0][0], pooled[0][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        within[0][1], 0.75 * alone[0][1] + 0.25 * alone[1][1], rtol=1e-4, atol=1e-6
+    )
+    assert (pooled[0][1] >= within[0][1] - 1e-5).all()
+    assert (pooled[0][1] > within[0][1] + 1e-4).any()
+
+
 def test_sites_weigh_as_in_the_training_draws() -> None:
     assert site_weights(["pbc", "bccd", "wbc-seg"]) == {"pbc": 0.5, "bccd": 0.25, "wbc-seg": 0.25}
     assert site_weights(["bccd", "wbc-seg"]) == {"bccd": 0.5, "wbc-seg": 0.5}

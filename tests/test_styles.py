@@ -44,6 +44,27 @@ def test_restyle_moves_each_chosen_image_to_the_drawn_style() -> None:
     assert torch.equal(restyle(x, target, g, p=0.0), x)
 
 
+def test_a_specimen_run_is_restyled_whole_in_one_style() -> None:
+    """With groups, each run of the batch (one specimen) is re-rendered whole or not at all, and
+    all its images move the same share of the way to the same drawn style."""
+    x = _images(12)
+    styles = torch.cat([style_of(x[:1]), style_of(x[1:2])])
+    runs = [restyle(x, styles, torch.Generator().manual_seed(s), p=0.5, groups=3) for s in range(8)]
+    seen = set()
+    for out in runs:
+        moved = (out - x).abs().flatten(1).amax(dim=1) > 1e-6
+        for run in moved.view(3, 4):
+            assert run.all() or not run.any()
+            seen.add(bool(run.any()))
+        # the images of a moved run share one goal style: their own statistics agree after
+        after = style_of(out).view(3, 4, 6)
+        for r in range(3):
+            if moved.view(3, 4)[r].all():
+                spread = after[r, :, :3].std(dim=0)
+                assert (spread < style_of(x).view(3, 4, 6)[r, :, :3].std(dim=0) + 1e-3).all()
+    assert seen == {True, False}
+
+
 def test_balanced_draws_every_source_equally() -> None:
     a, b = torch.zeros((2, 6)), torch.ones((7, 6))
     pool = balanced([a, b])

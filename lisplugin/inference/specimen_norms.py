@@ -157,10 +157,17 @@ def identity(layers: Sequence[int]) -> dict[str, np.ndarray]:
 
 
 def measure_source(
-    path: Path, batches: Sequence[tuple[np.ndarray, float]], threads: int = 2
+    path: Path,
+    batches: Sequence[tuple[np.ndarray, float]],
+    threads: int = 2,
+    within: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Mean and variance of every Conv output of the graph at ``path`` over weighted batches
-    of normalised inputs (each site's crops, weighted by its share of the training draws)."""
+    of normalised inputs (each site's crops, weighted by its share of the training draws).
+
+    ``within``: the variance is the weighted mean of each batch's own variance (the spread
+    inside one site, as inside one specimen) instead of that of all batches pooled, which adds
+    the spread between sites."""
     graph = affine_graph(path)
     session = _session(graph, threads)
     layers = [int(i.shape[1]) for i in session.get_inputs()[1::2]]
@@ -179,12 +186,16 @@ def measure_source(
             count += raws[0].shape[0] * raws[0].shape[2] * raws[0].shape[3]
         share = weight / total
         part = [[share * s / count, share * q / count] for s, q in moments]
+        if within:  # the second moment less the spread of the batch means about zero
+            part = [[a, b - a**2 / share] for a, b in part]
         sums = (
             part
             if sums is None
             else [[a + c, b + d] for (a, b), (c, d) in zip(sums, part, strict=True)]
         )
     assert sums is not None
+    if within:  # the sums hold each batch's variance, weighted: the mean's square is not taken
+        return [(m.astype(np.float32), q.astype(np.float32)) for m, q in sums]
     return [(m.astype(np.float32), (q - m**2).astype(np.float32)) for m, q in sums]
 
 

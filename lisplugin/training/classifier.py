@@ -60,6 +60,75 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown normalisation layer {kind!r}; choose from {NORM_LAYERS}")
 
 
+class SpecimenBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm that, while training on ``groups`` > 1, normalises each of that many equal runs
+    of the batch (a specimen: crops of one site in one stain) by the run's own statistics.
+
+    The daemon normalises the first layers' features on each specimen's own leukocytes
+    (``lisplugin.inference.specimen_norms``, AdaBN); a network trained on mixed batches never
+    met features normalised that way. Trained like this it has (as domain-specific batch norm,
+    Chang et al. CVPR 2019). The running statistics are the runs' means, so that the folded
+    network averaged over a site's specimens is the one trained.
+    """
+
+    groups: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        if not self.training or g <= 1:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        runs = x.reshape(g, b // g, c, h, w)
+        mean = runs.mean(dim=(1, 3, 4), keepdim=True)
+        var = runs.var(dim=(1, 3, 4), keepdim=True, unbiased=False)
+        with torch.no_grad():
+            n = (b // g) * h * w
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.mul_(1 - m).add_(m * mean.mean(0).flatten())
+            self.running_var.mul_(1 - m).add_(m * var.mean(0).flatten() * n / max(n - 1, 1))
+            self.num_batches_tracked += 1
+        y = ((runs - mean) / torch.sqrt(var + self.eps)).reshape(b, c, h, w)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def specimen_batch_norms(model: nn.Module, groups: int, layers: int = 3) -> int:
+    """Make the first ``layers`` batch norms of ``model`` normalise per specimen run
+    (``SpecimenBatchNorm2d``) while training; returns how many were replaced."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if replaced >= layers:
+            break
+        if type(module) is not nn.BatchNorm2d:
+            continue
+        swapped = SpecimenBatchNorm2d(module.num_features, module.eps, module.momentum)
+        swapped.load_state_dict(module.state_dict())
+        swapped.groups = groups
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, swapped)
+        replaced += 1
+    return replaced
+
+
+def specimen_order(
+    weights: np.ndarray,
+    site_of: np.ndarray,
+    runs: int,
+    per_run: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``runs`` runs of ``per_run`` draws, each run from one site (chosen by the site's share of
+    ``weights``), the crops within it in proportion to their weights."""
+    members = [torch.as_tensor(np.flatnonzero(site_of == s)) for s in np.unique(site_of)]
+    member_w = [torch.as_tensor(weights[m.numpy()], dtype=torch.float64) for m in members]
+    site_w = torch.stack([w.sum() for w in member_w])
+    chosen = torch.multinomial(site_w, runs, replacement=True, generator=generator)
+    picks = [
+        members[s][torch.multinomial(member_w[s], per_run, replacement=True, generator=generator)]
+        for s in chosen.tolist()
+    ]
+    return torch.cat(picks)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3x3 convolutions with an identity (or 1x1) shortcut."""
 
@@ -122,6 +191,9 @@ class LeukocyteNet(nn.Module):
 #: Indices in ``LeukocyteNet.features`` after which MixStyle mixes: the first two stages' blocks,
 #: whose channel statistics carry stain and camera (later ones carry the class).
 MIX_STYLE_AFTER = (3, 4)
+#: Batch norms trained per specimen with ``--specimen-runs``: those of the convolutions the
+#: daemon normalises on each specimen (the stem and the first block; ``train norms --layers``).
+SPECIMEN_LAYERS = 3
 
 
 def mix_style(x: torch.Tensor, p: float, alpha: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
@@ -266,6 +338,8 @@ def train(
     styles: torch.Tensor | None = None,
     style_p: float = 0.5,
     keep_best: bool = True,
+    site_of: np.ndarray | None = None,
+    specimen_runs: int = 1,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """AdamW with warm-up and cosine decay; returns the weight-averaged (EMA) model of the epoch
     with the best validation accuracy (``keep_best``; otherwise of the last epoch), and the
@@ -274,8 +348,14 @@ def train(
     With ``sample_weights`` an epoch is ``epoch_size`` draws with replacement in proportion to
     them (how small sites get their share next to PBC); otherwise every image once. With
     ``styles`` (``training.styles``) a share ``style_p`` of the crops is re-rendered in real
-    labs' stains before the synthetic photometric augmentation.
+    labs' stains before the synthetic photometric augmentation. With ``specimen_runs`` > 1 (and
+    ``site_of``, each crop's site, and ``sample_weights``) a batch is that many runs, each of one
+    site and re-rendered in one style: specimens for ``SpecimenBatchNorm2d``.
     """
+    if specimen_runs > 1 and (site_of is None or sample_weights is None):
+        raise ValueError("specimen runs need each crop's site and draw weights")
+    if batch_size % max(specimen_runs, 1):
+        raise ValueError(f"batch size {batch_size} is not {specimen_runs} equal specimen runs")
     generator = torch.Generator().manual_seed(seed)
     per_epoch = epoch_size or len(images)
     steps_per_epoch = max(per_epoch // batch_size, 1)
@@ -305,6 +385,15 @@ def train(
         started = time.perf_counter()
         if sample_weights is None:
             order = torch.randperm(len(images), generator=generator)
+        elif specimen_runs > 1:
+            assert site_of is not None
+            order = specimen_order(
+                sample_weights,
+                site_of,
+                steps_per_epoch * specimen_runs,
+                batch_size // specimen_runs,
+                generator,
+            )
         else:
             order = torch.multinomial(
                 torch.as_tensor(sample_weights, dtype=torch.float64),
@@ -320,7 +409,7 @@ def train(
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = geometric(x_all[idx].float().div_(255.0), generator, scale_jitter)
             if styles is not None:
-                x = restyle(x, styles, generator, style_p)
+                x = restyle(x, styles, generator, style_p, groups=specimen_runs)
             x = photometric(x, generator, strength=photometric_strength, stain=stain_strength)
             x = normalise(x, mean, std)
             loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=0.05)
@@ -524,6 +613,14 @@ def _parser() -> argparse.ArgumentParser:
         "first two stages while training; 0: off",
     )
     parser.add_argument(
+        "--specimen-runs",
+        type=int,
+        default=1,
+        help="train the first batch norms as the daemon runs them (per specimen): each batch is "
+        "this many runs of one site and one rendered stain, normalised each by its own "
+        "statistics (needs --epoch-size); 1: off",
+    )
+    parser.add_argument(
         "--pseudo-teacher",
         type=Path,
         help="models folder whose classifier labels the unlabelled labs' leukocytes under "
@@ -578,7 +675,7 @@ def cli(argv: list[str]) -> int:
             )["train"]  # fmt: skip
             x, y = sites[name]["train"]
             sites[name]["train"] = (np.concatenate([x, again[0]]), np.concatenate([y, again[1]]))
-    train_x, train_y, weights = _training_set(sites, args, pseudo)
+    train_x, train_y, weights, site_of = _training_set(sites, args, pseudo)
     val_x = np.concatenate([v["val"][0] for v in sites.values()])
     val_y = np.concatenate([v["val"][1] for v in sites.values()])
     if not len(val_y):
@@ -601,12 +698,16 @@ def cli(argv: list[str]) -> int:
     model.mix_style = args.mix_style
     if args.init is not None:
         _initialise(model, args.init, init_card, calibration, log)
+    if args.specimen_runs > 1:
+        if weights is None:
+            parser.error("--specimen-runs needs --epoch-size (draws by site)")
+        specimen_batch_norms(model, args.specimen_runs, SPECIMEN_LAYERS)
     model, history = train(
         model, train_x, train_y, val_x, val_y, mean, std, args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=log,
         photometric_strength=args.photometric_strength, stain_strength=args.stain_strength,
         scale_jitter=args.scale_jitter, sample_weights=weights, epoch_size=args.epoch_size,
-        styles=styles, style_p=args.style_p,
+        styles=styles, style_p=args.style_p, site_of=site_of, specimen_runs=args.specimen_runs,
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
     if args.views > 1:
@@ -656,6 +757,7 @@ def cli(argv: list[str]) -> int:
         **({"prevalence": prevalence} if prevalence else {}),
         "test_time_views": args.views,
         "sites": trained,
+        **({"specimen_runs": args.specimen_runs} if args.specimen_runs > 1 else {}),
         "metrics": {},
     }
     if args.norm != "batch":  # adapt and --init rebuild the network the card names
@@ -789,9 +891,10 @@ def _training_set(
     sites: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
     args: argparse.Namespace,
     pseudo: PseudoLabels | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """All sites' training crops, and the draw weight of each (None: every crop once, the small
-    sites repeated ``--field-repeat`` times); pseudo-labelled leukocytes count as one site."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """All sites' training crops, the draw weight of each (None: every crop once, the small
+    sites repeated ``--field-repeat`` times) and the index of its site; pseudo-labelled
+    leukocytes count as one site."""
     names = list(sites)
     xs = [sites[n]["train"][0] for n in names]
     ys = [sites[n]["train"][1] for n in names]
@@ -804,7 +907,7 @@ def _training_set(
             if name != "pbc":
                 xs[i] = np.concatenate([xs[i]] * args.field_repeat)
                 ys[i] = np.concatenate([ys[i]] * args.field_repeat)
-        return np.concatenate(xs), np.concatenate(ys), None
+        return np.concatenate(xs), np.concatenate(ys), None, _site_of(ys)
     others = [n for n in names if n != "pbc"]
     share = {n: 1.0 / len(names) for n in names}
     if "pbc" in names and others:
@@ -813,7 +916,12 @@ def _training_set(
     weights = np.concatenate(
         [np.full(len(y), share[n] / max(len(y), 1)) for n, y in zip(names, ys, strict=True)]
     )
-    return np.concatenate(xs), np.concatenate(ys), weights
+    return np.concatenate(xs), np.concatenate(ys), weights, _site_of(ys)
+
+
+def _site_of(ys: Sequence[np.ndarray]) -> np.ndarray:
+    """Each crop's site, as the index of its block in ``ys``."""
+    return np.concatenate([np.full(len(y), i, dtype=np.int64) for i, y in enumerate(ys)])
 
 
 def _pseudo_labels(

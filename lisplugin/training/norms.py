@@ -45,6 +45,7 @@ def write_norms(
     limit: int | None = None,
     log: Any = print,
     layers: int | None = 3,
+    spread: str = "pooled",
 ) -> dict[str, Any]:
     """Measure and write the statistics of ``models``' classifier; returns ``specimen_norms``."""
     from lisplugin.datasets.sites import load_site
@@ -71,7 +72,7 @@ def write_norms(
         )["val"]
         batches.append((classifier.normalised(crops), weight))
         log(f"{site}: {len(crops)} validation crops, weight {weight:.3f}")
-    source = measure_source(card.onnx_path, batches)
+    source = measure_source(card.onnx_path, batches, within=spread == "within")
     sha = save_source(models / NORMS_FILE, source)
     described = {
         "file": NORMS_FILE,
@@ -81,14 +82,16 @@ def write_norms(
         "max_cells": max_cells,
         "layers": layers,
     }
-    _set_front_matter(models / f"{CARD}.md", described, chosen)
+    _set_front_matter(models / f"{CARD}.md", described, chosen, spread)
     return described
 
 
-def _set_front_matter(card_path: Path, described: dict[str, Any], sites: Sequence[str]) -> None:
+def _set_front_matter(
+    card_path: Path, described: dict[str, Any], sites: Sequence[str], spread: str = "pooled"
+) -> None:
     """Put ``specimen_norms`` into the card's front matter (the body is left as it is)."""
     meta = read_front_matter(card_path)
-    meta["specimen_norms"] = {**described, "sites": list(sites), "split": "val"}
+    meta["specimen_norms"] = {**described, "sites": list(sites), "split": "val", "spread": spread}
     replace_front_matter(card_path, meta)
 
 
@@ -111,6 +114,13 @@ def cli(argv: Sequence[str]) -> int:
         help="normalise only the first N convolutions (3: the stem and the first block, where "
         "stain and camera live; deeper layers carry the class); 0 or less: all",
     )
+    parser.add_argument(
+        "--spread",
+        choices=("pooled", "within"),
+        default="pooled",
+        help="the training spread a specimen's features are scaled to: of all sites' crops "
+        "pooled, or the mean spread inside one site (a specimen is one lab's)",
+    )
     parser.add_argument("--limit", type=int, help="at most N crops per site (tests)")
     args = parser.parse_args(argv)
     try:  # the bounds a card is loaded with
@@ -127,6 +137,7 @@ def cli(argv: Sequence[str]) -> int:
         args.max_cells,
         args.limit,
         layers=args.layers if args.layers > 0 else None,
+        spread=args.spread,
     )
     print(f"{described['file']} written ({time.monotonic() - started:.0f} s)")
     return 0

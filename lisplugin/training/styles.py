@@ -90,25 +90,48 @@ def restyle(
     generator: torch.Generator | None = None,
     p: float = 0.5,
     jitter: float = 0.05,
+    groups: int = 1,
 ) -> torch.Tensor:
     """Re-render a random ``p`` of the images in a style drawn from ``styles`` (N, 6).
 
     Each chosen image's l-alpha-beta statistics are mapped onto the drawn style's, moved a
     random 50-100 % of the way and jittered by ``jitter`` (relative), so that the model sees the
-    real labs' stains and what lies between them.
+    real labs' stains and what lies between them. With ``groups`` > 1 the batch is that many
+    equal runs of images (specimens): each run is re-rendered whole or not at all, in one style,
+    as one lab's slide is stained alike.
     """
     b = images.shape[0]
     if len(styles) == 0 or p <= 0:
         return images
+    if groups > 1:
+        per = b // groups
+        picked = torch.rand(groups, generator=generator) < p
+        chosen = torch.nonzero(picked.repeat_interleave(per)).flatten()
+        k = int(picked.sum())
+        if k == 0:
+            return images
+        drawn = styles[torch.randint(len(styles), (k,), generator=generator)]
+        shake = 1 + jitter * (2 * torch.rand((k, 6), generator=generator) - 1)
+        amount = 0.5 + 0.5 * torch.rand((k, 1), generator=generator)
+        target = (drawn * shake).repeat_interleave(per, dim=0).to(images)
+        amount = amount.repeat_interleave(per, dim=0).to(images)
+        return _moved(images, chosen, target, amount)
     chosen = torch.nonzero(torch.rand(b, generator=generator) < p).flatten()
     if chosen.numel() == 0:
         return images
     n = chosen.numel()
     target = styles[torch.randint(len(styles), (n,), generator=generator)].to(images)
     target = target * (1 + jitter * (2 * torch.rand((n, 6), generator=generator) - 1)).to(images)
+    amount = (0.5 + 0.5 * torch.rand((n, 1), generator=generator)).to(images)
+    return _moved(images, chosen, target, amount)
+
+
+def _moved(
+    images: torch.Tensor, chosen: torch.Tensor, target: torch.Tensor, amount: torch.Tensor
+) -> torch.Tensor:
+    """The ``chosen`` images' l-alpha-beta statistics moved ``amount`` of the way to ``target``."""
     lab = to_lab(images[chosen])
     own = _lab_stats(lab)
-    amount = (0.5 + 0.5 * torch.rand((n, 1), generator=generator)).to(images)
     goal = own + amount * (target - own)
     normed = (lab - own[:, :3, None, None]) / own[:, 3:, None, None]
     out = images.clone()
