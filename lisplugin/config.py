@@ -185,8 +185,11 @@ class AnalysisSettings(BaseModel):
     #: card's ``prevalence`` (as shipped: peripheral blood's few immature granulocytes,
     #: erythroblasts and platelets). See ``lisplugin.core.prevalence``.
     leukocyte_prevalence: dict[str, float] = {}
-    #: Minimum variance of the Laplacian for a field to count as in focus.
+    #: Minimum variance of the Laplacian for a field to count as in focus ...
     min_focus: float = 20.0
+    #: ... unless its sharpness (the Laplacian's share of the fine detail, free of contrast)
+    #: reaches this: a pale stain or a dim lamp lowers the Laplacian of a sharp field too.
+    min_sharpness: float = 0.3
     exposure_range: tuple[float, float] = (0.25, 0.92)
     max_clipped_fraction: float = 0.2
     #: Relative disagreement between detector counts and the count regression that raises a flag.

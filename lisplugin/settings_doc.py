@@ -49,6 +49,8 @@ MEANINGS: dict[str, str] = {
     "analysis.detector": "Model card name of the cell detector.",
     "analysis.classifier": "Model card name of the leukocyte classifier.",
     "analysis.min_wbc_classified": "Fewer classified leukocytes than this flag the case.",
+    "analysis.min_sharpness": "Sharpness (Laplacian over fine detail, free of stain contrast "
+    "and exposure) at which a field below min_focus still counts as in focus.",
     "analysis.exposure_range": "Mean-brightness range (0-1) a field must fall in to be used.",
     "analysis.max_clipped_fraction": "Largest fraction of clipped pixels a usable field has.",
     "pacs.enabled": "Send SR, annotations and PDF to PACS (C-STORE).",

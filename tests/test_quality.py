@@ -45,8 +45,31 @@ def test_blur_fails_focus(smear: np.ndarray) -> None:
     sharp = assess(Field(smear, "s"), SETTINGS)
     soft = assess(Field(blurred(smear, 5), "s"), SETTINGS)
     assert soft.focus < SETTINGS.min_focus < sharp.focus
+    assert soft.sharpness is not None and sharp.sharpness is not None
+    assert soft.sharpness < SETTINGS.min_sharpness < sharp.sharpness
     assert not soft.passed
     assert any(r.startswith("out of focus") for r in soft.reasons)
+
+
+def faded(image: np.ndarray, amount: float) -> np.ndarray:
+    """A paler stain: every pixel moved ``amount`` of the way to white."""
+    return np.clip(np.rint(image * (1 - amount) + 255 * amount), 0, 255).astype(np.uint8)
+
+
+def test_a_dim_or_pale_sharp_field_is_in_focus(smear: np.ndarray) -> None:
+    """A dim lamp or a pale stain lowers the Laplacian of a sharp field as much as blur does;
+    its sharpness (a ratio of two variances of the same image) is unchanged, so it passes. The
+    same field blurred fails however it is lit."""
+    sharp = assess(Field(smear, "s"), SETTINGS)
+    assert sharp.sharpness is not None
+    for image in (scaled(smear, 0.45), faded(smear, 0.6)):
+        quality = assess(Field(image, "s"), SETTINGS)
+        assert quality.focus < SETTINGS.min_focus, "the Laplacian alone would call it blurred"
+        assert quality.sharpness == pytest.approx(sharp.sharpness, rel=0.05)
+        assert quality.passed, quality.reasons
+    for image in (scaled(blurred(smear, 5), 0.45), faded(blurred(smear, 5), 0.6)):
+        quality = assess(Field(image, "s"), SETTINGS)
+        assert [r.split(" (")[0] for r in quality.reasons] == ["out of focus"]
 
 
 def test_dark_field_fails_exposure(smear: np.ndarray) -> None:
@@ -65,7 +88,9 @@ def test_bright_field_fails_exposure_and_clipping(smear: np.ndarray) -> None:
 
 
 def test_limits_come_from_settings(smear: np.ndarray) -> None:
-    strict = AnalysisSettings(min_focus=1e6, exposure_range=(0.0, 0.1), max_clipped_fraction=0.0)
+    strict = AnalysisSettings(
+        min_focus=1e6, min_sharpness=1e6, exposure_range=(0.0, 0.1), max_clipped_fraction=0.0
+    )
     quality = assess(Field(smear, "s"), strict)
     assert not quality.passed
     assert len(quality.reasons) == 2  # focus and over-exposure; nothing is clipped
@@ -98,6 +123,9 @@ def test_calibration_on_real_fields(shared_data: Path) -> None:
         image = np.asarray(Image.open(path).convert("RGB"))
         assert assess(Field(image, path.name), SETTINGS).passed, path.name
         assert not assess(Field(blurred(image, 5), path.name), SETTINGS).passed
+        assert not assess(Field(scaled(blurred(image, 5), 0.6), path.name), SETTINGS).passed
+        assert assess(Field(scaled(image, 0.6), path.name), SETTINGS).passed, path.name
+        assert assess(Field(faded(image, 0.5), path.name), SETTINGS).passed, path.name
         assert not assess(Field(scaled(image, 0.3), path.name), SETTINGS).passed
         assert not assess(Field(scaled(image, 1.5), path.name), SETTINGS).passed
 

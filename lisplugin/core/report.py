@@ -45,6 +45,7 @@ def field_to_json(field: FieldResult) -> dict[str, Any]:
             "focus": round(quality.focus, 2),
             "exposure": round(quality.exposure, 4),
             "clipped_fraction": round(quality.clipped_fraction, 4),
+            "sharpness": None if quality.sharpness is None else round(quality.sharpness, 4),
             "passed": quality.passed,
             "reasons": list(quality.reasons),
         },

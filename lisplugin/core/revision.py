@@ -135,6 +135,7 @@ def field_from_json(data: Mapping[str, Any], cells: Sequence[Cell] = ()) -> Fiel
             clipped_fraction=float(quality["clipped_fraction"]),
             passed=bool(quality["passed"]),
             reasons=tuple(quality["reasons"]),
+            sharpness=None if quality.get("sharpness") is None else float(quality["sharpness"]),
         ),
         cells=tuple(c for c in cells if c.field_index == int(data["index"])),
         regressed_counts=data.get("regressed_counts"),

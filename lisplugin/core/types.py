@@ -67,6 +67,9 @@ class FieldQuality:
     clipped_fraction: float  # share of pixels at 0, plus at 255 when the field is washed out
     passed: bool
     reasons: tuple[str, ...] = ()
+    #: The Laplacian's share of the fine detail (``quality.sharpness``): focus without the
+    #: contrast of stain and exposure; None in results written before it was measured.
+    sharpness: float | None = None
 
 
 @dataclass(frozen=True)

@@ -409,8 +409,17 @@ def _gallery(
     return parts
 
 
+def _focus_text(quality: Mapping[str, Any]) -> str:
+    """Focus, with the sharpness (contrast-free) beside it when the result has one."""
+    sharpness = quality.get("sharpness")
+    focus = f"{quality['focus']:.1f}"
+    return focus if sharpness is None else f"{focus} / {sharpness:.2f}"
+
+
 def _fields_table(result: Mapping[str, Any], style: ParagraphStyle) -> Table:
-    rows: list[list[Any]] = [["Field", "Source", "Size", "Focus", "Exposure", "Clipped", "QC"]]
+    rows: list[list[Any]] = [
+        ["Field", "Source", "Size", "Focus / sharpness", "Exposure", "Clipped", "QC"]
+    ]
     for field in result.get("fields", []):
         quality = field["quality"]
         verdict = "passed" if quality["passed"] else "failed: " + "; ".join(quality["reasons"])
@@ -419,7 +428,7 @@ def _fields_table(result: Mapping[str, Any], style: ParagraphStyle) -> Table:
                 str(int(field["index"]) + 1),
                 Paragraph(_escape(field["source"]), style),
                 f"{field['width']} x {field['height']}",
-                f"{quality['focus']:.1f}",
+                _focus_text(quality),
                 f"{quality['exposure']:.2f}",
                 f"{quality['clipped_fraction']:.1%}",
                 Paragraph(_escape(verdict), style),
@@ -427,7 +436,7 @@ def _fields_table(result: Mapping[str, Any], style: ParagraphStyle) -> Table:
         )
     table = Table(
         rows,
-        colWidths=[12 * mm, 62 * mm, 20 * mm, 16 * mm, 16 * mm, 16 * mm, 33 * mm],
+        colWidths=[12 * mm, 56 * mm, 20 * mm, 22 * mm, 16 * mm, 16 * mm, 33 * mm],
         repeatRows=1,
     )
     table.setStyle(TableStyle(_grid()))
