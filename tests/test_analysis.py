@@ -19,15 +19,18 @@ from lisplugin.core.analysis import (
     analyse_field,
     analyse_fields,
     detect_folder,
+    leukocyte_crops,
     median_rbc_diameter,
     result_values,
 )
 from lisplugin.core.crops import (
     PBC_CROP_PX,
     crop_nucleus,
+    in_view,
     pbc_scale,
     shared_nucleus,
     shared_scale,
+    white_point,
 )
 from lisplugin.core.reference import parse_reference_ranges
 from lisplugin.core.report import field_to_json, specimen_to_json
@@ -207,11 +210,12 @@ def test_analyse_field_labels_and_batches(smear: tuple[np.ndarray, list]) -> Non
 
 def test_a_slide_window_is_quality_checked_on_its_own_block(smear: tuple[np.ndarray, list]) -> None:
     """A window of a whole slide is judged on the block it owns, not on the margins it shares
-    with its neighbours: a good block beside black margins passes, the same window without an
-    owned block (half of it black) fails."""
+    with its neighbours: a good block beside dark margins passes, the same window without an
+    owned block (mostly dark) fails. (The margins are dark grey, not black: black touching the
+    image's edge would be taken for the outside of a circular field stop.)"""
     image, truth = smear
-    pad = 320
-    window = np.zeros((480 + 2 * pad, 640 + 2 * pad, 3), np.uint8)
+    pad = 480
+    window = np.full((480 + 2 * pad, 640 + 2 * pad, 3), 41, np.uint8)
     window[pad : pad + 480, pad : pad + 640] = image
     shifted = [
         Detection(kind, 0.9, (b[0] + pad, b[1] + pad, b[2] + pad, b[3] + pad)) for kind, b in truth
@@ -409,6 +413,30 @@ def test_every_field_of_a_specimen_takes_its_chromatin_reference() -> None:
     single = analyse_fields(fields[:1], QueueDetector(per_field[:1]), alone, SETTINGS, rules=[])
     assert alone.nuclei == [None]  # 3 leukocytes: fewer than a shared median needs
     assert single.fields[0].stain_reference is None
+
+
+def test_crops_near_a_circular_field_stop_see_glass_not_black() -> None:
+    """A field captured through a circular stop is cut as the same field on glass: the stop's
+    black corners are painted in the glass's colour before crops are cut, so a leukocyte by
+    the stop keeps the stain reference (chromatin density) of the field without the stop."""
+    image, truth = synthetic_field(1, n_wbc=3)
+    detections = detections_of(truth)
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    stopped = image.copy()
+    stopped[np.hypot(yy - h / 2, xx - w / 2) > 0.45 * max(h, w)] = 0
+    filled = in_view(stopped)
+    assert filled is not stopped and filled.min(axis=2).max() > 150
+    assert in_view(image) is image
+    glass = white_point(image)
+    corner = filled[0, 0].astype(float)
+    assert np.abs(corner - glass).max() < 12
+    plain = leukocyte_crops(Field(image, "f"), detections, None)
+    cut = leukocyte_crops(Field(stopped, "f"), detections, None)
+    assert len(cut) == len(plain) == 3
+    for a, b in zip(plain, cut, strict=True):
+        assert np.allclose(crop_nucleus(a), crop_nucleus(b), atol=0.05)
+        assert b.min(axis=2).max() > 0  # no crop is black
 
 
 class SpecimenRowClassifier(RowClassifier):

@@ -11,7 +11,13 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from scipy import ndimage
 
 from lisplugin.config import AnalysisSettings
-from lisplugin.core.quality import ASSUMED_SPACING_UM, assess, focus_measure, grey_levels
+from lisplugin.core.quality import (
+    ASSUMED_SPACING_UM,
+    assess,
+    focus_measure,
+    grey_levels,
+    outside_view,
+)
 from lisplugin.core.types import Field
 from lisplugin.synthetic import synthetic_field
 
@@ -70,6 +76,37 @@ def test_a_dim_or_pale_sharp_field_is_in_focus(smear: np.ndarray) -> None:
     for image in (scaled(blurred(smear, 5), 0.45), faded(blurred(smear, 5), 0.6)):
         quality = assess(Field(image, "s"), SETTINGS)
         assert [r.split(" (")[0] for r in quality.reasons] == ["out of focus"]
+
+
+def in_a_circular_stop(image: np.ndarray, radius: float = 0.45) -> np.ndarray:
+    """The image as an eyepiece or camera adapter shows it: black outside a centred circle of
+    ``radius`` times its long side."""
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    out = image.copy()
+    out[np.hypot(yy - h / 2, xx - w / 2) > radius * max(h, w)] = 0
+    return out
+
+
+def test_a_field_in_a_circular_stop_is_judged_on_what_it_shows(smear: np.ndarray) -> None:
+    """The black corners around a circular field stop are not clipping, under-exposure or
+    detail: the field passes as the same field without them, and blurred it still fails."""
+    plain = assess(Field(smear, "s"), SETTINGS)
+    stopped = in_a_circular_stop(smear)
+    outside = outside_view(stopped)
+    assert outside is not None and 0.1 < outside.mean() < 0.4
+    assert outside_view(smear) is None
+    quality = assess(Field(stopped, "s"), SETTINGS)
+    assert quality.passed, quality.reasons
+    assert quality.clipped_fraction == 0.0
+    assert quality.exposure == pytest.approx(plain.exposure, abs=0.03)
+    assert quality.sharpness == pytest.approx(plain.sharpness, rel=0.15)
+    soft = assess(Field(in_a_circular_stop(blurred(smear, 5)), "s"), SETTINGS)
+    assert [r.split(" (")[0] for r in soft.reasons] == ["out of focus"]
+    small_dark_corner = smear.copy()
+    small_dark_corner[:10, :10] = 0  # under OUTSIDE_FRACTION: clipping as before
+    assert outside_view(small_dark_corner) is None
+    assert outside_view(scaled(smear, 0.2)) is None  # all dark: under-exposed, not a stop
 
 
 def test_dark_field_fails_exposure(smear: np.ndarray) -> None:

@@ -29,6 +29,7 @@ from lisplugin.core.crops import (
     background_colour,
     box_side,
     crop_nucleus,
+    in_view,
     leukocyte_crop,
     pbc_scale,
     shared_nucleus,
@@ -127,10 +128,11 @@ def leukocyte_crops(
     leukocytes = [d for d in detections if d.kind == "WBC"]
     if not leukocytes:
         return []
-    background = background_colour(field.image)  # once a field, not once a crop
+    image = in_view(field.image)  # a circular field stop's black is not chromatin
+    background = background_colour(image)  # once a field, not once a crop
     return [
         leukocyte_crop(
-            field.image,
+            image,
             d.box,
             pbc_scale(field.pixel_spacing_um, rbc_diameter, d.box, box_px, shared),
             background=background,

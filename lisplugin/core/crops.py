@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from lisplugin.core.quality import outside_view
+
 #: Side of a PBC crop in pixels: the window the classifier sees.
 PBC_CROP_PX = 160
 #: Diameter of a red cell in PBC pixels, measured as the daemon measures fields (the median
@@ -203,6 +205,22 @@ def white_point(image: np.ndarray) -> np.ndarray:
     threshold = low + (position - below) * (high - low)
     bright = rgb[kept & (total >= threshold)]
     return np.maximum(np.median(bright, axis=0).astype(np.float32), 1.0)
+
+
+def in_view(image: np.ndarray) -> np.ndarray:
+    """The image with the dark outside of the microscope's field of view (the corners around
+    an eyepiece's or camera adapter's circular stop, ``quality.outside_view``) painted in the
+    glass's colour; the image itself when it shows none.
+
+    A crop near the stop would otherwise take black for chromatin: the stain reference of the
+    specimen, the crop's white point and the red cells' density would all be measured on it.
+    """
+    outside = outside_view(image)
+    if outside is None:
+        return image
+    filled = image.copy()
+    filled[outside] = np.rint(white_point(image[~outside])).astype(image.dtype)
+    return filled
 
 
 def white_balanced(image: np.ndarray, white: np.ndarray | None = None) -> np.ndarray:

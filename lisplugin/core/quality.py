@@ -73,6 +73,10 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 #: Scale (pixels at :data:`FOCUS_SPACING_UM`, so 1.2 um) below which image content counts as
 #: fine detail for the sharpness: a cell's edges and chromatin, not its size or the lamp.
 DETAIL_SIGMA_PX = 4.0
+#: Grey level below which a region touching the image's edge may be outside the field of view.
+OUTSIDE_GREY = 25.0
+#: Such regions are the outside of the field of view when they cover this share of the image.
+OUTSIDE_FRACTION = (0.02, 0.7)
 #: Bright clipping fails a field when the 10th percentile of its unclipped grey exceeds this.
 WASHED_OUT_P10 = 0.65
 _LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float32)
@@ -114,17 +118,49 @@ def focus_measure(grey: np.ndarray, pixel_spacing_um: float | None = None) -> fl
     return focus_measures(grey, pixel_spacing_um)[0]
 
 
-def focus_measures(grey: np.ndarray, pixel_spacing_um: float | None = None) -> tuple[float, float]:
+def outside_view(image: np.ndarray) -> np.ndarray | None:
+    """The part of an RGB image outside the microscope's field of view, if it shows one: the
+    dark (grey < :data:`OUTSIDE_GREY`) regions that touch the image's edge, when they cover
+    :data:`OUTSIDE_FRACTION` of it (the black corners around the circular field stop of an
+    eyepiece or camera-adapter capture: 41 % of a 4:3 frame with the circle inscribed, 56 % of a
+    16:9 one; more is an under-exposed field, not a stop). None when there are none; a look at
+    the four edges decides that for most fields."""
+    edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])[:, :3]
+    if float((edges.astype(np.float32) @ _LUMA).min()) >= OUTSIDE_GREY:
+        return None
+    labels, _ = ndimage.label(grey_levels(image) < OUTSIDE_GREY)
+    touching = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.isin(labels, touching[touching > 0])
+    low, high = OUTSIDE_FRACTION
+    return outside if low <= outside.mean() <= high else None
+
+
+def focus_measures(
+    grey: np.ndarray, pixel_spacing_um: float | None = None, outside: np.ndarray | None = None
+) -> tuple[float, float]:
     """The focus (variance of the Laplacian) and the sharpness (that variance over the
     variance of the fine detail, :data:`DETAIL_SIGMA_PX`), both at :data:`FOCUS_SPACING_UM`.
 
     The focus scales with the square of the contrast, so a sharp field under a pale stain or a
     dim lamp scores as a blurred one; the sharpness is a ratio of two variances of the same
-    image and does not change with gain, offset or stain density (module notes).
+    image and does not change with gain, offset or stain density (module notes). ``outside``
+    (``outside_view``): measured inside the field of view only, the dark outside filled with
+    the glass's grey so that the field stop's edge is not taken for detail.
     """
+    inside: np.ndarray | None = None
+    if outside is not None:
+        grey = grey.astype(np.float32, copy=True)
+        grey[outside] = np.percentile(grey[~outside], 90)
+        covered = _at_focus_scale(outside.astype(np.float32), pixel_spacing_um) > 0
+        inside = ~ndimage.binary_dilation(covered, iterations=2)
+        if not inside.any():
+            return 0.0, 0.0
     small = _at_focus_scale(grey, pixel_spacing_um)
-    focus = float(ndimage.convolve(small, _LAPLACIAN, mode="reflect").var())
-    detail = float((small - ndimage.gaussian_filter(small, DETAIL_SIGMA_PX)).var())
+    laplacian = ndimage.convolve(small, _LAPLACIAN, mode="reflect")
+    fine = small - ndimage.gaussian_filter(small, DETAIL_SIGMA_PX)
+    if inside is not None:
+        laplacian, fine = laplacian[inside], fine[inside]
+    focus, detail = float(laplacian.var()), float(fine.var())
     return focus, focus / detail if detail > 1e-6 else 0.0
 
 
@@ -153,7 +189,10 @@ def assess(
     ``analysis.measured_spacing_um``); without it, the Pixel Spacing or the assumed BCCD scale.
     """
     grey = grey_levels(field.image)
-    focus, sharpness = focus_measures(grey, spacing_um or field.pixel_spacing_um)
+    outside = outside_view(field.image)
+    focus, sharpness = focus_measures(grey, spacing_um or field.pixel_spacing_um, outside)
+    if outside is not None:  # exposure and clipping of what the microscope shows
+        grey = grey[~outside]
     exposure = float(grey.mean() / 255.0)
     rounded = np.rint(grey)
     bright = rounded >= 255
