@@ -153,6 +153,37 @@ def test_evaluate_cells_scores_a_labs_folders(lab: Path) -> None:
 
 
 @pytest.mark.data
+def test_a_labs_folders_as_labs_name_them_and_a_file_that_cannot_be_read(
+    lab: Path, tmp_path: Path
+) -> None:
+    """Class folders in any case, in the plural and with sub-folders are read; a file that is
+    not an image costs its own cell (counted missed, named with the reason), not the run, and
+    the other cells score exactly as in the plain layout."""
+    from lisplugin.evaluation.cells import evaluate_cells
+
+    mixed = tmp_path / "mixed"
+    for name, target in (("Neutrophil", "neutrophil"), ("lymphocytes/day 1", "lymphocyte")):
+        (mixed / name).mkdir(parents=True)
+        for image in sorted((lab / target).iterdir()):
+            (mixed / name / image.name).symlink_to(image.resolve())
+    (mixed / "eosinophil").symlink_to((lab / "eosinophil").resolve())
+    broken_folder = mixed / "EOSINOPHILS"
+    broken_folder.mkdir()
+    (broken_folder / "broken.jpg").write_text("not an image")
+    (mixed / "smudge cells").mkdir()
+    plain, report = evaluate_cells(lab), evaluate_cells(mixed)
+    assert report["n"] == 13 and report["unreadable"] == 1
+    assert list(report["unreadable_files"]) == [str(broken_folder / "broken.jpg")]
+    assert report["ignored_folders"] == ["smudge cells"]
+    rows = report["confusion"]["rows"]
+    none = report["confusion"]["columns"].index("none")
+    for row, counts in zip(rows, report["confusion"]["matrix"], strict=True):
+        expected = list(plain["confusion"]["matrix"][plain["confusion"]["rows"].index(row)])
+        expected[none] += row == "eosinophil"
+        assert counts == expected, row
+
+
+@pytest.mark.data
 def test_a_labs_crops_without_red_cells_share_the_folders_scale(lab: Path) -> None:
     """Zheng et al.'s crops show no red cells: one scale for the folder, not one per crop."""
     from lisplugin.evaluation.cells import evaluate_cells

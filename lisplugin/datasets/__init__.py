@@ -19,7 +19,9 @@ from PIL import Image
 
 from lisplugin.core.types import LEUKOCYTE_CLASSES, Field
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+#: What an image that cannot be read stands in as: an empty field, in which nothing is found.
+UNREADABLE_STAND_IN = np.full((32, 32, 3), 255, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,58 @@ def read_samples(
                 if row["label"] in known
             ]
     samples = []
+    folders = class_folders(data_dir, classes)
     for label in classes:
-        folder = data_dir / label
-        if folder.is_dir():
+        for folder in folders.get(label, []):
             samples += [
                 Sample(p, label, "all")
-                for p in sorted(folder.iterdir())
-                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                for p in sorted(folder.rglob("*"))
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                and p.is_file()
             ]
     return samples
+
+
+def class_folders(data_dir: Path, classes: Sequence[str]) -> dict[str, list[Path]]:
+    """The sub-folders of ``data_dir`` that name a class, by class: the name in any case, and
+    in the plural too (``Neutrophil``, ``lymphocytes``), as labs name them; images in their
+    sub-folders count."""
+    named = {c.lower(): c for c in classes} | {f"{c.lower()}s": c for c in classes}
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in Path(data_dir).iterdir() if p.is_dir()):
+        label = named.get(folder.name.lower())
+        if label is not None:
+            found.setdefault(label, []).append(folder)
+    return found
+
+
+def ignored_folders(data_dir: Path, classes: Sequence[str]) -> list[str]:
+    """The sub-folders of ``data_dir`` that name no class (their images are not read)."""
+    kept = {p for paths in class_folders(data_dir, classes).values() for p in paths}
+    return sorted(
+        p.name
+        for p in Path(data_dir).iterdir()
+        if p.is_dir() and p not in kept and not p.name.startswith(".")
+    )
+
+
+class TolerantReader:
+    """Reads a lab's images one by one; one that cannot be read (not an image, truncated,
+    empty) stands in as an empty field (:data:`UNREADABLE_STAND_IN`: nothing is found in it, so
+    it counts as a missed cell) and is remembered with the reason, so that one bad file costs
+    its own cell, not the run."""
+
+    def __init__(self, read: Callable[[Path], np.ndarray] | None = None) -> None:
+        self.read = read or load_rgb
+        self.unreadable: dict[str, str] = {}
+
+    def __call__(self, path: Path) -> np.ndarray:
+        try:
+            return self.read(path)
+        except Exception as exc:  # Pillow raises many kinds; any of them is this one file's
+            self.unreadable[str(path)] = f"{type(exc).__name__}: {exc}"[:300]
+            return UNREADABLE_STAND_IN
 
 
 def select(samples: Sequence[Sample], split: str | None) -> list[Sample]:

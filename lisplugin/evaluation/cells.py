@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,24 @@ from lisplugin.config import DEFAULT_MODELS_DIR, load_settings
 from lisplugin.core.analysis import analyse_field, detect_folder
 from lisplugin.core.crops import resize_rgb
 from lisplugin.core.types import LEUKOCYTE_CLASSES, UNIDENTIFIED, Field
-from lisplugin.datasets import Sample, folder_fields, load_rgb, read_samples, select
+from lisplugin.datasets import (
+    Sample,
+    TolerantReader,
+    folder_fields,
+    ignored_folders,
+    load_rgb,
+    read_samples,
+    select,
+)
 from lisplugin.progress import progress as progress_bar
 from lisplugin.service.models import lab_classifier, load_models
 
+log = logging.getLogger(__name__)
+
 #: Column of the confusion matrix for images where no leukocyte was found.
 NONE = "none"
+#: Unreadable files named in the report (all are counted).
+UNREADABLE_LISTED = 20
 
 
 def rescaled(image: np.ndarray, factor: float) -> np.ndarray:
@@ -95,6 +108,9 @@ def evaluate_cells(
     samples = select(read_samples(data, classes=LEUKOCYTE_CLASSES), split)
     if not samples:
         raise SystemExit(f"no images in class folders {list(LEUKOCYTE_CLASSES)} under {data}")
+    ignored = ignored_folders(data, LEUKOCYTE_CLASSES) if data.is_dir() else []
+    if ignored:
+        log.warning("evaluate cells: folders that name no class are not read: %s", ignored)
     classifier_dir = None
     detector_card = f"{load_settings().analysis.detector}.md"
     if models_dir is not None and not (models_dir / detector_card).is_file():
@@ -112,6 +128,7 @@ def evaluate_cells(
         per_crop_norms,
     )
     report["data"] = str(data)
+    report["ignored_folders"] = ignored
     return report
 
 
@@ -150,7 +167,8 @@ def evaluate_samples(
     shown = progress_bar(samples, desc="cells", unit="img") if progress else samples
     # Detected first: the folder is one lab, and its images share a scale (those without one
     # of their own) and a stain reference, as a specimen's fields do.
-    fields = folder_fields(samples, shown, lambda path: rescaled(load_rgb(path), magnification))
+    reader = TolerantReader(lambda path: rescaled(load_rgb(path), magnification))
+    fields = folder_fields(samples, shown, reader)
     folder = detect_folder(
         fields,
         detector,
@@ -163,7 +181,7 @@ def evaluate_samples(
     truth, predicted = [], []
     detected = qc_failed = 0
     for index, sample in enumerate(samples):
-        field = Field(rescaled(load_rgb(sample.path), magnification), str(sample.path))
+        field = Field(reader(sample.path), str(sample.path))
         result = analyse_field(
             index,
             field,
@@ -187,6 +205,9 @@ def evaluate_samples(
         {
             "found": detected,
             "quality_failed": qc_failed,
+            # counted as missed cells (column ``none``), each with why it could not be read
+            "unreadable": len(reader.unreadable),
+            "unreadable_files": dict(list(reader.unreadable.items())[:UNREADABLE_LISTED]),
             "magnification": magnification,
             "shared_scale": None if shared is None else round(shared, 5),
             "shared_nucleus": None if nucleus is None else [round(float(v), 4) for v in nucleus],
@@ -276,6 +297,6 @@ def cli(argv: list[str]) -> int:
     else:
         print(
             f"n={report['n']} accuracy={report['accuracy']} macro_f1={report['macro_f1']} "
-            f"found={report['found']}"
+            f"found={report['found']} unreadable={report['unreadable']}"
         )
     return 0

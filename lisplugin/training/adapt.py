@@ -57,16 +57,17 @@ def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print
     stain reference, as ``evaluate cells`` does."""
     from lisplugin.core.analysis import detect_folder, most_confident_leukocyte
     from lisplugin.core.types import Field
-    from lisplugin.datasets import folder_fields, load_rgb, read_samples
+    from lisplugin.datasets import TolerantReader, folder_fields, read_samples
 
     samples = read_samples(data, classes=LEUKOCYTE_CLASSES)
+    reader = TolerantReader()  # a file that cannot be read is one image without a leukocyte
     folder = detect_folder(
-        folder_fields(samples, progress(samples, desc="cells", unit="img")), detector
+        folder_fields(samples, progress(samples, desc="cells", unit="img"), reader), detector
     )
     found, shared, nucleus = folder.found, folder.scale, folder.nucleus
     cells = SiteCells()
     for sample, detections in zip(samples, found, strict=True):
-        image = Field(load_rgb(sample.path), str(sample.path))
+        image = Field(reader(sample.path), str(sample.path))
         cut = most_confident_leukocyte(image, detector, found=detections, shared=shared)
         if cut is None:
             cells.skipped += 1
@@ -76,7 +77,7 @@ def collect_folder(data: Path, detector: Any, log: Callable[[str], None] = print
         cells.nuclei.append(nucleus)
     log(
         f"{len(cells.crops)} cells from {len(samples)} images in {data} "
-        f"({cells.skipped} without a leukocyte)"
+        f"({cells.skipped} without a leukocyte, {len(reader.unreadable)} of them unreadable)"
     )
     return cells
 
