@@ -181,6 +181,22 @@ def test_train_cli_on_a_handful_of_pbc_images(shared_data: Path, tmp_path: Path)
     }
 
 
+def test_specimen_runs_train_and_export_a_plain_network(shared_data: Path, tmp_path: Path) -> None:
+    """``--specimen-runs`` draws runs of one site by the sites' shares, so it needs
+    ``--epoch-size``; the exported graph runs as any classifier's and the card says how it was
+    trained."""
+    out = tmp_path / "models"
+    argv = ["--data", str(shared_data / "pbc"), "--out", str(out), "--limit", "12"]
+    argv += ["--epochs", "1", "--input-size", "32", "--batch-size", "8", "--specimen-runs", "2"]
+    with pytest.raises(SystemExit):
+        training.cli(argv)  # no --epoch-size: no draws by site
+    assert training.cli([*argv, "--epoch-size", "32"]) == 0
+    card = load_card(out, "leukocyte-classifier")
+    assert card["specimen_runs"] == 2
+    probs = OnnxLeukocyteClassifier(card).classify([np.zeros((160, 160, 3), np.uint8)] * 2)
+    assert probs.shape == (2, 8) and np.allclose(probs.sum(axis=1), 1.0)
+
+
 def test_mix_colour_trains_on_both_normalisations_of_each_crop(
     shared_data: Path, tmp_path: Path
 ) -> None:
