@@ -96,6 +96,7 @@ def test_a_field_in_a_circular_stop_is_judged_on_what_it_shows(smear: np.ndarray
     outside = outside_view(stopped)
     assert outside is not None and 0.1 < outside.mean() < 0.4
     assert outside_view(smear) is None
+    assert np.array_equal(outside_view(grey_levels(stopped)), outside)  # a grey image too
     quality = assess(Field(stopped, "s"), SETTINGS)
     assert quality.passed, quality.reasons
     assert quality.clipped_fraction == 0.0

@@ -215,7 +215,7 @@ def in_view(image: np.ndarray) -> np.ndarray:
     A crop near the stop would otherwise take black for chromatin: the stain reference of the
     specimen, the crop's white point and the red cells' density would all be measured on it.
     """
-    outside = outside_view(image)
+    outside = outside_view(image) if image.ndim == 3 else None
     if outside is None:
         return image
     filled = image.copy()

@@ -44,6 +44,11 @@ sigma 4 0.97 -> 0.97. Sharpness alone was not enough: some sharp TXL-PBC fields 
 et al. crops (10 %), soft at 0.3 um in the lab's own optics but of high contrast, score under
 0.3; sharp BCCD fields score 0.46-1.58, blurred at sigma 3 0.20-0.45, at sigma 4 0.15-0.28.
 
+An eyepiece or a camera adapter often shows a circular field stop: black corners that would
+count as clipped (every such BCCD field failed) and whose edge would count as detail. Dark
+regions touching the image's edge that cover 2-70 % of it (:func:`outside_view`) are taken
+for the outside of the view: exposure, clipping, focus and sharpness are measured inside it.
+
 Clipping is counted on the grey image, not per channel: CellaVision fields have the red channel
 saturated on up to a third of the background while nothing is lost in grey.
 
@@ -125,8 +130,8 @@ def outside_view(image: np.ndarray) -> np.ndarray | None:
     eyepiece or camera-adapter capture: 41 % of a 4:3 frame with the circle inscribed, 56 % of a
     16:9 one; more is an under-exposed field, not a stop). None when there are none; a look at
     the four edges decides that for most fields."""
-    edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])[:, :3]
-    if float((edges.astype(np.float32) @ _LUMA).min()) >= OUTSIDE_GREY:
+    edges = (image[:1], image[-1:], image[:, :1], image[:, -1:])  # RGB or grey, kept 2-D
+    if min(float(grey_levels(e).min()) for e in edges) >= OUTSIDE_GREY:
         return None
     labels, _ = ndimage.label(grey_levels(image) < OUTSIDE_GREY)
     touching = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
