@@ -127,11 +127,11 @@ def test_bright_field_fails_exposure_and_clipping(smear: np.ndarray) -> None:
 
 def test_limits_come_from_settings(smear: np.ndarray) -> None:
     strict = AnalysisSettings(
-        min_focus=1e6, min_sharpness=1e6, exposure_range=(0.0, 0.1), max_clipped_fraction=0.0
+        min_focus=1e6, min_sharpness=1e6, exposure_range=(0.9, 1.0), max_clipped_fraction=0.0
     )
     quality = assess(Field(smear, "s"), strict)
     assert not quality.passed
-    assert len(quality.reasons) == 2  # focus and over-exposure; nothing is clipped
+    assert len(quality.reasons) == 2  # focus and under-exposure; nothing is clipped
 
 
 def test_focus_is_measured_at_one_physical_scale(smear: np.ndarray) -> None:
@@ -172,6 +172,22 @@ def test_assess_speed(benchmark: BenchmarkFixture, smear: np.ndarray) -> None:
     """QC must stay a small part of a field's time budget (run with --benchmark-enable)."""
     quality = benchmark(assess, Field(smear, "s"), SETTINGS)
     assert quality.passed
+
+
+def test_a_cell_on_a_white_background_is_not_over_exposed(smear: np.ndarray) -> None:
+    """A single cell on saturated white (a lab's crops) has a mean grey above the range and
+    every detail: it passes. Washed out as well, it fails."""
+    white = np.full_like(smear, 255)
+    h, w = smear.shape[:2]
+    part = (slice(h // 3, h // 3 + 80), slice(w // 3, w // 3 + 80))
+    white[part] = smear[part]
+    quality = assess(Field(white, "s"), SETTINGS)
+    assert quality.exposure > SETTINGS.exposure_range[1]
+    assert quality.passed, quality.reasons
+    washed = white.copy()
+    washed[part] = np.maximum(washed[part], 200)
+    reasons = assess(Field(washed, "s"), SETTINGS).reasons
+    assert any(r.startswith("over-exposed") for r in reasons), reasons
 
 
 def test_white_background_alone_is_not_clipping(smear: np.ndarray) -> None:
