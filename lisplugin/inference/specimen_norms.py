@@ -172,8 +172,8 @@ def measure_source(
     session = _session(graph, threads)
     layers = [int(i.shape[1]) for i in session.get_inputs()[1::2]]
     name = session.get_inputs()[0].name
-    sums: list[list[np.ndarray]] | None = None
     total = sum(w for _, w in batches)
+    per_batch = []  # (share, [(mean, variance) per layer]) of each batch
     for x, weight in batches:
         moments = [[np.zeros(c), np.zeros(c)] for c in layers]
         count = 0
@@ -184,19 +184,16 @@ def measure_source(
                 moments[k][0] += r64.sum((0, 2, 3))
                 moments[k][1] += (r64**2).sum((0, 2, 3))
             count += raws[0].shape[0] * raws[0].shape[2] * raws[0].shape[3]
-        share = weight / total
-        part = [[share * s / count, share * q / count] for s, q in moments]
-        if within:  # the second moment less the spread of the batch means about zero
-            part = [[a, b - a**2 / share] for a, b in part]
-        sums = (
-            part
-            if sums is None
-            else [[a + c, b + d] for (a, b), (c, d) in zip(sums, part, strict=True)]
-        )
-    assert sums is not None
-    if within:  # the sums hold each batch's variance, weighted: the mean's square is not taken
-        return [(m.astype(np.float32), q.astype(np.float32)) for m, q in sums]
-    return [(m.astype(np.float32), (q - m**2).astype(np.float32)) for m, q in sums]
+        stats = [(s / count, q / count - (s / count) ** 2) for s, q in moments]
+        per_batch.append((weight / total, stats))
+    source = []
+    for k in range(len(layers)):
+        mean = sum(w * stats[k][0] for w, stats in per_batch)
+        var = sum(w * stats[k][1] for w, stats in per_batch)  # the spread inside each batch
+        if not within:  # pooled: plus the spread of the batches' means
+            var = var + sum(w * (stats[k][0] - mean) ** 2 for w, stats in per_batch)
+        source.append((np.asarray(mean, np.float32), np.asarray(var, np.float32)))
+    return source
 
 
 def save_source(path: Path, source: Sequence[tuple[np.ndarray, np.ndarray]]) -> str:

@@ -38,7 +38,7 @@ from lisplugin.core.analysis import (
     specimen_classifier,
     specimen_sample,
 )
-from lisplugin.core.crops import PBC_CROP_PX, leukocyte_crop, pbc_scale
+from lisplugin.core.crops import PBC_CROP_PX, in_view, leukocyte_crop, pbc_scale
 from lisplugin.core.revision import RevisionError, reclassified, reclassify, revise
 from lisplugin.core.rules import PatientContext, PreviousResult, reason_required
 from lisplugin.core.saliency import heat_overlay, occlusion_sensitivity
@@ -581,7 +581,8 @@ def cell_crop(
         box,  # type: ignore[arg-type]
         shared=described.get("shared_scale"),
     )
-    return leukocyte_crop(field.image, box, scale, out_size)  # type: ignore[arg-type]
+    # cut as the analysis cut it (``leukocyte_crops``): a circular stop's black painted as glass
+    return leukocyte_crop(in_view(field.image), box, scale, out_size)  # type: ignore[arg-type]
 
 
 def cell_stain_reference(case: Case, cell_id: int) -> np.ndarray | None:
